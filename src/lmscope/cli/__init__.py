@@ -1,0 +1,1 @@
+"""The `lmscope` command-line tool."""

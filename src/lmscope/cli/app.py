@@ -1,0 +1,32 @@
+"""The `lmscope` Typer application: one module per command group registers its commands here."""
+
+from __future__ import annotations
+
+import typer
+
+from lmscope import __version__
+from lmscope.cli import demo_cmd, model_cmds
+
+app = typer.Typer(
+    name="lmscope",
+    help="lmscope: an MRI scanner for language models. Run `lmscope COMMAND --help` for examples.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+model_cmds.register(app)
+demo_cmd.register(app)
+
+
+@app.command()
+def version() -> None:
+    """Print the lmscope version."""
+    typer.echo(__version__)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

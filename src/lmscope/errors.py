@@ -1,0 +1,15 @@
+"""Errors that lmscope raises on bad input. Each message names the problem and the fix."""
+
+from __future__ import annotations
+
+
+class LmscopeError(Exception):
+    """Base class: the CLI prints these as one clean message, never as a traceback."""
+
+
+class ModelLoadError(LmscopeError):
+    """A model spec could not be resolved or loaded."""
+
+
+class HookError(LmscopeError):
+    """An unknown, unsupported or misused hook point."""

@@ -1,0 +1,225 @@
+"""Declarative maps from lmscope's hook names to the modules of each Hugging Face architecture family.
+
+One naming scheme serves every family:
+
+    embed, blocks.{i}.resid_pre, blocks.{i}.attn_out, blocks.{i}.resid_mid, blocks.{i}.mlp_in,
+    blocks.{i}.mlp_hidden, blocks.{i}.mlp_out, blocks.{i}.resid_post, final_norm, logits
+
+A *site* says which module carries the value and whether it is that module's input or output.
+`resid_pre` and `resid_post` are always the block's input and output, so they are not listed per family.
+`attn_out` and `mlp_out` are exactly what each sublayer adds to the residual stream, after any post-norm
+(Gemma 2 and 3, OLMo 2). Paths are relative to the model's base module (`hf_model.base_model`), except
+`logits`, which is relative to the top-level model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+IO = Literal["in", "out"]
+
+BLOCK_KINDS = ("resid_pre", "attn_out", "resid_mid", "mlp_in", "mlp_hidden", "mlp_out", "resid_post")
+GLOBAL_KINDS = ("embed", "final_norm", "logits")
+
+
+@dataclass(frozen=True)
+class Site:
+    """A module path (relative to the block, or to the base model for global sites) and which side."""
+
+    module: str
+    io: IO
+
+
+@dataclass(frozen=True)
+class FamilyMap:
+    name: str
+    blocks: str
+    embed: Site | None
+    final_norm: Site | None
+    logits: Site | None
+    block_sites: dict[str, Site]
+    # Hook kinds from the scheme that this family cannot offer, with the reason shown to users.
+    missing: dict[str, str] = field(default_factory=dict)
+    # True when resid_mid = resid_pre + attn_out and resid_post = resid_mid + mlp_out (pre-norm blocks).
+    sequential: bool = True
+    # Writing resid_mid at its site (the input of the pre-MLP norm) would not reach the residual branch,
+    # because HF has already stored the residual in a local variable. Sequential families therefore write
+    # resid_mid as a delta on attn_out. None means the site itself carries the residual (BERT).
+    resid_mid_write_via: str | None = "attn_out"
+
+
+def _llama_like(name: str) -> FamilyMap:
+    return FamilyMap(
+        name=name,
+        blocks="layers",
+        embed=Site("embed_tokens", "out"),
+        final_norm=Site("norm", "out"),
+        logits=Site("lm_head", "out"),
+        block_sites={
+            "attn_out": Site("self_attn", "out"),
+            "resid_mid": Site("post_attention_layernorm", "in"),
+            "mlp_in": Site("mlp", "in"),
+            "mlp_hidden": Site("mlp.down_proj", "in"),
+            "mlp_out": Site("mlp", "out"),
+        },
+    )
+
+
+def _gemma2_like(name: str) -> FamilyMap:
+    # Post-norms: the sublayer's contribution is the *output of the post-norm*, not of the sublayer.
+    return FamilyMap(
+        name=name,
+        blocks="layers",
+        embed=Site("embed_tokens", "out"),
+        final_norm=Site("norm", "out"),
+        logits=Site("lm_head", "out"),
+        block_sites={
+            "attn_out": Site("post_attention_layernorm", "out"),
+            "resid_mid": Site("pre_feedforward_layernorm", "in"),
+            "mlp_in": Site("mlp", "in"),
+            "mlp_hidden": Site("mlp.down_proj", "in"),
+            "mlp_out": Site("post_feedforward_layernorm", "out"),
+        },
+    )
+
+
+def _olmo2(_: Any) -> FamilyMap:
+    # OLMo 2 has post-norms and no pre-norms: the MLP reads the residual stream directly.
+    return FamilyMap(
+        name="olmo2",
+        blocks="layers",
+        embed=Site("embed_tokens", "out"),
+        final_norm=Site("norm", "out"),
+        logits=Site("lm_head", "out"),
+        block_sites={
+            "attn_out": Site("post_attention_layernorm", "out"),
+            "resid_mid": Site("mlp", "in"),
+            "mlp_in": Site("mlp", "in"),
+            "mlp_hidden": Site("mlp.down_proj", "in"),
+            "mlp_out": Site("post_feedforward_layernorm", "out"),
+        },
+    )
+
+
+def _gpt2(_: Any) -> FamilyMap:
+    return FamilyMap(
+        name="gpt2",
+        blocks="h",
+        embed=Site("wte", "out"),
+        final_norm=Site("ln_f", "out"),
+        logits=Site("lm_head", "out"),
+        block_sites={
+            "attn_out": Site("attn", "out"),
+            "resid_mid": Site("ln_2", "in"),
+            "mlp_in": Site("mlp", "in"),
+            "mlp_hidden": Site("mlp.c_proj", "in"),
+            "mlp_out": Site("mlp", "out"),
+        },
+    )
+
+
+def _gpt_neox(config: Any) -> FamilyMap:
+    parallel = bool(getattr(config, "use_parallel_residual", True))
+    sites = {
+        "attn_out": Site("post_attention_dropout", "out"),
+        "mlp_in": Site("mlp", "in"),
+        "mlp_hidden": Site("mlp.dense_4h_to_h", "in"),
+        "mlp_out": Site("post_mlp_dropout", "out"),
+    }
+    missing: dict[str, str] = {}
+    if parallel:
+        missing["resid_mid"] = (
+            "GPT-NeoX/Pythia runs attention and MLP in parallel (use_parallel_residual=True): both read "
+            "resid_pre and resid_post = resid_pre + attn_out + mlp_out, so no residual stream exists "
+            "between them"
+        )
+    else:
+        sites["resid_mid"] = Site("post_attention_layernorm", "in")
+    return FamilyMap(
+        name="gpt_neox",
+        blocks="layers",
+        embed=Site("embed_in", "out"),
+        final_norm=Site("final_layer_norm", "out"),
+        logits=Site("embed_out", "out"),
+        block_sites=sites,
+        missing=missing,
+        sequential=not parallel,
+        resid_mid_write_via=None if parallel else "attn_out",
+    )
+
+
+_BERT_POST_LN = (
+    "{family} is post-LayerNorm: each sublayer's output is normalised together with the residual, so no "
+    "additive {kind} exists; use resid_mid (after attention) or resid_post"
+)
+
+
+def _bert_like(name: str, logits_module: str) -> Callable[[Any], FamilyMap]:
+    def build(_: Any) -> FamilyMap:
+        return FamilyMap(
+            name=name,
+            blocks="encoder.layer",
+            embed=Site("embeddings", "out"),
+            final_norm=None,
+            logits=Site(logits_module, "out"),
+            block_sites={
+                "resid_mid": Site("attention", "out"),
+                "mlp_in": Site("intermediate", "in"),
+                "mlp_hidden": Site("intermediate", "out"),
+            },
+            missing={
+                "attn_out": _BERT_POST_LN.format(family=name, kind="attn_out"),
+                "mlp_out": _BERT_POST_LN.format(family=name, kind="mlp_out"),
+                "final_norm": f"{name} has no final norm: its last LayerNorm is inside the last block",
+            },
+            sequential=False,
+            resid_mid_write_via=None,
+        )
+
+    return build
+
+
+# model_type (from the HF config) -> builder. Adding a family is one line here when its module names
+# match an existing layout, or one small builder above when they do not.
+FAMILIES: dict[str, Callable[[Any], FamilyMap]] = {
+    "gpt2": _gpt2,
+    "gpt_neox": _gpt_neox,
+    "llama": lambda _: _llama_like("llama"),
+    "mistral": lambda _: _llama_like("mistral"),
+    "qwen2": lambda _: _llama_like("qwen2"),
+    "qwen3": lambda _: _llama_like("qwen3"),
+    "smollm3": lambda _: _llama_like("smollm3"),
+    "gemma": lambda _: _llama_like("gemma"),
+    "gemma2": lambda _: _gemma2_like("gemma2"),
+    "gemma3_text": lambda _: _gemma2_like("gemma3"),
+    "olmo2": _olmo2,
+    "bert": _bert_like("bert", "cls"),
+    "roberta": _bert_like("roberta", "lm_head"),
+}
+
+
+def family_for(config: Any) -> FamilyMap | None:
+    """The family map for a transformers config, or None when the architecture is unknown."""
+    builder = FAMILIES.get(getattr(config, "model_type", ""))
+    return builder(config) if builder is not None else None
+
+
+def generic_family(blocks_path: str) -> FamilyMap:
+    """Fallback for unknown architectures: only the block boundaries are known."""
+    reason = (
+        "this architecture has no lmscope hook map, so the generic fallback offers only resid_pre and "
+        "resid_post; add a FamilyMap in lmscope/hook_maps.py to get the rest"
+    )
+    return FamilyMap(
+        name="generic",
+        blocks=blocks_path,
+        embed=None,
+        final_norm=None,
+        logits=None,
+        block_sites={},
+        missing={k: reason for k in (*BLOCK_KINDS, *GLOBAL_KINDS) if k not in ("resid_pre", "resid_post")},
+        sequential=False,
+        resid_mid_write_via=None,
+    )
