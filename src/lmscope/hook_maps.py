@@ -142,7 +142,7 @@ def _gpt_neox(config: Any) -> FamilyMap:
         blocks="layers",
         embed=Site("embed_in", "out"),
         final_norm=Site("final_layer_norm", "out"),
-        logits=Site("embed_out", "out"),
+        logits=Site("lm_head", "out"),
         block_sites=sites,
         missing=missing,
         sequential=not parallel,

@@ -146,6 +146,26 @@ class Model:
         return 4 * self.d_model if self.config.model_type == "gpt2" else None
 
     @property
+    def logit_softcap(self) -> float | None:
+        """Gemma 2 style final softcapping, applied by HF *after* lm_head, outside any module.
+
+        The `logits` hook is lm_head's output, so on such models it holds the raw logits and
+        model(...) returns `cap * tanh(raw / cap)`.
+        """
+        cap = getattr(self.config, "final_logit_softcapping", None)
+        return float(cap) if cap else None
+
+    def notes(self) -> list[str]:
+        """Facts about this model's hook points that a user should know."""
+        out = [f"no {kind}: {reason}" for kind, reason in self.family.missing.items()]
+        if self.logit_softcap:
+            out.append(
+                f"logits: the hook holds lm_head's raw output; the model returns them softcapped as "
+                f"{self.logit_softcap:g}*tanh(logits/{self.logit_softcap:g})"
+            )
+        return out
+
+    @property
     def vocab_size(self) -> int:
         return int(self.config.vocab_size)
 

@@ -28,8 +28,8 @@ def print_info(model: Model) -> None:
         f"layers {model.n_layers} · d_model {model.d_model} · d_mlp {model.d_mlp} · vocab {model.vocab_size}"
         f" · heads {getattr(cfg, 'num_attention_heads', '?')} · device {model.device} · dtype {model.dtype}"
     )
-    for kind, reason in model.family.missing.items():
-        console.print(f"[yellow]no {kind}:[/] {reason}")
+    for note in model.notes():
+        console.print(f"[yellow]note:[/] {note}", highlight=False)
     table = Table("hook", "module", "side", "shape (batch 1, 4 tokens)", title="hook points")
     for name, shape in hook_shapes(model).items():
         p = model.hook_points[name]

@@ -1,0 +1,191 @@
+"""The hook naming scheme on a tiny random model of every supported family (issue 2's core guarantees)."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+from lmscope import HookError, Model
+from lmscope import interventions as iv
+from tiny_models import TINY, Tiny, tiny_ids
+
+FAMILIES = sorted(TINY)
+ADDITIVE = sorted(f for f, t in TINY.items() if t.sequential or t.parallel)
+POST_LN = sorted(f for f, t in TINY.items() if not (t.sequential or t.parallel))
+WITH_RESID_MID = sorted(f for f, t in TINY.items() if not t.parallel)
+
+
+@functools.cache
+def built(family: str) -> tuple[Tiny, torch.nn.Module, Model]:
+    spec = TINY[family]
+    hf = spec.build()
+    return spec, hf, Model(hf)
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def tiny(request: pytest.FixtureRequest) -> tuple[Tiny, torch.nn.Module, Model]:
+    return built(request.param)
+
+
+def hf_logits(hf: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return hf(input_ids=ids).logits
+
+
+def test_capture_leaves_logits_bit_identical(tiny):
+    _, hf, model = tiny
+    ids = tiny_ids()
+    plain = hf_logits(hf, ids)
+    with model.capture(model.hook_names(), stop_early=False) as acts:
+        logits = model(ids)
+    assert torch.equal(logits, plain)
+    assert set(acts) == set(model.hook_names())
+    raw = acts["logits"]
+    if model.logit_softcap:  # Gemma 2: HF softcaps after lm_head, outside any module
+        cap = model.logit_softcap
+        raw = torch.tanh(raw / cap) * cap
+    assert torch.equal(raw, plain)
+    assert model.hooks_active() == 0
+
+
+def test_logits_identical_after_intervene_exits(tiny):
+    _, hf, model = tiny
+    ids = tiny_ids()
+    plain = hf_logits(hf, ids)
+    with model.intervene({"blocks.1.resid_post": iv.zero_ablate()}):
+        edited = model(ids)
+    assert not torch.equal(edited, plain)
+    assert torch.equal(hf_logits(hf, ids), plain)
+    assert torch.equal(model(ids), plain)
+    assert model.hooks_active() == 0
+
+
+def test_resid_post_matches_hf_hidden_states(tiny):
+    spec, hf, model = tiny
+    ids = tiny_ids()
+    with torch.no_grad():
+        hidden = hf(input_ids=ids, output_hidden_states=True).hidden_states
+    assert len(hidden) == model.n_layers + 1
+    layers = range(model.n_layers - 1) if spec.hidden_states_final_norm else range(model.n_layers)
+    with model.capture([f"blocks.{i}.resid_post" for i in layers], stop_early=False) as acts:
+        model(ids)
+    for i in layers:
+        assert torch.equal(acts[f"blocks.{i}.resid_post"], hidden[i + 1]), f"layer {i}"
+    # resid_pre of block 0 is HF's hidden_states[0] (embeddings after any scaling/positions).
+    with model.capture(["blocks.0.resid_pre"]) as acts:
+        model(ids)
+    assert torch.equal(acts["blocks.0.resid_pre"], hidden[0])
+
+
+@pytest.mark.parametrize("family", ADDITIVE)
+def test_residual_decomposition(family):
+    spec, _, model = built(family)
+    ids = tiny_ids()
+    kinds = ["resid_pre", "attn_out", "mlp_out", "resid_post"] + (["resid_mid"] if spec.sequential else [])
+    hooks = [f"blocks.{i}.{k}" for i in range(model.n_layers) for k in kinds]
+    with model.capture(hooks) as acts:
+        model(ids)
+    for i in range(model.n_layers):
+        a = {k: acts[f"blocks.{i}.{k}"] for k in kinds}
+        if spec.sequential:
+            torch.testing.assert_close(a["resid_mid"], a["resid_pre"] + a["attn_out"], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(a["resid_post"], a["resid_mid"] + a["mlp_out"], rtol=1e-5, atol=1e-5)
+        else:
+            torch.testing.assert_close(
+                a["resid_post"], a["resid_pre"] + a["attn_out"] + a["mlp_out"], rtol=1e-5, atol=1e-5
+            )
+
+
+def test_adding_zero_changes_nothing_at_every_hook(tiny):
+    _, hf, model = tiny
+    ids = tiny_ids()
+    plain = hf_logits(hf, ids)
+    with model.capture(model.hook_names(), stop_early=False) as acts:
+        model(ids)
+    for name in model.hook_names():
+        zero = torch.zeros(acts[name].shape[-1])
+        with model.intervene({name: iv.add(zero)}):
+            assert torch.equal(model(ids), plain), name
+
+
+def test_zero_ablating_mlp_out_matches_plain_pytorch(tiny):
+    spec, hf, model = tiny
+    ids = tiny_ids()
+    plain = hf_logits(hf, ids)
+    if spec.mlp_contribution is None:
+        # Post-LN families have no additive mlp_out; ablate the MLP neurons instead.
+        hook, module, side = "blocks.0.mlp_hidden", model.hook_points["blocks.0.mlp_hidden"].module, "out"
+    else:
+        hook, module, side = "blocks.0.mlp_out", spec.mlp_contribution, "out"
+    with model.intervene({hook: iv.zero_ablate()}):
+        ours = model(ids)
+    assert not torch.allclose(ours, plain)
+    handle = hf.get_submodule(module).register_forward_hook(
+        lambda _m, _a, out: torch.zeros_like(out[0] if isinstance(out, tuple) else out)
+    )
+    assert side == "out"
+    try:
+        by_hand = hf_logits(hf, ids)
+    finally:
+        handle.remove()
+    assert torch.equal(ours, by_hand)
+
+
+@pytest.mark.parametrize("family", POST_LN)
+def test_post_ln_families_refuse_additive_hooks(family):
+    _, _, model = built(family)
+    for kind in ("attn_out", "mlp_out"):
+        with pytest.raises(HookError, match="post-LayerNorm"):
+            model.resolve(f"blocks.0.{kind}")
+
+
+def test_parallel_neox_refuses_resid_mid():
+    _, _, model = built("gpt_neox")
+    with pytest.raises(HookError, match="in parallel"):
+        model.resolve("blocks.1.resid_mid")
+
+
+@pytest.mark.parametrize("family", WITH_RESID_MID)
+def test_resid_mid_edit_reaches_mlp_and_residual(family):
+    spec, _, model = built(family)
+    ids = tiny_ids()
+    vec = torch.randn(model.d_model)
+    hooks = ["blocks.0.resid_mid", "blocks.0.mlp_in", "blocks.0.resid_post"]
+    with model.capture(hooks) as clean:
+        model(ids)
+    with model.intervene({"blocks.0.resid_mid": iv.add(vec)}), model.capture(hooks) as edited:
+        model(ids)
+    # The capture sees the edited value, and the edit flows into the MLP input.
+    torch.testing.assert_close(edited["blocks.0.resid_mid"], clean["blocks.0.resid_mid"] + vec, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(edited["blocks.0.mlp_in"], clean["blocks.0.mlp_in"])
+    if spec.sequential:
+        # ... and into the residual branch: resid_post = edited resid_mid + the MLP's (new) output.
+        with model.intervene({"blocks.0.resid_mid": iv.add(vec)}), model.capture(["blocks.0.mlp_out"]) as m:
+            model(ids)
+        torch.testing.assert_close(
+            edited["blocks.0.resid_post"], edited["blocks.0.resid_mid"] + m["blocks.0.mlp_out"], atol=1e-5, rtol=1e-5
+        )
+
+
+def test_early_stop_gives_same_activations(tiny):
+    _, _, model = tiny
+    ids = tiny_ids()
+    with model.capture(["blocks.1.resid_post", "blocks.0.mlp_in"], stop_early=False) as full:
+        model(ids)
+    with model.capture(["blocks.1.resid_post", "blocks.0.mlp_in"]) as early:
+        assert model(ids) is None
+    for k in full:
+        assert torch.equal(full[k], early[k])
+
+
+def test_hooks_removed_after_exception(tiny):
+    _, _, model = tiny
+    with (
+        pytest.raises(RuntimeError, match="boom"),
+        model.intervene({"blocks.0.resid_post": iv.scale(2.0)}),
+        model.capture(["blocks.0.resid_pre"]),
+    ):
+        raise RuntimeError("boom")
+    assert model.hooks_active() == 0
