@@ -157,3 +157,18 @@ def test_no_block_list_names_the_paths():
 
     with pytest.raises(HookError, match=r"cannot find the transformer blocks.*Module paths seen: body"):
         Model(Weird())
+
+
+def test_incomplete_gguf_cache_is_ignored(tmp_path, monkeypatch):
+    from lmscope.loading import _gguf_cache
+
+    monkeypatch.setenv("LMSCOPE_CACHE", str(tmp_path))
+    sha = "ab" * 32
+    target = tmp_path / "gguf" / sha[:32]
+    target.mkdir(parents=True)
+    (target / "model.safetensors").write_bytes(b"half-written")
+    assert _gguf_cache(Path("x.gguf"), sha) is None  # no completion marker
+    (target / "lmscope-gguf-cache.json").write_text(json.dumps({"sha256": "cd" * 32}))
+    assert _gguf_cache(Path("x.gguf"), sha) is None  # a marker for other contents
+    (target / "lmscope-gguf-cache.json").write_text(json.dumps({"sha256": sha}))
+    assert _gguf_cache(Path("x.gguf"), sha) == target

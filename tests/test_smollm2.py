@@ -44,3 +44,21 @@ def test_ablating_an_mlp_changes_the_prediction_and_is_undone(smollm2):
     assert (ablated[0, -1].softmax(-1) - clean[0, -1].softmax(-1)).abs().max() > 0.05
     assert torch.equal(smollm2(ids), clean)
     assert smollm2.hooks_active() == 0
+
+
+def test_gguf_cache_holds_the_exact_dequantised_weights(smollm2):
+    import gguf
+    from safetensors import safe_open
+
+    from lmscope.loading import _gguf_cache, file_sha256, smollm2_path
+
+    path = smollm2_path()
+    cached = _gguf_cache(path, file_sha256(path))
+    assert cached is not None, "loading smollm2-135m must leave a verified cache"
+    reader = gguf.GGUFReader(str(path))
+    tensor = next(t for t in reader.tensors if t.name == "blk.3.ffn_down.weight")
+    expected = torch.from_numpy(gguf.quants.dequantize(tensor.data, tensor.tensor_type).copy())
+    with safe_open(str(cached / "model.safetensors"), "pt") as f:
+        stored = f.get_tensor("model.layers.3.mlp.down_proj.weight")
+    assert torch.equal(stored, expected.reshape(stored.shape))
+    assert torch.equal(smollm2.hf.model.layers[3].mlp.down_proj.weight, stored)

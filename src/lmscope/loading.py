@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
+import shutil
+import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
+import safetensors.torch
 import torch
 
 from lmscope.device import resolve_device, resolve_dtype
@@ -81,6 +86,62 @@ def check_gguf(path: Path) -> None:
         )
 
 
+def cache_root() -> Path:
+    """Where lmscope caches derived files ($LMSCOPE_CACHE, default ~/.cache/lmscope)."""
+    return Path(os.environ.get("LMSCOPE_CACHE", Path.home() / ".cache" / "lmscope"))
+
+
+def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+_CACHE_MARKER = "lmscope-gguf-cache.json"
+
+
+def _gguf_cache(path: Path, sha: str) -> Path | None:
+    """The verified HF directory holding this GGUF dequantised, if a complete one exists."""
+    target = cache_root() / "gguf" / sha[:32]
+    try:
+        marker = json.loads((target / _CACHE_MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    return target if marker.get("sha256") == sha else None
+
+
+def _write_gguf_cache(hf: Any, tokenizer: Any, path: Path, sha: str) -> None:
+    """Save the dequantised model (float32 safetensors) + tokenizer; the marker is written last, then the
+    directory is renamed into place, so a killed write never looks complete."""
+    root = cache_root() / "gguf"
+    target = root / sha[:32]
+    tmp: Path | None = None
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".partial-", dir=root))
+        # transformers refuses save_pretrained on a GGUF-loaded model, but its weights are plain
+        # dequantised tensors: save them directly (save_model handles the tied embedding) with the config.
+        safetensors.torch.save_model(hf, str(tmp / "model.safetensors"))
+        config = hf.config.to_dict()
+        config.pop("quantization_config", None)  # the cached weights are plain float32
+        config["dtype"] = "float32"
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        tokenizer.save_pretrained(tmp)
+        (tmp / _CACHE_MARKER).write_text(json.dumps({"sha256": sha, "source": str(path)}))
+        if target.exists():  # a stale or concurrent copy: replace it only if it is incomplete
+            if _gguf_cache(path, sha) is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
+                return
+            shutil.rmtree(target, ignore_errors=True)
+        os.replace(tmp, target)
+    except Exception as exc:  # the cache is an optimisation: a read-only or full disk just skips it
+        warnings.warn(f"could not cache the dequantised GGUF under {root}: {exc}", stacklevel=2)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 def _check_remote_code(path: Path, trust_remote_code: bool) -> None:
     cfg = json.loads((path / "config.json").read_text())
     if "auto_map" in cfg and not trust_remote_code:
@@ -108,14 +169,25 @@ def load_model(
     device: str | torch.device = "auto",
     dtype: str | torch.dtype = "auto",
     trust_remote_code: bool = False,
+    cache: bool = True,
 ) -> Model:
-    """Load an unmodified Hugging Face model and its tokenizer behind lmscope's `Model` adapter."""
+    """Load an unmodified Hugging Face model and its tokenizer behind lmscope's `Model` adapter.
+
+    A GGUF file is dequantised once and cached as a float32 safetensors directory keyed by the file's
+    sha256 (`cache=False` skips the cache); the cached weights are the same dequantised values.
+    """
     import transformers
 
     kind, where = resolve_spec(spec)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     common: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    sha: str | None = None
+    if kind == "gguf" and cache:
+        sha = file_sha256(Path(where))
+        cached = _gguf_cache(Path(where), sha)
+        if cached is not None:
+            kind, where = "dir", cached
     try:
         if kind == "gguf":
             path = Path(where)
@@ -130,7 +202,8 @@ def load_model(
             src = str(where)
         config = transformers.AutoConfig.from_pretrained(src, **common)
         auto = _auto_class(config)
-        hf = auto.from_pretrained(src, dtype=dt, **common)
+        # On a cache miss, dequantise in float32 so the cache holds the exact values; cast afterwards.
+        hf = auto.from_pretrained(src, dtype=torch.float32 if sha is not None and kind == "gguf" else dt, **common)
         tokenizer = transformers.AutoTokenizer.from_pretrained(src, **common)
     except ModelLoadError:
         raise
@@ -150,5 +223,8 @@ def load_model(
         if kind == "gguf" and "architecture" in text.lower():
             raise ModelLoadError(f"transformers cannot load this GGUF architecture: {text}") from exc
         raise ModelLoadError(f"could not load {spec}: {text}") from exc
+    if kind == "gguf" and sha is not None:
+        _write_gguf_cache(hf, tokenizer, Path(where), sha)
+        hf.to(dt)
     hf.to(dev)
     return Model(hf, tokenizer, spec=spec)
