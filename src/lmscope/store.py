@@ -1,0 +1,359 @@
+"""`ActivationStore`: the one reader of activations that every later stage uses.
+
+Two sources, one interface:
+
+    store = ActivationStore.open("acts/")                                  # shards written by `lmscope harvest`
+    store = ActivationStore.streaming(model, "stdlib", ["blocks.6.resid_post"], tokens=1_000_000)  # no disk
+
+    scale = store.mean_norm("blocks.6.resid_post")     # to normalise a dictionary's input
+    for batch in store.batches(batch_size=4096):      # shuffled; every row exactly once per epoch
+        x = batch["blocks.6.resid_post"]               # [4096, d_model] float32
+
+Several hooks of one harvest come in the same batch (same rows), so several dictionaries train in one pass.
+Shuffling reads random chunks of rows from the memory-mapped shards into a buffer of bounded size,
+shuffles it, and hands out half of it at a time; `peak_buffer_bytes` reports the memory that took.
+Special tokens (BOS/EOS/pad/separators, whose norms are huge outliers) are excluded unless asked for.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from lmscope.corpora import ContextPacker, Corpus, PackingConfig, open_corpus
+from lmscope.harvest import (
+    CorruptShardError,
+    HarvestError,
+    check_shard,
+    file_sha256,
+    forward_batch,
+    mean_norms,
+    read_manifest,
+    storage_dtype,
+)
+from lmscope.model import Model
+
+Batch = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class _Chunk:
+    shard: int
+    start: int
+    stop: int
+
+
+class ActivationStore:
+    """Batches of activations for one or more hooks, from disk (`open`) or straight from a model (`streaming`)."""
+
+    def __init__(self) -> None:  # use ActivationStore.open or ActivationStore.streaming
+        self.hooks: list[str] = []
+        self.widths: dict[str, int] = {}
+        self.exclude_special = True
+        self.dtype = torch.float16
+        self.peak_buffer_bytes = 0
+        self.directory: Path | None = None
+        self.manifest: dict[str, Any] = {}
+        self._verify = True
+        self._verified: set[int] = set()
+        self._norms: dict[str, float] | None = None
+        self._stream: dict[str, Any] | None = None
+
+    # ------------------------------------------------------------------ constructors
+    @classmethod
+    def open(
+        cls,
+        directory: str | Path,
+        hooks: Sequence[str] | None = None,
+        exclude_special: bool = True,
+        verify: bool = True,
+    ) -> ActivationStore:
+        """Open a harvest directory. `verify` checks each shard's sha256 the first time it is read."""
+        self = cls()
+        d = Path(directory)
+        self.directory, self.manifest = d, read_manifest(d)
+        have = list(self.manifest["hooks"])
+        self.hooks = list(hooks) if hooks else have
+        missing = [h for h in self.hooks if h not in have]
+        if missing:
+            raise HarvestError(f"{d} has no activations for {missing}; it holds {have}")
+        if not self.manifest["shards"]:
+            raise HarvestError(f"{d} holds no complete shard yet; run (or resume) its harvest first")
+        for shard in self.manifest["shards"]:
+            problem = check_shard(d, shard, checksum=False)
+            if problem:
+                raise CorruptShardError(f"refusing {d}: {problem}. {_FIX.format(d=d)}")
+        self.exclude_special, self._verify = exclude_special, verify
+        self.dtype = storage_dtype(self.manifest["dtype"])
+        with safe_open(str(d / self.manifest["shards"][0]["file"]), framework="pt") as f:
+            self.widths = {h: int(f.get_slice(h).get_shape()[-1]) for h in self.hooks}
+        return self
+
+    @classmethod
+    def streaming(
+        cls,
+        model: Model,
+        corpus: Corpus | str,
+        hooks: Sequence[str],
+        tokens: int | None = None,
+        context: int = 128,
+        packing: PackingConfig | None = None,
+        batch_contexts: int = 16,
+        exclude_special: bool = True,
+        norm_sample_tokens: int = 16_384,
+    ) -> ActivationStore:
+        """Activations computed on the fly from `model` over `corpus`: nothing is written to disk.
+
+        `tokens` caps one epoch (None: the whole corpus). Mean norms are estimated from the first
+        `norm_sample_tokens` tokens.
+        """
+        self = cls()
+        for h in hooks:
+            model.resolve(h)
+        base = packing or PackingConfig()
+        cfg = PackingConfig(context=context, mode=base.mode, bos=base.bos, separator=base.separator)
+        self.hooks, self.exclude_special, self.dtype = list(hooks), exclude_special, model.dtype
+        self._stream = {
+            "model": model,
+            "corpus": open_corpus(corpus),
+            "packer": ContextPacker(model.tokenizer, cfg),
+            "contexts": None if tokens is None else math.ceil(tokens / context),
+            "batch_contexts": batch_contexts,
+            "norm_sample": norm_sample_tokens,
+        }
+        with torch.inference_mode(), model.capture(self.hooks) as acts:
+            forward_batch(model, acts, self.hooks, torch.zeros(1, 2, dtype=torch.long))
+            self.widths = {h: int(acts[h].shape[-1]) for h in self.hooks}
+        return self
+
+    # ------------------------------------------------------------------ description
+    @property
+    def d_model(self) -> int:
+        return self.widths[self.hooks[0]]
+
+    @property
+    def n_rows(self) -> int | None:
+        """Rows one epoch yields (after exclusions), or None when streaming an uncapped corpus."""
+        if self._stream is not None:
+            return None
+        key = "rows_kept" if self.exclude_special else "rows"
+        return sum(s[key] for s in self.manifest["shards"])
+
+    def mean_norm(self, hook: str | None = None) -> float:
+        """Mean L2 norm of the hook's activations over non-special tokens (to normalise dictionary input)."""
+        hook = hook or self.hooks[0]
+        if hook not in self.hooks:
+            raise HarvestError(f"this store does not read {hook!r}; it reads {self.hooks}")
+        return self.mean_norms()[hook]
+
+    def mean_norms(self) -> dict[str, float]:
+        if self._norms is None:
+            if self._stream is None:
+                self._norms = mean_norms(self.manifest["shards"], self.hooks)
+            else:
+                self._norms = self._stream_norms()
+        return dict(self._norms)
+
+    def __repr__(self) -> str:
+        src = str(self.directory) if self._stream is None else "streaming"
+        return f"ActivationStore({src}, hooks={self.hooks}, rows={self.n_rows}, dtype={self.dtype})"
+
+    # ------------------------------------------------------------------ reading
+    def read_shard(self, index: int, names: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+        """Every row of one shard, in order, special tokens included (checksum verified first)."""
+        assert self.directory is not None, "read_shard needs an on-disk store"
+        self._check(index)
+        path = self.directory / self.manifest["shards"][index]["file"]
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in (names or [*self.hooks, "tokens", "document", "position", "special"])}
+
+    def batches(
+        self,
+        batch_size: int = 4096,
+        shuffle: bool = True,
+        seed: int = 0,
+        buffer_mb: float = 512.0,
+        epochs: int = 1,
+        drop_last: bool = False,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        with_tokens: bool = False,
+    ) -> Iterator[Batch]:
+        """Batches {hook: [batch_size, width]} (+ "tokens" with `with_tokens`), each row once per epoch.
+
+        Memory held by the shuffle buffer stays under `buffer_mb` megabytes (see `peak_buffer_bytes`).
+        """
+        row_bytes = sum(self.widths[h] for h in self.hooks) * self.dtype.itemsize + (8 if with_tokens else 0)
+        bound = int(buffer_mb * 1e6)
+        capacity = int(bound / (1.5 * row_bytes))  # buffer + a chunk read (<= capacity/4 rows, held twice)
+        if capacity < 4 * batch_size:
+            need = 6 * batch_size * row_bytes / 1e6
+            raise HarvestError(
+                f"buffer_mb={buffer_mb} is too small for batch_size={batch_size} with these hooks; "
+                f"use buffer_mb >= {need:.1f} or a smaller batch"
+            )
+        chunk_rows = max(1, capacity // 4)
+        names = [*self.hooks, *(["tokens"] if with_tokens else [])]
+        self.peak_buffer_bytes = 0
+        for epoch in range(epochs):
+            gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+            chunks = self._chunks(chunk_rows, shuffle, gen, with_tokens)
+            yield from self._shuffle(chunks, names, capacity, batch_size, shuffle, gen, drop_last, device, dtype)
+
+    def _shuffle(
+        self,
+        chunks: Iterator[Batch],
+        names: list[str],
+        capacity: int,
+        batch_size: int,
+        shuffle: bool,
+        gen: torch.Generator,
+        drop_last: bool,
+        device: str | torch.device,
+        dtype: torch.dtype,
+    ) -> Iterator[Batch]:
+        buf: Batch = {}
+        n = 0
+
+        def emit(rows: int) -> Iterator[Batch]:
+            nonlocal n
+            order = torch.randperm(n, generator=gen) if shuffle else torch.arange(n)
+            for s in range(0, rows, batch_size):
+                idx = order[s : min(s + batch_size, rows)]
+                yield {k: _convert(k, buf[k][:n].index_select(0, idx), device, dtype) for k in names}
+            rest = order[rows:]
+            for k in names:
+                buf[k][: len(rest)] = buf[k][:n].index_select(0, rest)
+            n = len(rest)
+
+        for chunk in chunks:
+            if not buf:
+                buf = {k: torch.empty((capacity, *chunk[k].shape[1:]), dtype=chunk[k].dtype) for k in names}
+            m = len(chunk[names[0]])
+            if n + m > capacity:  # full: hand out all but half of it, whole batches only
+                out = (n - capacity // 2) // batch_size * batch_size
+                yield from emit(out)
+            for k in names:
+                buf[k][n : n + m] = chunk[k]
+            n += m
+            held = sum(t.numel() * t.element_size() for t in buf.values()) + 2 * _nbytes(chunk)
+            self.peak_buffer_bytes = max(self.peak_buffer_bytes, held)
+        if n:
+            last = n if not drop_last else n // batch_size * batch_size
+            yield from emit(last)
+
+    def _check(self, index: int) -> None:
+        if not self._verify or index in self._verified:
+            return
+        assert self.directory is not None
+        shard = self.manifest["shards"][index]
+        if file_sha256(self.directory / shard["file"]) != shard["sha256"]:
+            raise CorruptShardError(
+                f"refusing {self.directory / shard['file']}: its checksum does not match the manifest (the file "
+                f"is corrupt). {_FIX.format(d=self.directory)}"
+            )
+        self._verified.add(index)
+
+    def _chunks(self, chunk_rows: int, shuffle: bool, gen: torch.Generator, with_tokens: bool) -> Iterator[Batch]:
+        if self._stream is not None:
+            yield from self._stream_chunks(chunk_rows, with_tokens)
+            return
+        assert self.directory is not None
+        shards = self.manifest["shards"]
+        plan = [
+            _Chunk(i, a, min(a + chunk_rows, s["rows"]))
+            for i, s in enumerate(shards)
+            for a in range(0, s["rows"], chunk_rows)
+        ]
+        if shuffle:
+            plan = [plan[i] for i in torch.randperm(len(plan), generator=gen).tolist()]
+        for c in plan:
+            self._check(c.shard)
+            with safe_open(str(self.directory / shards[c.shard]["file"]), framework="pt") as f:
+                chunk = {h: f.get_slice(h)[c.start : c.stop] for h in self.hooks}
+                chunk["special"] = f.get_slice("special")[c.start : c.stop]
+                if with_tokens:
+                    chunk["tokens"] = f.get_slice("tokens")[c.start : c.stop].long()
+            kept = _exclude(chunk, self.exclude_special)
+            if kept is not None:
+                yield kept
+
+    # ------------------------------------------------------------------ streaming
+    def _stream_rows(self, max_contexts: int | None, with_tokens: bool) -> Iterator[Batch]:
+        st = self._stream
+        assert st is not None
+        model, packer = st["model"], st["packer"]
+        made = 0
+        with model.capture(self.hooks) as acts:
+            for batch in packer.contexts(st["corpus"].documents(), st["batch_contexts"]):
+                if max_contexts is not None and made >= max_contexts:
+                    return
+                b = batch if max_contexts is None else _head(batch, max_contexts - made)
+                made += len(b)
+                forward_batch(model, acts, self.hooks, torch.from_numpy(b.tokens))
+                n = b.tokens.size
+                chunk = {h: acts[h].reshape(n, -1).cpu() for h in self.hooks}
+                chunk["special"] = torch.from_numpy(b.special.reshape(-1).astype("uint8"))
+                if with_tokens:
+                    chunk["tokens"] = torch.from_numpy(b.tokens.reshape(-1))
+                yield chunk
+
+    def _stream_chunks(self, chunk_rows: int, with_tokens: bool) -> Iterator[Batch]:
+        assert self._stream is not None
+        for chunk in self._stream_rows(self._stream["contexts"], with_tokens):
+            kept = _exclude(chunk, self.exclude_special)
+            if kept is None:
+                continue
+            m = len(kept[self.hooks[0]])
+            for a in range(0, m, chunk_rows):
+                yield {k: v[a : a + chunk_rows] for k, v in kept.items()}
+
+    def _stream_norms(self) -> dict[str, float]:
+        st = self._stream
+        assert st is not None
+        contexts = max(1, math.ceil(st["norm_sample"] / st["packer"].cfg.context))
+        if st["contexts"] is not None:
+            contexts = min(contexts, st["contexts"])
+        sums, count = dict.fromkeys(self.hooks, 0.0), 0
+        for chunk in self._stream_rows(contexts, False):
+            kept = _exclude(chunk, True) or _exclude(chunk, False)
+            assert kept is not None
+            for h in self.hooks:
+                sums[h] += float(kept[h].double().norm(dim=-1).sum())
+            count += len(kept[self.hooks[0]])
+        if not count:
+            raise HarvestError("the corpus yielded no tokens to estimate mean norms from; it is empty")
+        return {h: s / count for h, s in sums.items()}
+
+
+_FIX = "Run `lmscope verify {d}` to list bad shards; delete them and rerun the harvest command to recompute them"
+
+
+def _head(batch: Any, n: int) -> Any:
+    from lmscope.corpora import ContextBatch
+
+    return ContextBatch(batch.tokens[:n], batch.document[:n], batch.position[:n], batch.special[:n])
+
+
+def _exclude(chunk: Batch, exclude_special: bool) -> Batch | None:
+    special = chunk.pop("special")
+    if not exclude_special or not bool(special.any()):
+        return chunk
+    keep = special == 0
+    if not bool(keep.any()):
+        return None
+    return {k: v[keep] for k, v in chunk.items()}
+
+
+def _nbytes(chunk: Batch) -> int:
+    return sum(t.numel() * t.element_size() for t in chunk.values())
+
+
+def _convert(name: str, t: torch.Tensor, device: str | torch.device, dtype: torch.dtype) -> torch.Tensor:
+    return t.to(device) if name == "tokens" else t.to(device=device, dtype=dtype)
