@@ -1,0 +1,58 @@
+"""Seeded text generation through the unmodified HF `generate`, so baseline and steered runs draw the same
+random numbers and differ only by the model's (edited) logits."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from lmscope.errors import LmscopeError
+from lmscope.model import Model
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    max_new_tokens: int = 40
+    temperature: float = 0.8
+    top_k: int = 50
+    greedy: bool = False
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise LmscopeError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if not self.greedy and not self.temperature > 0:
+            raise LmscopeError(f"temperature must be > 0 (or use greedy decoding), got {self.temperature}")
+
+
+def prompt_ids(model: Model, prompt: str, chat: bool = False) -> Tensor:
+    """Token ids of a prompt; with `chat`, wrapped in the tokenizer's chat template as a user turn."""
+    if chat:
+        if not getattr(model.tokenizer, "chat_template", None):
+            raise LmscopeError(f"{model.spec} has no chat template; drop --chat")
+        text = model.tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
+        return model.encode(text, add_special_tokens=False)
+    return model.encode(prompt)
+
+
+def generate(model: Model, ids: Tensor, cfg: SamplingConfig, seed: int) -> Tensor:
+    """New token ids [n_new] continuing `ids` [1, T] (stops early at EOS)."""
+    tok = model.tokenizer
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    torch.manual_seed(seed)
+    kwargs = (
+        {"do_sample": False} if cfg.greedy else {"do_sample": True, "temperature": cfg.temperature, "top_k": cfg.top_k}
+    )
+    with torch.no_grad():
+        out = model.hf.generate(
+            input_ids=ids.to(model.device),
+            attention_mask=torch.ones_like(ids).to(model.device),
+            max_new_tokens=cfg.max_new_tokens,
+            pad_token_id=pad,
+            top_p=1.0,
+            **kwargs,
+        )
+    return out[0, ids.shape[-1] :].cpu()
