@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import os
@@ -15,6 +14,7 @@ from typing import Any
 import safetensors.torch
 import torch
 
+from lmscope.checksums import file_sha256
 from lmscope.device import resolve_device, resolve_dtype
 from lmscope.errors import ModelLoadError
 from lmscope.model import Model
@@ -89,14 +89,6 @@ def check_gguf(path: Path) -> None:
 def cache_root() -> Path:
     """Where lmscope caches derived files ($LMSCOPE_CACHE, default ~/.cache/lmscope)."""
     return Path(os.environ.get("LMSCOPE_CACHE", Path.home() / ".cache" / "lmscope"))
-
-
-def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 _CACHE_MARKER = "lmscope-gguf-cache.json"

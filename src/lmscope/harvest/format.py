@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
+from lmscope.checksums import file_sha256
 from lmscope.errors import LmscopeError
 from lmscope.model import Model
 
@@ -90,14 +91,6 @@ def mean_norms(shards: list[dict[str, Any]], hooks: list[str], special: bool = F
     if n == 0 and not special:
         return mean_norms(shards, hooks, special=True)
     return {h: (sum(s[key][h] for s in shards) / n if n else 0.0) for h in hooks}
-
-
-def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 @dataclass
