@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.lmscope-installed
 
-.PHONY: install test demo lint bench clean
+.PHONY: install test demo lint bench clean browser
 
 # torch goes first, pinned, so pip uses the CPU wheel where one is provided and never
 # resolves an unpinned torch (several GB of CUDA packages) through another requirement.
@@ -22,7 +22,19 @@ install: $(STAMP)
 lint: install
 	$(VENV)/bin/ruff check src tests benchmarks
 
-test: install lint
+# Headless Chromium for tests/test_web_browser.py, from Debian (Playwright never downloads browsers here).
+# Never fails: without apt-get or root the browser tests are skipped, and say why.
+browser:
+	@if command -v chromium >/dev/null 2>&1; then echo "browser: $$(command -v chromium)"; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) \
+	  || echo "browser: apt-get could not install chromium; the browser tests will be skipped"; \
+	elif command -v apt-get >/dev/null 2>&1 && command -v sudo >/dev/null 2>&1; then \
+	  (sudo -n apt-get update -qq && sudo -n DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) \
+	  || echo "browser: could not install chromium (needs root); the browser tests will be skipped"; \
+	else echo "browser: no apt-get here; install Chromium (or set LMSCOPE_CHROMIUM) or the browser tests are skipped"; fi
+
+test: install lint browser
 	$(VENV)/bin/pytest -q
 
 demo: install

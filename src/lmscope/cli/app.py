@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from lmscope import __version__
-from lmscope.cli import atlas_cmds, demo_cmd, harvest_cmds, model_cmds, train_cmds
+from lmscope.cli import atlas_cmds, demo_cmd, harvest_cmds, model_cmds, steer_cmds
 
 app = typer.Typer(
     name="lmscope",
@@ -17,8 +17,8 @@ app = typer.Typer(
 model_cmds.register(app)
 demo_cmd.register(app)
 harvest_cmds.register(app)
+steer_cmds.register(app)
 atlas_cmds.register(app)
-train_cmds.register(app)
 
 
 @app.command()

@@ -1,0 +1,163 @@
+"""The end of an atlas build: turn the accumulated state into rows, in one transaction that ends complete."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from lmscope.atlas.accumulate import FeatureAccumulator
+from lmscope.atlas.logits import logit_lens, top_logit_effects
+from lmscope.atlas.neighbours import CofireSample, decoder_neighbours
+from lmscope.atlas.schema import set_meta
+from lmscope.dictionaries.base import Dictionary
+from lmscope.model import Model
+
+RESIDUAL_KINDS = ("embed", "resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
+
+
+def vocab_strings(tokenizer: Any, n: int) -> list[str]:
+    """Each token id decoded on its own (ids beyond the tokenizer read `<id N>`)."""
+    have = min(n, len(tokenizer)) if tokenizer is not None else 0
+    texts = list(tokenizer.batch_decode([[i] for i in range(have)])) if have else []
+    return texts + [f"<id {i}>" for i in range(have, n)]
+
+
+def _r(x: float) -> float:
+    return float(f"{x:.6g}")
+
+
+def _logit_rows(model: Model, dictionary: Dictionary, hook: str, k: int) -> tuple[list[str | None], str]:
+    cfg = dictionary.cfg
+    out_hook = cfg.hook_out or hook
+    kind = model.resolve(out_hook).kind
+    lens = logit_lens(model)
+    d_out = int(cfg.d_out or cfg.d_in)
+    if lens is None:
+        return [None] * cfg.d_sae, "this model has no unembedding (lm_head); no logit effects"
+    if kind not in RESIDUAL_KINDS or d_out != model.d_model:
+        note = f"the decoder writes to {out_hook}, which is not the residual stream; no logit effects"
+        return [None] * cfg.d_sae, note
+    pv, pi, nv, ni = top_logit_effects(lens, dictionary.W_dec.detach(), k)
+    rows: list[str | None] = []
+    for f in range(cfg.d_sae):
+        rows.append(json.dumps({
+            "positive": [[int(i), _r(v)] for v, i in zip(pv[f].tolist(), pi[f].tolist(), strict=True)],
+            "negative": [[int(i), _r(v)] for v, i in zip(nv[f].tolist(), ni[f].tolist(), strict=True)],
+        }))  # fmt: skip
+    return rows, "(d * norm gain) @ W_U^T with the final norm's 1/RMS treated as constant"
+
+
+def _example_rows(
+    acc: FeatureAccumulator,
+    conn: sqlite3.Connection,
+    vocab: list[str],
+    context: int,
+) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+    """Rows for `examples` and `quantile_bins`."""
+    top = {k: v.cpu().numpy() for k, v in vars(acc.top).items()}
+    q = {k: v.cpu().numpy() for k, v in vars(acc.q).items()}
+    width, n_cov = (t.cpu().numpy() for t in acc.bin_ranges())
+    q_count = acc.q_count.cpu().numpy()
+    max_act = acc.max_act.cpu().numpy()
+    used = set(np.unique(top["ctx"]).tolist()) | set(np.unique(q["ctx"]).tolist())
+    used.discard(-1)
+    tokens: dict[int, np.ndarray] = {}
+    for cid, blob in conn.execute("SELECT id, tokens FROM contexts"):
+        if cid in used:
+            tokens[cid] = np.frombuffer(blob, dtype="<i4")
+    before = acc.before
+    rows: list[tuple[Any, ...]] = []
+
+    def add(f: int, kind: str, b: int, rank: int, ctx: int, pos: int, act: float, win: np.ndarray) -> None:
+        start, end = max(0, pos - before), min(context, pos + acc.after + 1)
+        ids = tokens[ctx][start:end]
+        acts = win[start - (pos - before) : end - (pos - before)].astype("<f4")
+        text = "".join(vocab[t] if 0 <= t < len(vocab) else "" for t in ids.tolist())
+        rows.append((f, kind, b, rank, ctx, pos, float(act), start, acts.tobytes(), int(tokens[ctx][pos]), text))
+
+    bin_rows: list[tuple[Any, ...]] = []
+    for f in range(acc.F):
+        for rank, j in enumerate(np.nonzero(top["ctx"][f] >= 0)[0]):
+            add(f, "top", -1, rank, int(top["ctx"][f, j]), int(top["pos"][f, j]), top["act"][f, j], top["win"][f, j])
+        for b in range(int(n_cov[f])):
+            lo, hi = b * float(width[f]), min((b + 1) * float(width[f]), float(max_act[f]))
+            bin_rows.append((f, b, lo, hi, int(q_count[f, b])))
+            slots = np.nonzero(q["ctx"][f, b] >= 0)[0]
+            slots = slots[np.argsort(-q["act"][f, b, slots], kind="stable")]
+            for rank, j in enumerate(slots):
+                add(f, "quantile", b, rank, int(q["ctx"][f, b, j]), int(q["pos"][f, b, j]), q["act"][f, b, j],
+                    q["win"][f, b, j])  # fmt: skip
+    return rows, bin_rows
+
+
+def write_results(
+    conn: sqlite3.Connection,
+    model: Model,
+    dictionary: Dictionary,
+    acc: FeatureAccumulator,
+    cofire: CofireSample,
+    metrics: dict[str, Any],
+    provenance: dict[str, Any],
+    cfg: Any,
+    dict_path: str | None,
+    log: Callable[[str], None],
+) -> None:
+    from lmscope.atlas.build import load_eval_metrics
+
+    F = dictionary.cfg.d_sae
+    hook = provenance["hook"]
+    vocab = vocab_strings(model.tokenizer, model.vocab_size)
+    logits, logit_note = _logit_rows(model, dictionary, hook, cfg.logit_top)
+    nv, ni = decoder_neighbours(dictionary.W_dec.detach(), cfg.neighbours)
+    cc, ci, cf = cofire.top(cfg.cofire)
+    hwidth, hcov = (t.cpu().numpy() for t in acc.hist_ranges())
+    hist = acc.hist.cpu().numpy()
+    n_fired = acc.n_fired.cpu().numpy()
+    sums = acc.sum_act.cpu().numpy()
+    max_act = acc.max_act.cpu().numpy()
+    n_tok = max(1, acc.n_tokens)
+    feature_rows = []
+    for f in range(F):
+        nf = int(n_fired[f])
+        h = {"width": _r(float(hwidth[f])), "counts": hist[f, : int(hcov[f])].tolist()}
+        neigh = [[int(i), _r(v)] for v, i in zip(nv[f].tolist(), ni[f].tolist(), strict=True)]
+        co = [
+            [int(i), int(c), _r(fr)]
+            for c, i, fr in zip(cc[f].tolist(), ci[f].tolist(), cf[f].tolist(), strict=True)
+            if c > 0
+        ]
+        feature_rows.append((
+            f, nf, nf / n_tok, float(sums[f] / nf) if nf else 0.0, float(max_act[f]), int(nf == 0),
+            json.dumps(h), logits[f], json.dumps(neigh), json.dumps(co),
+        ))  # fmt: skip
+    log("writing examples")
+    example_rows, bin_rows = _example_rows(acc, conn, vocab, cfg.context)
+    with conn:  # one transaction: either all of it, with complete = 1 last, or none
+        conn.executemany("INSERT INTO vocab (id, text) VALUES (?, ?)", list(enumerate(vocab)))
+        conn.executemany("INSERT INTO features VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", feature_rows)
+        conn.executemany(
+            "INSERT INTO examples (feature, kind, bin, rank, context, pos, act, start, acts, peak_token, text) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            example_rows,
+        )
+        conn.executemany("INSERT INTO quantile_bins VALUES (?, ?, ?, ?, ?)", bin_rows)
+        conn.execute(
+            "INSERT INTO search (text, feature, kind, ref) SELECT text, feature, 'example', rowid FROM examples "
+            "WHERE kind = 'top'"
+        )
+        conn.execute("DELETE FROM contexts WHERE id NOT IN (SELECT DISTINCT context FROM examples)")
+        set_meta(conn, "provenance", provenance)
+        set_meta(conn, "metrics", {"atlas": metrics, "saved": load_eval_metrics(dict_path)})
+        set_meta(conn, "summary", {
+            "model": provenance["model"]["spec"], "hook": hook, "d_sae": F, "d_in": dictionary.cfg.d_in,
+            "arch": dictionary.cfg.arch, "tokens": acc.n_tokens, "context": cfg.context,
+            "dead": int((n_fired == 0).sum()), "logit_effects": logit_note if logits[0] is not None else None,
+            "logit_note": logit_note,
+        })  # fmt: skip
+        set_meta(conn, "complete", 1)
+    conn.execute("VACUUM")
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")

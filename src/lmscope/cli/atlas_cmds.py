@@ -1,0 +1,117 @@
+"""`lmscope atlas` and `lmscope serve`: build a feature atlas, and browse it in a local web explorer."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from lmscope.cli.common import DeviceOpt, DtypeOpt, ModelArg, TrustOpt, console, err_console, handles_errors
+from lmscope.errors import LmscopeError
+
+ATLAS_EPILOG = (
+    "Examples:\n\n"
+    "  lmscope atlas smollm2-135m --dict runs/sae/blocks.6.resid_post --corpus stdlib --tokens 1M --out atlas.db\n\n"
+    "  lmscope atlas ./my-model --dict sae/ --corpus data.jsonl --field text --tokens 200k --context 256 "
+    "--top-k 20 --out my.db\n\n"
+    "An interrupted build leaves only OUT.partial; rerunning the command starts it again. "
+    "Use --overwrite to replace an existing atlas."
+)
+SERVE_EPILOG = (
+    "Examples:\n\n"
+    "  lmscope serve atlas.db                       (http://127.0.0.1:8000, inspector uses the atlas's model)\n\n"
+    "  lmscope serve atlas.db --port 8080 --no-live  (no model: the prompt inspector is switched off)\n\n"
+    "  lmscope serve atlas.db --host 0.0.0.0         (reachable from other machines: only on trusted networks)"
+)
+
+
+def register(app: typer.Typer) -> None:
+    @app.command(epilog=ATLAS_EPILOG)
+    @handles_errors
+    def atlas(
+        model: ModelArg = "smollm2-135m",
+        dict_dir: Annotated[Path, typer.Option("--dict", help="An lmscope dictionary directory.")] = Path("dict"),
+        corpus: Annotated[
+            str, typer.Option(help="stdlib (built in), a text file/dir/glob, .jsonl/.parquet, or hf:NAME[:CONFIG].")
+        ] = "stdlib",
+        tokens: Annotated[str, typer.Option(help="Tokens to scan: 1M, 200k, 65536 ...")] = "1M",
+        out: Annotated[Path, typer.Option(help="The atlas file to write (SQLite).")] = Path("atlas.db"),
+        hook: Annotated[str | None, typer.Option(help="Hook to read (default: the dictionary's own).")] = None,
+        context: Annotated[int, typer.Option(help="Tokens per context.", min=2)] = 128,
+        batch_size: Annotated[int, typer.Option(help="Contexts per forward pass.", min=1)] = 8,
+        top_k: Annotated[int, typer.Option(help="Top-activating examples kept per feature.", min=1)] = 16,
+        samples_per_bin: Annotated[int, typer.Option(help="Examples per activation-quantile bin.", min=1)] = 4,
+        field: Annotated[str, typer.Option(help="JSONL field / Parquet column / dataset field holding text.")] = "text",
+        split: Annotated[str, typer.Option(help="Dataset split for hf: corpora.")] = "train",
+        overwrite: Annotated[bool, typer.Option(help="Replace an existing atlas at --out.")] = False,
+        progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+        device: DeviceOpt = "auto",
+        dtype: DtypeOpt = "auto",
+        trust_remote_code: TrustOpt = False,
+    ) -> None:
+        """Scan a corpus with MODEL and a dictionary, and write every feature's dossier to one SQLite file."""
+        from lmscope.atlas import AtlasConfig, build_atlas, open_atlas
+        from lmscope.atlas.schema import get_meta
+        from lmscope.cli.harvest_cmds import parse_count
+        from lmscope.corpora import open_corpus
+        from lmscope.dictionaries.formats import load_dictionary
+        from lmscope.loading import load_model
+
+        cfg = AtlasConfig(
+            tokens=parse_count(tokens), context=context, batch_size=batch_size, top_k=top_k,
+            samples_per_bin=samples_per_bin,
+        )  # fmt: skip
+        if out.exists() and not overwrite:
+            raise LmscopeError(f"{out} already exists; pass --overwrite or choose another --out")
+        load_dictionary(dict_dir)  # fail early, before the model loads
+        src = open_corpus(corpus, field=field, split=split)
+        m = load_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+        path = build_atlas(
+            m, dict_dir, src, out=out, config=cfg, hook=hook, overwrite=overwrite, progress=progress,
+            command=shlex.join(["lmscope", *sys.argv[1:]]), log=lambda msg: err_console.print(msg, highlight=False),
+        )  # fmt: skip
+        conn = open_atlas(path, readonly=False)  # a read-write connection leaves no -wal/-shm files behind
+        summary, metrics = get_meta(conn, "summary"), get_meta(conn, "metrics")["atlas"]
+        conn.close()
+        console.print(
+            f"[green]done[/]: {summary['d_sae']:,} features over {summary['tokens']:,} tokens in {path} "
+            f"({path.stat().st_size / 1e6:.1f} MB); dead {summary['dead']:,}, L0 {metrics['l0']:.1f}, "
+            f"FVU {metrics['fvu']:.3f}",
+            highlight=False,
+        )
+        console.print(f"browse it with: lmscope serve {path}", highlight=False)
+
+    @app.command(epilog=SERVE_EPILOG)
+    @handles_errors
+    def serve(
+        atlas: Annotated[Path, typer.Argument(help="An atlas file made by `lmscope atlas`.")],
+        host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+        port: Annotated[int, typer.Option(help="TCP port.", min=1, max=65535)] = 8000,
+        live: Annotated[
+            bool, typer.Option(help="Load the atlas's model and dictionary for the prompt inspector.")
+        ] = True,
+        model: Annotated[
+            str | None, typer.Option("--model", help="Model for the inspector (default: the atlas's).")
+        ] = None,
+        dict_dir: Annotated[
+            Path | None, typer.Option("--dict", help="Dictionary for the inspector (default: the atlas's).")
+        ] = None,
+        device: DeviceOpt = "auto",
+        dtype: DtypeOpt = "auto",
+    ) -> None:
+        """Serve the atlas explorer (pages and a JSON API under /api) on HOST:PORT."""
+        import uvicorn
+
+        from lmscope.web.app import create_app, load_live
+
+        live_pair = None
+        note = "the prompt inspector is off (--no-live)"
+        if live:
+            live_pair, note = load_live(atlas, model, dict_dir, device=device, dtype=dtype)
+        app_ = create_app(atlas, live=live_pair, live_note=note)
+        console.print(f"serving {atlas} at http://{host}:{port}  ({note})", highlight=False)
+        uvicorn.run(app_, host=host, port=port, log_level="warning")
+

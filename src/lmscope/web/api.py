@@ -1,0 +1,232 @@
+"""JSON API of the atlas explorer (documented by the OpenAPI schema at /api/openapi.json)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from fastapi import APIRouter, HTTPException, Query, Request
+from pydantic import BaseModel, Field
+
+from lmscope.atlas.store import AtlasStore, FeatureQuery
+
+router = APIRouter(prefix="/api", tags=["atlas"])
+
+
+class Label(BaseModel):
+    text: str
+    source: Literal["human", "machine"]
+    score: float | None = None
+
+
+class FeatureSummary(BaseModel):
+    id: int
+    density: float = Field(description="fraction of (non-special) tokens where the feature fires")
+    n_fired: int
+    mean_act: float = Field(description="mean activation over the tokens where it fires")
+    max_act: float
+    dead: bool
+    label: Label | None = None
+
+
+class FeatureList(BaseModel):
+    total: int = Field(description="features matching the filters (all pages)")
+    limit: int
+    offset: int
+    items: list[FeatureSummary]
+
+
+class SearchResult(FeatureList):
+    query: str
+    by: Literal["label", "text", "token"]
+
+
+class Example(BaseModel):
+    context: int = Field(description="context id in the atlas")
+    pos: int = Field(description="position of the example token in its context")
+    start: int = Field(description="context position of the first token of the window")
+    peak: int = Field(description="index of the example token within `tokens`")
+    act: float
+    tokens: list[str]
+    token_ids: list[int]
+    acts: list[float] = Field(description="the feature's activation on each token of the window")
+    text: str
+
+
+class QuantileBin(BaseModel):
+    bin: int
+    lo: float
+    hi: float
+    count: int = Field(description="firings in [lo, hi) over the whole build")
+    examples: list[Example] = Field(description="a uniform sample of those firings")
+
+
+class Histogram(BaseModel):
+    edges: list[float]
+    counts: list[int]
+
+
+class TokenEffect(BaseModel):
+    token_id: int
+    token: str
+    value: float
+
+
+class LogitEffects(BaseModel):
+    positive: list[TokenEffect]
+    negative: list[TokenEffect]
+
+
+class Neighbour(BaseModel):
+    id: int
+    cosine: float
+    label: Label | None = None
+
+
+class Cofire(BaseModel):
+    id: int
+    count: int = Field(description="sampled tokens where both fire")
+    fraction: float = Field(description="P(other fires | this fires) on the sample")
+    label: Label | None = None
+
+
+class LabelFull(BaseModel):
+    text: str
+    source: str
+    explainer: str | None = None
+    score: float | None = None
+    scorer: str | None = None
+    created: str
+
+
+class Feature(FeatureSummary):
+    labels: list[LabelFull]
+    histogram: Histogram
+    top_examples: list[Example]
+    quantiles: list[QuantileBin]
+    logit_effects: LogitEffects | None
+    logit_note: str | None
+    neighbours: list[Neighbour]
+    cofire: list[Cofire]
+
+
+class DensityHistogram(BaseModel):
+    log10_edges: list[float]
+    counts: list[int]
+
+
+class Overview(BaseModel):
+    schema_version: int
+    features: int
+    dead: int
+    summary: dict[str, Any]
+    metrics: dict[str, Any]
+    density_histogram: DensityHistogram
+    provenance: dict[str, Any]
+
+
+class InspectRequest(BaseModel):
+    text: str = Field(description="the prompt; at most 2000 characters")
+
+
+class InspectFeature(BaseModel):
+    id: int
+    act: float
+    label: Label | None = None
+
+
+class InspectToken(BaseModel):
+    token: str
+    token_id: int
+    features: list[InspectFeature]
+
+
+class InspectResponse(BaseModel):
+    model: str
+    hook: str
+    tokens: list[InspectToken]
+
+
+def store_of(request: Request) -> AtlasStore:
+    return request.app.state.store  # type: ignore[no-any-return]
+
+
+SortParam = Literal["id", "density", "max_act", "mean_act", "relevance"]
+
+
+@router.get("/overview", response_model=Overview)
+def overview(request: Request) -> dict[str, Any]:
+    """Dictionary metrics, the density histogram (log10 bins), the dead count and the build's provenance."""
+    return store_of(request).overview()
+
+
+@router.get("/features", response_model=FeatureList)
+def list_features(
+    request: Request,
+    sort: SortParam | None = Query(None, description="default: relevance when q is given, else id"),
+    order: Literal["asc", "desc"] = "asc",
+    min_density: float | None = None,
+    max_density: float | None = None,
+    min_act: float | None = Query(None, description="minimum max activation"),
+    max_act: float | None = Query(None, description="maximum max activation"),
+    dead: bool = Query(True, description="include dead features"),
+    q: str | None = Query(None, max_length=200, description="search text (see `by`)"),
+    by: Literal["label", "text", "token"] = "text",
+    limit: int = Query(50, ge=1, le=500),
+    offset: int = Query(0, ge=0),
+) -> dict[str, Any]:
+    """Features, filtered, sorted and paged; with `q`, only those matching the search."""
+    fq = FeatureQuery(
+        sort=sort or ("relevance" if q else "id"), order=order, min_density=min_density, max_density=max_density,
+        min_act=min_act, max_act=max_act, dead=dead, q=q, by=by, limit=limit, offset=offset,
+    )  # fmt: skip
+    return store_of(request).list_features(fq)
+
+
+@router.get("/search", response_model=SearchResult)
+def search(
+    request: Request,
+    q: str = Query(..., min_length=1, max_length=200),
+    by: Literal["label", "text", "token"] = Query("text", description="label, example text, or example token"),
+    limit: int = Query(50, ge=1, le=500),
+    offset: int = Query(0, ge=0),
+) -> dict[str, Any]:
+    """Features whose labels or top-example text contain `q` (an exact phrase), or whose top examples peak on
+    the token `q`; most relevant first."""
+    res = store_of(request).list_features(FeatureQuery(sort="relevance", q=q, by=by, limit=limit, offset=offset))
+    return {**res, "query": q, "by": by}
+
+
+@router.get("/features/{fid}", response_model=Feature, responses={404: {"description": "no such feature"}})
+def feature(request: Request, fid: int) -> dict[str, Any]:
+    """Everything the atlas knows about one feature."""
+    data = store_of(request).feature(fid)
+    if data is None:
+        raise HTTPException(404, f"feature {fid} does not exist; ids run from 0 to {store_of(request).n_features - 1}")
+    return data
+
+
+@router.post(
+    "/inspect",
+    response_model=InspectResponse,
+    responses={413: {"description": "text too long"}, 503: {"description": "no model loaded"}},
+)
+def inspect(request: Request, body: InspectRequest) -> dict[str, Any]:
+    """Run the model and dictionary on `text`; per token, the features that fire (strongest first)."""
+    from lmscope.web.app import MAX_INSPECT_CHARS
+
+    live = request.app.state.live
+    if live is None:
+        raise HTTPException(503, f"the prompt inspector is not available: {request.app.state.live_note}")
+    if len(body.text) > MAX_INSPECT_CHARS:
+        raise HTTPException(
+            413, f"the text is {len(body.text):,} characters; the inspector accepts at most {MAX_INSPECT_CHARS:,}"
+        )
+    if not body.text.strip():
+        raise HTTPException(422, "the text is empty; type a prompt to inspect")
+    tokens = live.inspect(body.text)
+    store = store_of(request)
+    labels = store.labels(sorted({f["id"] for t in tokens for f in t["features"]}))
+    for t in tokens:
+        for f in t["features"]:
+            f["label"] = labels.get(f["id"])
+    return {"model": live.model.spec, "hook": live.hook, "tokens": tokens}

@@ -1,0 +1,150 @@
+"""The explorer in a real browser: headless Debian Chromium driven by Playwright against a live local server.
+
+Playwright never downloads a browser here: it launches /usr/bin/chromium (installed by `make browser`). If
+either is missing the tests are skipped with the reason, never silently.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from atlas_helpers import make_tiny_atlas
+from lmscope.web.app import Live, create_app
+
+CHROMIUM = os.environ.get("LMSCOPE_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+ARGS = [
+    "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+    "--disable-sync", "--no-first-run", "--disable-quic",
+]  # fmt: skip
+ARTIFACTS = Path(__file__).parent / "artifacts"
+
+sync_api = pytest.importorskip(
+    "playwright.sync_api", reason="Playwright is not installed: pip install -e '.[dev]' (browser tests skipped)"
+)
+if not Path(CHROMIUM).exists():
+    pytest.skip(
+        f"no Chromium at {CHROMIUM}: run `make browser` (apt-get install chromium) or set LMSCOPE_CHROMIUM; "
+        "browser tests skipped",
+        allow_module_level=True,
+    )
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    import uvicorn
+
+    root = tmp_path_factory.mktemp("browser")
+    model, d, _, out = make_tiny_atlas(root, labels=True)
+    app = create_app(out, live=Live(model, d))
+    port = _free_port()
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 20
+    while not srv.started:
+        if time.time() > deadline or not thread.is_alive():
+            pytest.fail("the explorer server did not start within 20 s")
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    srv.should_exit = True
+    thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def page(server: str) -> Iterator[object]:
+    with sync_api.sync_playwright() as p:
+        try:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        except Exception as exc:  # a broken Chromium install: say why, do not pass quietly
+            pytest.skip(f"Chromium at {CHROMIUM} would not start ({str(exc).splitlines()[0]}); browser tests skipped")
+        ctx = browser.new_context(viewport={"width": 1300, "height": 1000})
+        pg = ctx.new_page()
+        pg.set_default_timeout(15_000)
+        errors: list[str] = []
+        pg.on("pageerror", lambda e: errors.append(str(e)))
+        # the pages must not need the internet: any request off 127.0.0.1 fails the test
+        outside: list[str] = []
+        pg.route(
+            "**/*",
+            lambda route: (
+                route.continue_() if route.request.url.startswith(server) else (outside.append(route.request.url),
+                                                                                 route.abort())
+            ),
+        )  # fmt: skip
+        pg.errors = errors  # type: ignore[attr-defined]
+        pg.outside = outside  # type: ignore[attr-defined]
+        yield pg
+        browser.close()
+
+
+def test_overview_search_feature_and_inspector(server: str, page) -> None:
+    page.goto(server + "/")
+    assert page.locator("#n-features").inner_text() == "48"
+    page.wait_for_selector("#density-plot .main-svg")  # plotly drew the density histogram
+
+    # search for a word from the header box
+    page.fill("header input[name=q]", "Paris")
+    page.press("header input[name=q]", "Enter")
+    page.wait_for_url("**/features?*")
+    rows = page.locator("#feature-table tbody tr a")
+    assert rows.count() > 0
+    assert "matching" in page.locator("#result-count").inner_text()
+
+    # open a feature page: tokens highlighted by activation, histogram rendered, neighbour links
+    rows.first.click()
+    page.wait_for_url("**/features/*")
+    page.wait_for_selector("#hist-plot .main-svg")
+    assert page.locator("#hist-plot .main-svg .point, #hist-plot .main-svg .bars path").count() > 0
+    lit = page.locator("#top-examples .tok.on")
+    assert lit.count() > 0
+    bg = lit.first.evaluate("el => getComputedStyle(el).backgroundColor")
+    assert bg.startswith("rgba(255, 115, 0") or bg.startswith("rgb(255, 115, 0"), bg
+    assert page.locator("#top-examples .tok.peak").count() == page.locator("#top-examples .example").count()
+    assert page.locator("#logits td.pos").count() == 10
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "feature_page.png"), full_page=True)
+    first_neighbour = page.locator("#neighbours a").first
+    target = first_neighbour.get_attribute("href")
+    first_neighbour.click()
+    page.wait_for_url("**" + str(target))
+    assert page.locator("h1").inner_text() == "Feature #" + str(target).rsplit("/", 1)[1]
+
+    # unknown feature: a 404 page
+    resp = page.goto(server + "/features/123456")
+    assert resp is not None and resp.status == 404
+    assert "does not exist" in page.locator("#not-found").inner_text()
+
+    # the prompt inspector runs the model live
+    page.goto(server + "/inspect")
+    page.fill("#inspect-text", "The capital of France is Paris.")
+    page.click("#inspect-go")
+    page.wait_for_selector("#inspect-tokens .tok")
+    toks = page.locator("#inspect-tokens .tok")
+    assert toks.count() >= 5
+    assert page.locator("#inspect-tokens .tok.on").count() > 0
+    page.wait_for_selector("#inspect-detail a")  # the first token with features is selected
+    assert "tokens" in page.locator("#inspect-status").inner_text()
+
+    # oversized text is refused with a clear message (sent around the textarea's maxlength)
+    page.evaluate("document.getElementById('inspect-text').removeAttribute('maxlength')")
+    page.fill("#inspect-text", "x" * 2500)
+    page.click("#inspect-go")
+    page.wait_for_function("document.getElementById('inspect-status').textContent.includes('at most')")
+
+    assert page.errors == []  # type: ignore[attr-defined]
+    assert page.outside == []  # type: ignore[attr-defined]
+    assert (ARTIFACTS / "feature_page.png").stat().st_size > 10_000
