@@ -1,0 +1,141 @@
+"""`lmscope train`: train one or a sweep of sparse dictionaries on harvested activations."""
+
+from __future__ import annotations
+
+import itertools
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from lmscope.cli.common import console, handles_errors
+from lmscope.dictionaries import DictConfig, architectures
+from lmscope.dictionaries.base import DictionaryError
+from lmscope.training import RunSpec, TrainConfig, Trainer
+from lmscope.training import distributed as ddp
+
+_SUFFIX = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9}
+
+
+def parse_count(text: str) -> int:
+    """'20M' -> 20_000_000, '1.5k' -> 1500, '4096' -> 4096."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kKmMbBgG]?)\s*", text)
+    if not m:
+        raise DictionaryError(f"cannot read {text!r} as a count; write e.g. 4096, 500k, 20M or 1B")
+    return int(float(m.group(1)) * _SUFFIX[m.group(2).lower()])
+
+
+def parse_list(text: str, kind: type = float) -> list[Any]:
+    """'16,32,64' -> [16, 32, 64] (a sweep axis)."""
+    try:
+        return [kind(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise DictionaryError(f"cannot read {text!r} as a comma-separated list of {kind.__name__}") from None
+
+
+def sweep_configs(
+    arch: str,
+    hooks: list[str],
+    widths: dict[str, int],
+    ks: list[int],
+    expansions: list[float],
+    l1s: list[float],
+    l0s: list[float],
+    hook_out: str | None = None,
+    model: str | None = None,
+) -> list[DictConfig]:
+    """The cross product of the sweep axes: one config per (hook, expansion, k or sparsity coefficient)."""
+    if arch not in architectures():
+        raise DictionaryError(f"unknown --arch {arch!r}; choose one of {', '.join(architectures())}")
+    out = []
+    sparsity: list[tuple[str, float]] = (
+        [("k", k) for k in ks] if arch in ("topk", "batchtopk")
+        else [("l1_coeff", v) for v in l1s] if arch == "relu" else [("l0_coeff", v) for v in l0s]
+    )  # fmt: skip
+    for hook, expansion, (key, value) in itertools.product(hooks, expansions, sparsity):
+        d_in = widths[hook]
+        d_out = widths[hook_out] if hook_out else None
+        out.append(
+            DictConfig(
+                arch=arch,
+                d_in=d_in,
+                d_sae=round(d_in * expansion),
+                d_out=d_out,
+                hook=hook,
+                hook_out=hook_out,
+                model=model,
+                **{key: int(value) if key == "k" else float(value)},
+            )
+        )
+    return out
+
+
+class StoreSource:
+    """Adapts an ActivationStore (`lmscope.store`) to the trainer's BatchSource protocol."""
+
+    def __init__(self, directory: Path, hooks: list[str], batch_size: int, seed: int, epochs: int) -> None:
+        from lmscope.store import ActivationStore
+
+        self.store = ActivationStore.open(directory, hooks=hooks)
+        self.batch_size, self.seed, self.epochs = batch_size, seed, epochs
+        self.mean_norm = self.store.mean_norms()
+        self.widths: dict[str, int] = dict(self.store.widths)
+        self.model = self.store.manifest.get("model_spec") or self.store.manifest.get("model")
+
+    def __iter__(self) -> Iterator[Any]:
+        return self.store.batches(batch_size=self.batch_size, seed=self.seed, epochs=self.epochs, drop_last=True)
+
+
+def register(app: typer.Typer) -> None:
+    @app.command(
+        epilog="Examples:\n\n"
+        "  lmscope train --acts acts/ --arch topk --k 32 --expansion 8 --tokens 20M --out dicts/\n\n"
+        "  lmscope train --acts acts/ --arch topk --k 16,32,64 --tokens 50M --out sweep/   (3 dictionaries, 1 pass)\n\n"
+        "  lmscope train --acts acts/ --hook blocks.6.mlp_in --hook-out blocks.6.mlp_out --out tc/   (a transcoder)\n\n"
+        "  torchrun --nproc_per_node 4 -m lmscope.cli.app train --acts acts/ --out dicts/   (data parallel)"
+    )
+    @handles_errors
+    def train(
+        acts: Annotated[Path, typer.Option(help="A harvest directory written by `lmscope harvest`.")],
+        out: Annotated[Path, typer.Option(help="Output directory: one sub-folder per dictionary, checkpoint, log.")],
+        arch: Annotated[str, typer.Option(help="relu, topk, batchtopk or jumprelu.")] = "topk",
+        hook: Annotated[str, typer.Option(help="Input hook(s), comma-separated (default: the store's first).")] = "",
+        hook_out: Annotated[str, typer.Option(help="Target hook: trains transcoders hook -> hook_out.")] = "",
+        k: Annotated[str, typer.Option(help="TopK/BatchTopK active latents; a list sweeps.")] = "32",
+        expansion: Annotated[str, typer.Option(help="d_sae / d_in; a list sweeps.")] = "8",
+        l1: Annotated[str, typer.Option(help="ReLU L1 coefficient; a list sweeps.")] = "5",
+        l0: Annotated[str, typer.Option(help="JumpReLU L0 coefficient; a list sweeps.")] = "0.001",
+        tokens: Annotated[str, typer.Option(help="Training tokens, e.g. 20M.")] = "20M",
+        batch_size: Annotated[int, typer.Option(help="Global batch in tokens (split over DDP ranks).")] = 4096,
+        lr: Annotated[float | None, typer.Option(help="Peak LR (default: per architecture and width).")] = None,
+        warmup_steps: Annotated[int, typer.Option(help="Linear LR warmup steps.")] = 1000,
+        b_dec_init: Annotated[str, typer.Option(help="geometric_median, mean or zeros.")] = "geometric_median",
+        dead_window: Annotated[str, typer.Option(help="Tokens without firing before a latent counts as dead.")] = "10M",
+        checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints (0: only at the end).")] = 1000,
+        epochs: Annotated[int, typer.Option(help="Passes over the store (if --tokens needs more than one).")] = 1,
+        seed: Annotated[int, typer.Option(help="Seed of the initialisation and the shuffle.")] = 0,
+        device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")] = "auto",
+        wandb: Annotated[str, typer.Option(help="Also log to this wandb project (needs wandb installed).")] = "",
+        no_resume: Annotated[bool, typer.Option(help="Start afresh even if --out holds a checkpoint.")] = False,
+    ) -> None:
+        """Train sparse dictionaries (SAEs or transcoders) on a harvest; resumes from --out's checkpoint."""
+        dev = ddp.init_from_env(device)
+        hooks = [h for h in hook.split(",") if h]
+        source = StoreSource(acts, hooks + ([hook_out] if hook_out else []) or None, batch_size, seed, epochs)  # type: ignore[arg-type]
+        hooks = hooks or [next(iter(source.widths))]
+        configs = sweep_configs(
+            arch, hooks, source.widths, parse_list(k, int), parse_list(expansion), parse_list(l1), parse_list(l0),
+            hook_out or None, source.model,
+        )  # fmt: skip
+        tc = TrainConfig(
+            total_tokens=parse_count(tokens), warmup_steps=warmup_steps, b_dec_init=b_dec_init,
+            dead_window_tokens=parse_count(dead_window), checkpoint_every=checkpoint_every, seed=seed,
+            wandb_project=wandb or None,
+        )  # fmt: skip
+        trainer = Trainer([RunSpec(c, lr=lr) for c in configs], tc, out, device=dev)
+        results = trainer.fit(source, resume=not no_resume)
+        if ddp.is_main():
+            for name in results:
+                console.print(f"saved {out / name}")

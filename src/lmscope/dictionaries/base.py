@@ -1,0 +1,246 @@
+"""The dictionary interface shared by every architecture, its config and the architecture registry.
+
+A dictionary maps an input activation x [..., d_in] to sparse latents z [..., d_sae] and back to a
+reconstruction of a target [..., d_out]. For a sparse autoencoder the target is x itself (d_out = d_in);
+for a transcoder it is another hook (e.g. `blocks.{i}.mlp_in` -> `blocks.{i}.mlp_out`).
+
+    pre    = (x - b_dec) @ W_enc + b_enc          (b_dec is subtracted only when apply_b_dec_to_input)
+    z      = activation(pre)                       (ReLU, TopK, BatchTopK or JumpReLU)
+    x_hat  = z @ W_dec + b_dec
+
+Weights are stored in SAELens orientation: W_enc [d_in, d_sae], W_dec [d_sae, d_out], so row i of W_dec is
+latent i's decoder direction.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from lmscope.errors import LmscopeError
+
+
+class DictionaryError(LmscopeError):
+    """A dictionary config, architecture or file is invalid."""
+
+
+@dataclass
+class DictConfig:
+    """Everything needed to rebuild a dictionary's modules (hyperparameters of the loss included)."""
+
+    arch: str
+    d_in: int
+    d_sae: int
+    d_out: int | None = None  # transcoders: width of the target hook; None means d_in (an autoencoder)
+    k: int = 32  # topk / batchtopk: active latents per token
+    l1_coeff: float = 5.0  # relu: weight of the decoder-norm-weighted L1 penalty
+    l1_warmup_frac: float = 0.05  # relu: the L1 weight ramps up linearly over this fraction of training
+    l0_coeff: float = 1e-3  # jumprelu: weight of the straight-through L0 penalty
+    jumprelu_bandwidth: float = 0.05  # jumprelu: width of the rectangle kernel of the pseudo-derivative
+    jumprelu_init_threshold: float = 0.05
+    aux_k: int | None = None  # topk / batchtopk: latents used by the AuxK loss; None means d_out // 2
+    aux_coeff: float = 1 / 32
+    apply_b_dec_to_input: bool | None = None  # None: True for autoencoders, False for transcoders
+    hook: str | None = None  # the input hook, e.g. blocks.6.resid_post
+    hook_out: str | None = None  # transcoders: the target hook
+    model: str | None = None  # the model spec the activations came from
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.arch not in _REGISTRY:
+            choices = ", ".join(_REGISTRY)
+            raise DictionaryError(f"unknown dictionary architecture {self.arch!r}; choose one of {choices}")
+        for name in ("d_in", "d_sae", "k"):
+            if int(getattr(self, name)) < 1:
+                raise DictionaryError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        if self.d_out is None:
+            self.d_out = self.d_in
+        if self.apply_b_dec_to_input is None:
+            self.apply_b_dec_to_input = self.d_out == self.d_in and self.hook_out is None
+        if self.apply_b_dec_to_input and self.d_out != self.d_in:
+            raise DictionaryError(
+                f"apply_b_dec_to_input needs d_out == d_in, got {self.d_in} -> {self.d_out}; set it to False "
+                "for transcoders"
+            )
+        if self.arch in ("topk", "batchtopk") and self.k > self.d_sae:
+            raise DictionaryError(f"k={self.k} exceeds d_sae={self.d_sae}; pick k <= d_sae")
+        if self.aux_k is None:
+            self.aux_k = max(1, min(self.d_sae, int(self.d_out) // 2))
+
+    @property
+    def is_transcoder(self) -> bool:
+        return not self.apply_b_dec_to_input
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DictConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise DictionaryError(
+                f"dictionary config has unknown keys {unknown}; it was written by a newer lmscope or is not an "
+                "lmscope config (use lmscope.dictionaries.formats.load_saelens / load_sparsify for those)"
+            )
+        return cls(**data)
+
+
+@dataclass
+class LossState:
+    """What the trainer tells a dictionary about training when it asks for the loss."""
+
+    progress: float = 1.0  # fraction of training done, in [0, 1]
+    dead_mask: Tensor | None = None  # [d_sae] bool: latents that have not fired over the dead window
+
+
+@dataclass
+class TrainOutput:
+    """The result of one training forward pass: the loss, its terms and what the bookkeeping needs."""
+
+    loss: Tensor
+    recon: Tensor
+    fired: Tensor  # [d_sae] float: how many tokens of the batch each latent fired on
+    l0: Tensor  # mean number of active latents per token (a detached scalar)
+    terms: dict[str, Tensor]  # detached scalars: mse, l1, aux, ...
+
+
+def fvu(target: Tensor, recon: Tensor) -> Tensor:
+    """Fraction of variance unexplained: sum |x - x_hat|^2 / sum |x - mean(x)|^2 over the batch."""
+    t = target.reshape(-1, target.shape[-1]).float()
+    r = recon.reshape(-1, recon.shape[-1]).float()
+    return (t - r).pow(2).sum() / (t - t.mean(0)).pow(2).sum().clamp_min(1e-12)
+
+
+class Dictionary(nn.Module):
+    """The shared interface: `encode`, `decode`, `forward` -> (reconstruction, latents), `decoder_directions`."""
+
+    arch: ClassVar[str]
+    unit_norm_decoder: ClassVar[bool] = True  # renormalise decoder rows after each step (all but relu)
+
+    def __init__(self, cfg: DictConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        d_in, d_sae, d_out = cfg.d_in, cfg.d_sae, int(cfg.d_out or cfg.d_in)
+        self.W_enc = nn.Parameter(torch.empty(d_in, d_sae))
+        self.b_enc = nn.Parameter(torch.zeros(d_sae))
+        self.W_dec = nn.Parameter(torch.empty(d_sae, d_out))
+        self.b_dec = nn.Parameter(torch.zeros(d_out))
+        self.reset_parameters()
+
+    # ------------------------------------------------------------------ init
+    def initial_decoder_norm(self) -> float:
+        return 1.0
+
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """Unit-norm random decoder rows (scaled per architecture); the encoder is the decoder's transpose."""
+        d_sae, d_out = self.W_dec.shape
+        w = torch.randn(d_sae, d_out, generator=generator)
+        w = w / w.norm(dim=1, keepdim=True) * self.initial_decoder_norm()
+        self.W_dec.copy_(w)
+        if self.cfg.d_in == d_out:
+            self.W_enc.copy_(w.T)
+        else:  # a transcoder: no transpose exists, so a matching random unit-norm encoder
+            e = torch.randn(self.cfg.d_in, d_sae, generator=generator)
+            self.W_enc.copy_(e / e.norm(dim=0, keepdim=True) * self.initial_decoder_norm())
+        self.b_enc.zero_()
+        self.b_dec.zero_()
+
+    # ------------------------------------------------------------------ the interface
+    def pre_acts(self, x: Tensor) -> Tensor:
+        pre = x @ self.W_enc + self.b_enc
+        if self.cfg.apply_b_dec_to_input:
+            # (x - b_dec) @ W_enc, written so that no gradient of size [batch, d_in] is ever formed
+            pre = pre - self.b_dec @ self.W_enc
+        return pre
+
+    def activation(self, pre: Tensor) -> Tensor:
+        """Dense latents from pre-activations (inference behaviour)."""
+        raise NotImplementedError
+
+    def encode(self, x: Tensor) -> Tensor:
+        return self.activation(self.pre_acts(x))
+
+    def decode(self, z: Tensor) -> Tensor:
+        return z @ self.W_dec + self.b_dec
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        z = self.encode(x)
+        return self.decode(z), z
+
+    @property
+    def decoder_directions(self) -> Tensor:
+        """[d_sae, d_out]: row i is the direction latent i writes."""
+        return self.W_dec
+
+    # ------------------------------------------------------------------ training
+    def training_loss(self, x: Tensor, target: Tensor, state: LossState) -> TrainOutput:
+        raise NotImplementedError
+
+    def mse(self, target: Tensor, recon: Tensor) -> Tensor:
+        """Squared error summed over the width, averaged over tokens."""
+        return (recon - target).pow(2).sum(-1).mean()
+
+    @torch.no_grad()
+    def post_step(self) -> None:
+        """Called by the trainer after each optimiser step: re-impose the architecture's constraints."""
+        self.normalize_decoder()
+
+    @torch.no_grad()
+    def normalize_decoder(self) -> None:
+        if self.unit_norm_decoder:
+            self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8))
+
+    @torch.no_grad()
+    def remove_parallel_grad(self) -> None:
+        """Drop the part of each decoder row's gradient that would only change its (fixed) norm."""
+        if self.unit_norm_decoder and self.W_dec.grad is not None:
+            w = self.W_dec / self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8)
+            g = self.W_dec.grad
+            g.sub_((g * w).sum(1, keepdim=True) * w)
+
+    @torch.no_grad()
+    def fold_scale(self, scale_in: float, scale_out: float) -> None:
+        """Fold input normalisation into the weights: trained on (s_in x -> s_out y), it then maps x -> y."""
+        if self.cfg.apply_b_dec_to_input and not math.isclose(scale_in, scale_out):
+            raise DictionaryError("an autoencoder needs one scale for input and target; got two different ones")
+        self.W_enc.mul_(scale_in)
+        self.W_dec.div_(scale_out)
+        self.b_dec.div_(scale_out)
+
+    def extra_repr(self) -> str:
+        return f"arch={self.arch}, d_in={self.cfg.d_in}, d_sae={self.cfg.d_sae}, d_out={self.cfg.d_out}"
+
+
+_REGISTRY: dict[str, type[Dictionary]] = {}
+
+
+def register(name: str) -> Callable[[type[Dictionary]], type[Dictionary]]:
+    """Class decorator: make an architecture available to `build` and to the file formats."""
+
+    def deco(cls: type[Dictionary]) -> type[Dictionary]:
+        cls.arch = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return deco
+
+
+def architectures() -> list[str]:
+    return list(_REGISTRY)
+
+
+def build(cfg: DictConfig, seed: int | None = None) -> Dictionary:
+    """A freshly initialised dictionary of the config's architecture (deterministic given `seed`)."""
+    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    d = _REGISTRY[cfg.arch](cfg)
+    if gen is not None:
+        d.reset_parameters(gen)
+    return d

@@ -1,0 +1,93 @@
+"""JumpReLU dictionary (Rajamanoharan et al. 2024): z = pre * [pre > theta], one learnt threshold per latent.
+
+The L0 penalty sum_i [pre_i > theta_i] has no gradient; straight-through estimators with a rectangle kernel
+of width `jumprelu_bandwidth` give the thresholds a pseudo-derivative, both from the reconstruction (through
+the jump) and from the L0 penalty (weighted by `l0_coeff`, ramped up over `l1_warmup_frac` of training).
+The threshold is a parameter itself (kept >= MIN_THRESHOLD after each step), so files hold it exactly.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lmscope.dictionaries.base import DictConfig, Dictionary, LossState, TrainOutput, register
+
+MIN_THRESHOLD = 1e-6
+
+
+def _kernel(u: Tensor) -> Tensor:
+    return ((u > -0.5) & (u < 0.5)).to(u.dtype)
+
+
+class _JumpReLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, theta: Tensor, bandwidth: float) -> Tensor:
+        ctx.save_for_backward(x, theta)
+        ctx.bandwidth = bandwidth
+        return x * (x > theta)
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor, Tensor, None]:  # type: ignore[override]
+        x, theta = ctx.saved_tensors
+        eps = ctx.bandwidth
+        grad_x = g * (x > theta)
+        grad_theta = (-(theta / eps) * _kernel((x - theta) / eps) * g).sum(0)
+        return grad_x, grad_theta, None
+
+
+class _Step(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, theta: Tensor, bandwidth: float) -> Tensor:
+        ctx.save_for_backward(x, theta)
+        ctx.bandwidth = bandwidth
+        return (x > theta).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor, Tensor, None]:  # type: ignore[override]
+        x, theta = ctx.saved_tensors
+        eps = ctx.bandwidth
+        grad_theta = (-(1.0 / eps) * _kernel((x - theta) / eps) * g).sum(0)
+        return torch.zeros_like(x), grad_theta, None
+
+
+@register("jumprelu")
+class JumpReLUDictionary(Dictionary):
+    def __init__(self, cfg: DictConfig) -> None:
+        super().__init__(cfg)
+        self.threshold = nn.Parameter(torch.full((cfg.d_sae,), float(cfg.jumprelu_init_threshold)))
+
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        super().reset_parameters(generator)
+        if hasattr(self, "threshold"):
+            self.threshold.fill_(float(self.cfg.jumprelu_init_threshold))
+
+    @torch.no_grad()
+    def post_step(self) -> None:
+        super().post_step()
+        self.threshold.clamp_(min=MIN_THRESHOLD)
+
+    def activation(self, pre: Tensor) -> Tensor:
+        theta = self.threshold
+        return torch.where(pre > theta, pre, torch.zeros_like(pre))
+
+    def training_loss(self, x: Tensor, target: Tensor, state: LossState) -> TrainOutput:
+        pre = self.pre_acts(x)
+        theta = self.threshold
+        bw = self.cfg.jumprelu_bandwidth
+        z = _JumpReLU.apply(pre, theta, bw)
+        recon = z @ self.W_dec + self.b_dec
+        mse = self.mse(target, recon)
+        l0 = _Step.apply(pre, theta, bw).sum(-1).mean()
+        ramp = min(1.0, state.progress / self.cfg.l1_warmup_frac) if self.cfg.l1_warmup_frac > 0 else 1.0
+        active = z > 0
+        return TrainOutput(
+            loss=mse + self.cfg.l0_coeff * ramp * l0,
+            recon=recon,
+            fired=active.sum(0).float(),
+            l0=l0.detach(),
+            terms={"mse": mse.detach(), "l0": l0.detach()},
+        )

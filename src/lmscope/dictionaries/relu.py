@@ -1,0 +1,39 @@
+"""ReLU dictionary with an L1 penalty weighted by decoder norm (Anthropic, April 2024 update).
+
+loss = |x - x_hat|^2 + lambda * sum_i z_i |W_dec[i]|; the decoder norm is free (not constrained), lambda ramps
+up linearly over the first `l1_warmup_frac` of training, decoder rows start at norm 0.1.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from lmscope.dictionaries.base import Dictionary, LossState, TrainOutput, register
+
+
+@register("relu")
+class ReLUDictionary(Dictionary):
+    unit_norm_decoder = False
+
+    def initial_decoder_norm(self) -> float:
+        return 0.1
+
+    def activation(self, pre: Tensor) -> Tensor:
+        return torch.relu(pre)
+
+    def training_loss(self, x: Tensor, target: Tensor, state: LossState) -> TrainOutput:
+        z = torch.relu(self.pre_acts(x))
+        recon = z @ self.W_dec + self.b_dec
+        mse = self.mse(target, recon)
+        l1 = (z * self.W_dec.norm(dim=1)).sum(-1).mean()
+        ramp = min(1.0, state.progress / self.cfg.l1_warmup_frac) if self.cfg.l1_warmup_frac > 0 else 1.0
+        loss = mse + self.cfg.l1_coeff * ramp * l1
+        active = z > 0
+        return TrainOutput(
+            loss=loss,
+            recon=recon,
+            fired=active.sum(0).float(),
+            l0=active.sum(-1).float().mean().detach(),
+            terms={"mse": mse.detach(), "l1": l1.detach()},
+        )

@@ -1,0 +1,129 @@
+"""Sparse decoding: x_hat = sum_j vals[:, j] * W_dec[idx[:, j]], without a dense [tokens, d_sae] matmul.
+
+A TopK dictionary has k active latents per token out of d_sae (32 of 4608, say). A dense decoder costs
+2 * d_sae * d_out FLOPs per token forward and twice that backward; the sparse one costs 2 * k * d_out. The
+autograd Function below computes in backward only what is needed: the gradient of the k active values
+(one dot product each) and the decoder gradient for the rows that were used (an index_add); the encoder's
+gradient then flows from the scattered value gradient through an ordinary dense matmul.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+_CHUNK = 1024  # tokens per gather in backward: bounds the [chunk, k, d] buffer
+
+
+class SparseDecode(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, vals: Tensor, idx: Tensor, weight: Tensor) -> Tensor:
+        ctx.save_for_backward(vals, idx, weight)
+        return F.embedding_bag(idx, weight, per_sample_weights=vals, mode="sum")
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, Tensor | None]:  # type: ignore[override]
+        vals, idx, weight = ctx.saved_tensors
+        grad = grad.contiguous()
+        grad_vals = grad_weight = None
+        if ctx.needs_input_grad[0]:
+            grad_vals = value_grads(grad, weight, idx)
+        if ctx.needs_input_grad[2]:
+            grad_weight = torch.sparse.mm(_coo_t(idx, vals, weight.shape[0]), grad)
+        return grad_vals, None, grad_weight
+
+
+def value_grads(grad: Tensor, weight: Tensor, idx: Tensor) -> Tensor:
+    """[N, k]: <grad[n], weight[idx[n, j]]>, without a dense [N, d_sae] product."""
+    n, k = idx.shape
+    op = getattr(torch.ops.aten, "_embedding_bag_per_sample_weights_backward", None)
+    if op is not None and idx.numel() > 0:  # embedding_bag's own fused kernel (no [N, k, d] buffer)
+        offsets = torch.arange(0, n * k, k, device=idx.device)
+        bags = torch.arange(n, device=idx.device).repeat_interleave(k)
+        return op(grad, weight, idx.reshape(-1), offsets, bags, 0, -1).reshape(n, k)
+    out = torch.empty(n, k, dtype=grad.dtype, device=grad.device)
+    for s in range(0, n, _CHUNK):
+        rows = F.embedding(idx[s : s + _CHUNK], weight)  # [c, k, d]
+        out[s : s + _CHUNK] = torch.bmm(rows, grad[s : s + _CHUNK].unsqueeze(-1)).squeeze(-1)
+    return out
+
+
+def sparse_decode(vals: Tensor, idx: Tensor, weight: Tensor) -> Tensor:
+    """[N, k] values at [N, k] latent indices through `weight` [d_sae, d_out] -> [N, d_out] (no bias)."""
+    return SparseDecode.apply(vals, idx, weight)  # type: ignore[no-any-return]
+
+
+def dense_decode(vals: Tensor, idx: Tensor, weight: Tensor) -> Tensor:
+    """The reference: scatter to dense latents, then a dense matmul."""
+    z = torch.zeros(vals.shape[0], weight.shape[0], dtype=vals.dtype, device=vals.device)
+    return z.scatter_add(1, idx, vals) @ weight
+
+
+def _coo_t(idx: Tensor, values: Tensor, n_latents: int) -> Tensor:
+    """The transpose [d_sae, N] of the sparse latent matrix whose row n holds `values[n]` at `idx[n]`."""
+    n, k = idx.shape
+    rows = torch.arange(n, device=idx.device).repeat_interleave(k)
+    indices = torch.stack([idx.reshape(-1), rows])
+    return torch.sparse_coo_tensor(indices, values.reshape(-1), (n_latents, n), check_invariants=False)
+
+
+class FusedTopK(torch.autograd.Function):
+    """A whole TopK autoencoder step: pre = x W_enc + b, top-k, ReLU, sparse decode.
+
+    Backward never forms a dense [N, d_sae] tensor: the k value gradients per token are sampled dot products,
+    the decoder gradient touches only the active rows, and the encoder gradient is a sparse-dense product
+    (2 k d FLOPs per token instead of the 2 d_sae d of a dense matmul). What remains dense is the forward
+    encoder matmul.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, x: Tensor, w_enc: Tensor, b_enc: Tensor, w_dec: Tensor, b_dec: Tensor, k: int, center: bool
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        bias = b_enc - b_dec @ w_enc if center else b_enc
+        pre = torch.addmm(bias, x, w_enc)
+        vals, idx = pre.topk(k, dim=1, sorted=False)
+        del pre
+        vals.clamp_min_(0.0)
+        recon = F.embedding_bag(idx, w_dec, per_sample_weights=vals, mode="sum") + b_dec
+        ctx.save_for_backward(x, w_enc, w_dec, b_dec, vals, idx)
+        ctx.center = center
+        ctx.mark_non_differentiable(vals, idx)
+        return recon, vals, idx
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor, _gv: Tensor, _gi: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        x, w_enc, w_dec, b_dec, vals, idx = ctx.saved_tensors
+        grad = grad.contiguous()
+        m = w_dec.shape[0]
+        need_x, need_we, need_be, need_wd, need_bd = ctx.needs_input_grad[:5]
+        g_x = g_we = g_be = g_wd = g_bd = None
+        if need_wd:
+            g_wd = torch.sparse.mm(_coo_t(idx, vals, m), grad)
+        g_vals = value_grads(grad, w_dec, idx) * (vals > 0)  # zero where the ReLU clipped
+        g_pre_sum = torch.zeros(m, dtype=grad.dtype, device=grad.device).index_add_(
+            0, idx.reshape(-1), g_vals.reshape(-1)
+        )
+        if need_we:
+            g_we = torch.sparse.mm(_coo_t(idx, g_vals, m), x).T.contiguous()
+            if ctx.center:
+                g_we.sub_(torch.outer(b_dec, g_pre_sum))
+        if need_be:
+            g_be = g_pre_sum
+        if need_bd:
+            g_bd = grad.sum(0)
+            if ctx.center:
+                g_bd = g_bd - w_enc @ g_pre_sum
+        if need_x:
+            g_x = torch.sparse.mm(_coo_t(idx, g_vals, m).t(), w_enc.T)
+        return g_x, g_we, g_be, g_wd, g_bd, None, None
+
+
+def fused_topk(
+    x: Tensor, w_enc: Tensor, b_enc: Tensor, w_dec: Tensor, b_dec: Tensor, k: int, center: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(reconstruction [N, d_out], values [N, k], indices [N, k]) with the sparse backward of FusedTopK."""
+    return FusedTopK.apply(x, w_enc, b_enc, w_dec, b_dec, k, center)  # type: ignore[no-any-return]

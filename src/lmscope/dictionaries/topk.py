@@ -1,0 +1,76 @@
+"""TopK dictionary (Gao et al. 2024): keep the k largest pre-activations per token, with the AuxK loss.
+
+AuxK: the residual the main reconstruction leaves is reconstructed from the top `aux_k` pre-activations of
+the dead latents only; that loss (weighted by `aux_coeff`) gives dead latents a gradient that revives them.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from lmscope.dictionaries.base import Dictionary, LossState, TrainOutput, register
+from lmscope.dictionaries.sparse_decode import fused_topk, sparse_decode
+
+
+def aux_k_loss(dictionary: Dictionary, x: Tensor, residual: Tensor, dead_mask: Tensor | None) -> Tensor:
+    """Reconstruct `residual` (target - recon, detached) from the top pre-activations of the dead latents.
+
+    Only the dead latents' pre-activations are computed (x @ W_enc[:, dead]), so the cost scales with their count.
+    """
+    if dead_mask is None or not bool(dead_mask.any()):
+        return x.new_zeros(())
+    dead = dead_mask.nonzero().squeeze(1)
+    w = dictionary.W_enc.index_select(1, dead)
+    pre = x @ w + dictionary.b_enc.index_select(0, dead)
+    if dictionary.cfg.apply_b_dec_to_input:
+        pre = pre - dictionary.b_dec @ w
+    aux_k = min(int(dictionary.cfg.aux_k or 1), dead.numel())
+    vals, j = pre.topk(aux_k, dim=-1, sorted=False)
+    e_hat = sparse_decode(torch.relu(vals), dead[j], dictionary.W_dec)
+    scale = min(1.0, dead.numel() / aux_k)
+    return scale * (e_hat - residual).pow(2).sum(-1).mean()
+
+
+@register("topk")
+class TopKDictionary(Dictionary):
+    def select(self, pre: Tensor) -> tuple[Tensor, Tensor]:
+        vals, idx = pre.topk(self.cfg.k, dim=-1, sorted=False)
+        return torch.relu(vals), idx
+
+    def activation(self, pre: Tensor) -> Tensor:
+        vals, idx = self.select(pre)
+        return torch.zeros_like(pre).scatter_(-1, idx, vals)
+
+    def encode_sparse(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(values, indices), each [..., k]: the compact form of the latents."""
+        return self.select(self.pre_acts(x))
+
+    def decode_sparse(self, vals: Tensor, idx: Tensor) -> Tensor:
+        shape = vals.shape[:-1]
+        k = vals.shape[-1]
+        out = sparse_decode(vals.reshape(-1, k), idx.reshape(-1, k), self.W_dec) + self.b_dec
+        return out.reshape(*shape, -1)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        vals, idx = self.encode_sparse(x)
+        z = torch.zeros(*x.shape[:-1], self.cfg.d_sae, dtype=vals.dtype, device=vals.device)
+        return self.decode_sparse(vals, idx), z.scatter_(-1, idx, vals)
+
+    def training_loss(self, x: Tensor, target: Tensor, state: LossState) -> TrainOutput:
+        # one fused autograd Function: dense encoder forward, sparse everything else (see sparse_decode.py)
+        recon, vals, idx = fused_topk(
+            x, self.W_enc, self.b_enc, self.W_dec, self.b_dec, self.cfg.k, bool(self.cfg.apply_b_dec_to_input)
+        )
+        mse = self.mse(target, recon)
+        aux = aux_k_loss(self, x, (target - recon).detach(), state.dead_mask)
+        loss = mse + self.cfg.aux_coeff * aux
+        active = vals > 0
+        fired = torch.zeros(self.cfg.d_sae, device=x.device).index_add_(0, idx.reshape(-1), active.reshape(-1).float())
+        return TrainOutput(
+            loss=loss,
+            recon=recon,
+            fired=fired,
+            l0=active.sum(-1).float().mean().detach(),
+            terms={"mse": mse.detach(), "aux": aux.detach()},
+        )

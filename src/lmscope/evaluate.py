@@ -1,0 +1,196 @@
+"""Evaluating a dictionary: reconstruction metrics on activations, and the model's loss with it spliced in.
+
+Metrics on activations x (target y; y = x for autoencoders):
+  fvu            sum |y - y_hat|^2 / sum |y - mean(y)|^2
+  mse            mean over tokens and dimensions of (y - y_hat)^2
+  l0             mean number of active latents per token
+  dead_frac      fraction of latents that never fired on the evaluation tokens
+  density_hist   counts of log10(firing frequency) in unit bins from -8 to 0 (+ the dead ones)
+  cosine         mean cosine similarity between y_hat and y per token
+  rel_bias       relative reconstruction bias E|y_hat|^2 / E[y_hat . y] (1 is unbiased, < 1 shrinkage)
+
+Spliced into the model (model.intervene replaces the hook activation by the reconstruction):
+  ce_clean, ce_spliced, ce_spliced_with_error (reconstruction + error term: equals clean up to rounding),
+  ce_zero_ablate, ce_recovered = (ce_zero_ablate - ce_spliced) / (ce_zero_ablate - ce_clean),
+  kl_spliced, kl_spliced_with_error: mean KL(clean || spliced) of the next-token distributions.
+For a transcoder (hook -> hook_out) the reconstruction of hook_out from hook replaces hook_out.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from rich.table import Table
+from torch import Tensor
+
+from lmscope.dictionaries.base import Dictionary, DictionaryError
+from lmscope.dictionaries.formats import atomic_write_bytes
+from lmscope.model import Model
+
+HIST_BINS = list(range(-8, 1))  # bin edges of log10 firing frequency
+
+
+@torch.no_grad()
+def activation_metrics(d: Dictionary, x: Tensor, y: Tensor | None = None, chunk: int = 8192) -> dict[str, Any]:
+    """Reconstruction metrics of `d` on activations x [..., d_in] (and targets y for transcoders)."""
+    x = x.reshape(-1, x.shape[-1])
+    y = x if y is None else y.reshape(-1, y.shape[-1])
+    if x.shape[-1] != d.cfg.d_in or y.shape[-1] != d.cfg.d_out:
+        raise DictionaryError(
+            f"the dictionary maps {d.cfg.d_in} -> {d.cfg.d_out} dims but the activations are "
+            f"{x.shape[-1]} -> {y.shape[-1]}; evaluate it on the hook it was trained on ({d.cfg.hook})"
+        )
+    dev = d.W_enc.device
+    n = x.shape[0]
+    sq_err = sum_y = sum_y2 = cos = dot = rec2 = l0 = 0.0
+    fired = torch.zeros(d.cfg.d_sae, dtype=torch.float64)
+    for s in range(0, n, chunk):
+        xb = x[s : s + chunk].to(dev, torch.float32)
+        yb = xb if y is x else y[s : s + chunk].to(dev, torch.float32)
+        recon, z = d(xb)
+        active = z > 0
+        sq_err += float((yb - recon).double().pow(2).sum())
+        sum_y = sum_y + yb.double().sum(0)
+        sum_y2 += float(yb.double().pow(2).sum())
+        cos += float(F.cosine_similarity(recon, yb, dim=-1).double().sum())
+        dot += float((recon.double() * yb.double()).sum())
+        rec2 += float(recon.double().pow(2).sum())
+        l0 += float(active.sum())
+        fired += active.sum(0).double().cpu()
+    total_var = sum_y2 - float((sum_y * sum_y).sum()) / n  # type: ignore[operator]
+    density = fired / n
+    live = density[density > 0]
+    hist = torch.histc(live.log10().float(), bins=len(HIST_BINS) - 1, min=HIST_BINS[0], max=HIST_BINS[-1])
+    return {
+        "tokens": n,
+        "fvu": sq_err / max(total_var, 1e-30),
+        "mse": sq_err / (n * y.shape[-1]),
+        "l0": l0 / n,
+        "dead_frac": float((density == 0).double().mean()),
+        "cosine": cos / n,
+        "rel_bias": rec2 / dot if dot != 0 else math.nan,
+        "density_hist": {
+            "log10_bin_edges": HIST_BINS,
+            "counts": [int(c) for c in hist.tolist()],
+            "dead": int((density == 0).sum()),
+        },
+    }
+
+
+def _ce(logits: Tensor, ids: Tensor) -> Tensor:
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten().to(logits.device))
+
+
+def _kl(clean: Tensor, other: Tensor) -> Tensor:
+    p = clean[:, :-1].float().log_softmax(-1)
+    q = other[:, :-1].float().log_softmax(-1)
+    return (p.exp() * (p - q)).sum(-1).mean()
+
+
+@torch.no_grad()
+def splice_metrics(model: Model, d: Dictionary, ids: Tensor, batch: int = 8) -> dict[str, float]:
+    """CE loss and KL with the dictionary spliced into `model` at its hook, over token ids [n_seq, seq_len]."""
+    hook_in = d.cfg.hook
+    hook_out = d.cfg.hook_out if d.cfg.is_transcoder else hook_in
+    if not hook_in or not hook_out:
+        raise DictionaryError("the dictionary's config names no hook; set d.cfg.hook (and hook_out for transcoders)")
+    model.resolve(hook_in)
+    model.resolve(hook_out)
+    ids = ids.unsqueeze(0) if ids.ndim == 1 else ids
+    if ids.shape[1] < 2:
+        raise DictionaryError("splice metrics need sequences of at least 2 tokens (next-token loss)")
+    dev = d.W_enc.device
+    sums: dict[str, float] = {}
+    n_batches = 0
+
+    def recon_of(x: Tensor) -> Tensor:
+        return d(x.to(dev, torch.float32))[0].to(x.device, x.dtype)
+
+    for s in range(0, ids.shape[0], batch):
+        b = ids[s : s + batch]
+        clean = model(b)
+        assert clean is not None
+        stash: dict[str, Tensor] = {}
+
+        def run_with(write: Callable[[Tensor], Tensor], b: Tensor = b, stash: dict[str, Tensor] = stash) -> Tensor:
+            if hook_in == hook_out:
+                with model.intervene({hook_out: write}):
+                    out = model(b)
+            else:  # transcoder: read the input hook during the same forward pass that rewrites the output hook
+                with model.capture([hook_in], stop_early=False) as acts, model.intervene({hook_out: write}):
+                    stash.clear()
+                    stash["acts"] = acts  # type: ignore[assignment]
+                    out = model(b)
+            assert out is not None
+            return out
+
+        def source(x: Tensor, stash: dict[str, Tensor] = stash) -> Tensor:
+            return stash["acts"][hook_in] if hook_in != hook_out else x  # type: ignore[index]
+
+        spliced = run_with(lambda x: recon_of(source(x)))
+        with_err = run_with(lambda x: recon_of(source(x)) + (x - recon_of(source(x))))
+        zero = run_with(lambda x: torch.zeros_like(x))
+        values = {
+            "ce_clean": _ce(clean, b),
+            "ce_spliced": _ce(spliced, b),
+            "ce_spliced_with_error": _ce(with_err, b),
+            "ce_zero_ablate": _ce(zero, b),
+            "kl_spliced": _kl(clean, spliced),
+            "kl_spliced_with_error": _kl(clean, with_err),
+        }
+        for k, v in values.items():
+            sums[k] = sums.get(k, 0.0) + float(v)
+        n_batches += 1
+    out = {k: v / n_batches for k, v in sums.items()}
+    gap = out["ce_zero_ablate"] - out["ce_clean"]
+    out["ce_recovered"] = (out["ce_zero_ablate"] - out["ce_spliced"]) / gap if gap != 0 else math.nan
+    return out
+
+
+@torch.no_grad()
+def evaluate(d: Dictionary, model: Model, ids: Tensor, batch: int = 8) -> dict[str, Any]:
+    """Every metric: activations harvested from `model` on `ids` at the dictionary's hook(s), then the splice."""
+    hooks = [h for h in (d.cfg.hook, d.cfg.hook_out if d.cfg.is_transcoder else None) if h]
+    if not hooks:
+        raise DictionaryError("the dictionary's config names no hook; set d.cfg.hook (and hook_out for transcoders)")
+    ids = ids.unsqueeze(0) if ids.ndim == 1 else ids
+    xs: list[Tensor] = []
+    ys: list[Tensor] = []
+    for s in range(0, ids.shape[0], batch):
+        with model.capture(hooks) as acts:
+            model(ids[s : s + batch])
+        xs.append(acts[hooks[0]].float().cpu())
+        ys.append(acts[hooks[-1]].float().cpu())
+    x, y = torch.cat(xs), torch.cat(ys)
+    results = activation_metrics(d, x, y if len(hooks) == 2 else None)
+    results.update(splice_metrics(model, d, ids, batch))
+    results["hook"] = d.cfg.hook
+    if d.cfg.is_transcoder:
+        results["hook_out"] = d.cfg.hook_out
+    return results
+
+
+def results_table(results: dict[str, Any], title: str = "dictionary evaluation") -> Table:
+    table = Table("metric", "value", title=title)
+    for key, value in results.items():
+        if key == "density_hist":
+            edges = value["log10_bin_edges"]
+            bins = ", ".join(
+                f"1e{lo}..1e{hi}: {c}" for lo, hi, c in zip(edges, edges[1:], value["counts"], strict=False)
+            )
+            table.add_row("density histogram", f"{bins}; dead: {value['dead']}")
+        elif isinstance(value, float):
+            table.add_row(key, f"{value:.4f}")
+        else:
+            table.add_row(key, str(value))
+    return table
+
+
+def save_json(results: dict[str, Any], path: str | Path) -> None:
+    atomic_write_bytes(Path(path), (json.dumps(results, indent=2) + "\n").encode())

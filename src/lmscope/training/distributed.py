@@ -1,0 +1,82 @@
+"""Data-parallel helpers over torch.distributed: DDP does the gradient all-reduce, nothing home-made.
+
+Every rank reads the same global batch from its source and keeps its own contiguous slice; DDP averages the
+gradients, so N ranks with global batch B take the same steps as one process with batch B.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from lmscope.errors import LmscopeError
+
+
+class DistributedError(LmscopeError):
+    """A torch.distributed setup problem."""
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def init_from_env(device: str = "auto") -> torch.device:
+    """Join the process group torchrun describes (RANK, WORLD_SIZE, MASTER_ADDR...); nccl on GPU, gloo on CPU.
+
+    Without torchrun's variables this is a no-op returning the device to use.
+    """
+    use_cuda = torch.cuda.is_available() and device in ("auto", "cuda")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = torch.device(f"cuda:{local_rank}") if use_cuda else torch.device("cpu" if device == "auto" else device)
+    if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1 and not is_distributed():
+        if use_cuda:
+            torch.cuda.set_device(dev)
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    return dev
+
+
+def shard(batch: Tensor) -> Tensor:
+    """This rank's contiguous slice of a global batch (which must split evenly)."""
+    n = world_size()
+    if n == 1:
+        return batch
+    if batch.shape[0] % n:
+        raise DistributedError(
+            f"a global batch of {batch.shape[0]} tokens does not split evenly over {n} ranks; "
+            f"use a batch size divisible by {n}"
+        )
+    return batch.tensor_split(n)[rank()]
+
+
+def all_reduce_sum(t: Tensor) -> Tensor:
+    if is_distributed():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def wrap(module: nn.Module, device: torch.device) -> nn.Module:
+    """DDP around `module` when distributed, the module itself otherwise."""
+    if not is_distributed():
+        return module
+    ids = [device.index] if device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(module, device_ids=ids)
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()

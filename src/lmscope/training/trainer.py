@@ -1,0 +1,452 @@
+"""The training loop: several dictionaries from one stream of activation batches.
+
+The loop consumes any `BatchSource`: an iterable of batches plus the mean L2 norm of the activations. A batch
+is a tensor [tokens, d_in] (autoencoders), a pair (x [tokens, d_in], y [tokens, d_out]) (transcoders), or a
+mapping hook -> tensor (several hooks at once; each run picks its `hook` / `hook_out`). Inputs are scaled so
+that their mean norm is sqrt(width); the saved dictionaries have that scale folded in and take raw activations.
+
+Recipe: Adam, linear LR warmup and decay, b_dec from the geometric median (or mean) of the first batch, the
+decoder initialised as the encoder's transpose with unit-norm rows (constrained after each step for TopK,
+BatchTopK and JumpReLU; free for ReLU, whose L1 is weighted by decoder norm), gradient clipping, dead latents
+tracked over a window of tokens.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from torch import Tensor, nn
+
+from lmscope.dictionaries.base import DictConfig, Dictionary, DictionaryError, LossState, build, fvu
+from lmscope.dictionaries.formats import save_dictionary
+from lmscope.training import distributed as ddp
+from lmscope.training.checkpoint import (
+    CHECKPOINT,
+    load_checkpoint,
+    load_optimizer_state,
+    optimizer_state,
+    save_checkpoint,
+)
+from lmscope.training.dead import DeadTracker
+from lmscope.training.init import init_b_dec, norm_scale
+from lmscope.training.metrics import Meter, MetricsLog
+from lmscope.training.schedule import Schedule
+
+Batch = Tensor | tuple[Tensor, Tensor] | Mapping[str, Tensor]
+
+
+@runtime_checkable
+class BatchSource(Protocol):
+    """What the trainer consumes. `mean_norm` is a float, or a mapping hook -> float for mapping batches.
+
+    Transcoder sources may also have `mean_norm_out` (the target's mean norm). A source may define
+    `iter_from(step)` to resume at batch `step` cheaply; otherwise the trainer skips batches on resume.
+    """
+
+    mean_norm: float | Mapping[str, float]
+
+    def __iter__(self) -> Iterator[Batch]: ...
+
+
+class TensorSource:
+    """An in-memory BatchSource: consecutive slices of a tensor (or of an (x, y) pair), in order."""
+
+    def __init__(self, x: Tensor, y: Tensor | None = None, batch_size: int = 4096, epochs: int = 1) -> None:
+        self.x, self.y, self.batch_size, self.epochs = x, y, batch_size, epochs
+        self.mean_norm = float(x.float().norm(dim=-1).mean())
+        self.mean_norm_out = float(y.float().norm(dim=-1).mean()) if y is not None else None
+
+    def __len__(self) -> int:
+        return self.epochs * (self.x.shape[0] // self.batch_size)
+
+    def iter_from(self, step: int) -> Iterator[Batch]:
+        per_epoch = self.x.shape[0] // self.batch_size
+        for i in range(step, len(self)):
+            s = (i % per_epoch) * self.batch_size
+            xb = self.x[s : s + self.batch_size]
+            yield xb if self.y is None else (xb, self.y[s : s + self.batch_size])
+
+    def __iter__(self) -> Iterator[Batch]:
+        return self.iter_from(0)
+
+
+@dataclass
+class RunSpec:
+    """One dictionary to train from the shared stream."""
+
+    dict_cfg: DictConfig
+    name: str | None = None
+    lr: float | None = None  # None: default_lr(dict_cfg)
+
+    def resolved_name(self) -> str:
+        if self.name:
+            return self.name
+        c = self.dict_cfg
+        parts = [c.hook or "", c.arch, f"m{c.d_sae}"]
+        if c.arch in ("topk", "batchtopk"):
+            parts.append(f"k{c.k}")
+        elif c.arch == "relu":
+            parts.append(f"l1_{c.l1_coeff:g}")
+        else:
+            parts.append(f"l0_{c.l0_coeff:g}")
+        return "-".join(p for p in parts if p)
+
+
+@dataclass
+class TrainConfig:
+    total_tokens: int
+    warmup_steps: int = 1000
+    decay_frac: float = 0.2
+    min_lr_frac: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float | None = 1.0
+    b_dec_init: str = "geometric_median"  # or "mean", "zeros"
+    normalize: bool = True  # scale inputs to mean norm sqrt(width) using the source's mean_norm
+    dead_window_tokens: int = 10_000_000
+    seed: int = 0
+    log_every: int = 50
+    checkpoint_every: int = 0  # steps between checkpoints; 0: only at the end
+    progress_bar: bool = True
+    wandb_project: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def default_lr(cfg: DictConfig) -> float:
+    """Published defaults: TopK scales as 2e-4 / sqrt(d_sae / 2^14) (Gao et al.), ReLU 5e-5, JumpReLU 7e-5."""
+    if cfg.arch in ("topk", "batchtopk"):
+        return 2e-4 / math.sqrt(cfg.d_sae / 2**14)
+    return 5e-5 if cfg.arch == "relu" else 7e-5
+
+
+class _LossModule(nn.Module):
+    """What DDP wraps: the dictionary's training loss as a forward pass."""
+
+    def __init__(self, dictionary: Dictionary) -> None:
+        super().__init__()
+        self.dictionary = dictionary
+
+    def forward(self, x: Tensor, y: Tensor, progress: float, dead: Tensor) -> tuple[Any, ...]:  # type: ignore[override]
+        out = self.dictionary.training_loss(x, y, LossState(progress=progress, dead_mask=dead))
+        return out.loss, out.recon, out.fired, out.l0, out.terms
+
+
+@dataclass
+class _Run:
+    name: str
+    spec: RunSpec
+    lr: float
+    dictionary: Dictionary
+    dead: DeadTracker
+    scale_in: float = 1.0
+    scale_out: float = 1.0
+    module: nn.Module | None = None
+    opt: torch.optim.Optimizer | None = None
+    meter: Meter = field(default_factory=Meter)
+
+
+def _flat(t: Tensor) -> Tensor:
+    return t.reshape(-1, t.shape[-1])
+
+
+class Trainer:
+    def __init__(
+        self,
+        runs: Sequence[RunSpec | DictConfig],
+        cfg: TrainConfig,
+        out_dir: str | Path | None = None,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        if not runs:
+            raise DictionaryError("nothing to train: pass at least one dictionary config")
+        if cfg.total_tokens < 1:
+            raise DictionaryError(f"total_tokens must be positive, got {cfg.total_tokens}")
+        specs = [r if isinstance(r, RunSpec) else RunSpec(r) for r in runs]
+        names = [s.resolved_name() for s in specs]
+        if len(set(names)) != len(names):
+            raise DictionaryError(f"two runs share a name ({names}); give each RunSpec a distinct name")
+        self.cfg = cfg
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.device = torch.device(device)
+        self.runs = [
+            _Run(
+                name=n,
+                spec=s,
+                lr=s.lr if s.lr is not None else default_lr(s.dict_cfg),
+                dictionary=build(s.dict_cfg, seed=cfg.seed + i).to(self.device),
+                dead=DeadTracker(s.dict_cfg.d_sae, cfg.dead_window_tokens),
+            )
+            for i, (s, n) in enumerate(zip(specs, names, strict=True))
+        ]
+        self.step = 0
+        self.tokens = 0
+        self.total_steps = 0
+        self.log: MetricsLog | None = None
+
+    # ------------------------------------------------------------------ data
+    def _pick(self, batch: Batch, run: _Run) -> tuple[Tensor, Tensor]:
+        c = run.spec.dict_cfg
+        if isinstance(batch, Mapping):
+            for key in (c.hook, c.hook_out if c.is_transcoder else c.hook):
+                if key not in batch:
+                    raise DictionaryError(f"run {run.name} reads hook {key!r} but the batch has {sorted(batch)}")
+            x = batch[c.hook]  # type: ignore[index]
+            y = batch[c.hook_out] if c.is_transcoder else x  # type: ignore[index]
+        elif isinstance(batch, tuple | list):
+            x, y = batch
+        else:
+            if c.is_transcoder:
+                raise DictionaryError(f"run {run.name} is a transcoder but the source yields single tensors")
+            x = y = batch
+        same = y is x
+        x = _flat(x)
+        y = x if same else _flat(y)
+        if x.shape[-1] != c.d_in or y.shape[-1] != c.d_out:
+            raise DictionaryError(
+                f"run {run.name} expects widths {c.d_in} -> {c.d_out}, the source gives {x.shape[-1]} -> {y.shape[-1]}"
+            )
+        return x, y
+
+    def _scales(self, source: BatchSource, run: _Run) -> tuple[float, float]:
+        if not self.cfg.normalize:
+            return 1.0, 1.0
+        c = run.spec.dict_cfg
+        mn = source.mean_norm
+        mean_in = mn[c.hook] if isinstance(mn, Mapping) else mn  # type: ignore[index]
+        if not c.is_transcoder:
+            s = norm_scale(float(mean_in), c.d_in)
+            return s, s
+        if isinstance(mn, Mapping):
+            mean_out = mn[c.hook_out]  # type: ignore[index]
+        else:
+            mean_out = getattr(source, "mean_norm_out", None)
+            if mean_out is None:
+                raise DictionaryError("a transcoder source must report mean_norm_out (the target's mean norm)")
+        return norm_scale(float(mean_in), c.d_in), norm_scale(float(mean_out), int(c.d_out or c.d_in))
+
+    @staticmethod
+    def _iterate(source: BatchSource, start: int) -> Iterator[Batch]:
+        if start and hasattr(source, "iter_from"):
+            yield from source.iter_from(start)
+            return
+        for i, batch in enumerate(source):
+            if i >= start:
+                yield batch
+
+    # ------------------------------------------------------------------ setup
+    def _setup(self, run: _Run, first: Batch | None) -> None:
+        d = run.dictionary
+        if first is not None:
+            _x, y = self._pick(first, run)
+            init_b_dec(d, y.to(self.device).float() * run.scale_out, self.cfg.b_dec_init)
+        run.module = ddp.wrap(_LossModule(d), self.device)
+        # the fused (single-kernel) Adam: on CPU it is several times faster than the per-op one
+        fused = self.device.type in ("cpu", "cuda")
+        run.opt = torch.optim.Adam(d.parameters(), lr=run.lr, betas=self.cfg.betas, fused=fused)
+
+    # ------------------------------------------------------------------ checkpoints
+    @property
+    def checkpoint_path(self) -> Path | None:
+        return self.out_dir / CHECKPOINT if self.out_dir is not None else None
+
+    def save_checkpoint(self) -> None:
+        path = self.checkpoint_path
+        if path is None or not ddp.is_main():
+            ddp.barrier()
+            return
+        tensors: dict[str, Tensor] = {}
+        runs_meta = {}
+        for run in self.runs:
+            assert run.opt is not None
+            for k, v in run.dictionary.state_dict().items():
+                tensors[f"{run.name}/model/{k}"] = v
+            opt_t, groups = optimizer_state(run.opt, f"{run.name}/optim")
+            tensors.update(opt_t)
+            for k, v in run.dead.state().items():
+                tensors[f"{run.name}/dead/{k}"] = v
+            runs_meta[run.name] = {
+                "dict_cfg": run.spec.dict_cfg.to_dict(),
+                "lr": run.lr,
+                "scale_in": run.scale_in,
+                "scale_out": run.scale_out,
+                "param_groups": groups,
+            }
+        meta = {
+            "step": self.step,
+            "tokens": self.tokens,
+            "total_steps": self.total_steps,
+            "train_cfg": asdict(self.cfg),
+            "runs": runs_meta,
+        }
+        save_checkpoint(path, tensors, meta)
+        ddp.barrier()
+
+    def _resume(self, source: BatchSource) -> bool:
+        path = self.checkpoint_path
+        if path is None or not path.is_file():
+            return False
+        tensors, meta = load_checkpoint(path)
+        if set(meta["runs"]) != {r.name for r in self.runs}:
+            raise DictionaryError(
+                f"the checkpoint in {self.out_dir} trains {sorted(meta['runs'])}, not {[r.name for r in self.runs]}; "
+                "use another --out directory or the same runs"
+            )
+        for run in self.runs:
+            rm = meta["runs"][run.name]
+            if rm["dict_cfg"] != run.spec.dict_cfg.to_dict():
+                raise DictionaryError(f"run {run.name}: its config differs from the checkpoint's; use another --out")
+            run.scale_in, run.scale_out = rm["scale_in"], rm["scale_out"]
+            prefix = f"{run.name}/model/"
+            state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+            run.dictionary.load_state_dict(state)
+            self._setup(run, None)
+            assert run.opt is not None
+            load_optimizer_state(run.opt, tensors, f"{run.name}/optim", rm["param_groups"])
+            dprefix = f"{run.name}/dead/"
+            run.dead.load({k[len(dprefix) :]: v for k, v in tensors.items() if k.startswith(dprefix)})
+        self.step, self.tokens, self.total_steps = meta["step"], meta["tokens"], meta["total_steps"]
+        return True
+
+    # ------------------------------------------------------------------ the loop
+    def _train_step(self, run: _Run, x: Tensor, y: Tensor, global_tokens: int, schedule: Schedule) -> dict[str, float]:
+        assert run.module is not None and run.opt is not None
+        d = run.dictionary
+        lr = run.lr * schedule.factor(self.step)
+        for group in run.opt.param_groups:
+            group["lr"] = lr
+        xs = ddp.shard(x).to(self.device, torch.float32) * run.scale_in
+        ys = xs if y is x else ddp.shard(y).to(self.device, torch.float32) * run.scale_out
+        dead = run.dead.dead_mask().to(self.device)
+        loss, recon, fired, l0, terms = run.module(xs, ys, self.step / max(1, self.total_steps), dead)
+        loss.backward()
+        d.remove_parallel_grad()
+        if self.cfg.grad_clip:
+            nn.utils.clip_grad_norm_(d.parameters(), self.cfg.grad_clip)
+        run.opt.step()
+        run.opt.zero_grad(set_to_none=True)
+        d.post_step()
+        run.dead.update(ddp.all_reduce_sum(fired.detach().clone()), global_tokens)
+        return {
+            "loss": float(loss.detach()),
+            "fvu": float(fvu(ys, recon.detach())),
+            "l0": float(l0),
+            "lr": lr,
+            **{k: float(v) for k, v in terms.items()},
+        }
+
+    def fit(
+        self,
+        source: BatchSource,
+        resume: bool = True,
+        on_step: Callable[[Trainer], None] | None = None,
+    ) -> dict[str, Dictionary]:
+        """Train every run on `source` until `total_tokens`; returns the dictionaries (normalisation folded)."""
+        resumed = resume and self._resume(source)
+        if self.out_dir is not None and ddp.is_main():
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            self.log = MetricsLog(self.out_dir / "metrics.jsonl", self.cfg.wandb_project, asdict(self.cfg))
+            self.log.truncate_after(self.step)  # a resumed run logs the steps after its checkpoint again
+        if not resumed:
+            for run in self.runs:
+                run.scale_in, run.scale_out = self._scales(source, run)
+        schedule: Schedule | None = None
+        show = self.cfg.progress_bar and ddp.is_main()
+        t0, tok0 = time.perf_counter(), self.tokens
+        with Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[stats]}"),
+            TimeRemainingColumn(),
+            disable=not show,
+        ) as bar:
+            tasks = {r.name: bar.add_task(r.name, total=None, stats="") for r in self.runs}
+            for batch in self._iterate(source, self.step):
+                if self.tokens >= self.cfg.total_tokens:
+                    break
+                picked = [self._pick(batch, run) for run in self.runs]
+                n_tok = picked[0][0].shape[0]
+                if schedule is None:
+                    if not self.total_steps:
+                        self.total_steps = math.ceil(self.cfg.total_tokens / n_tok)
+                    schedule = Schedule(
+                        self.total_steps, self.cfg.warmup_steps, self.cfg.decay_frac, self.cfg.min_lr_frac
+                    )
+                    for run in self.runs:
+                        if run.module is None:
+                            torch.manual_seed(self.cfg.seed)
+                            self._setup(run, batch)
+                for run, (x, y) in zip(self.runs, picked, strict=True):
+                    run.meter.add(self._train_step(run, x, y, n_tok, schedule))
+                self.step += 1
+                self.tokens += n_tok
+                if show:
+                    for task in tasks.values():
+                        bar.update(task, completed=self.step, total=self.total_steps)
+                if self.step % self.cfg.log_every == 0 or self.tokens >= self.cfg.total_tokens:
+                    rate = (self.tokens - tok0) / max(1e-9, time.perf_counter() - t0)
+                    self._log(bar, tasks, rate)
+                if self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0:
+                    self.save_checkpoint()
+                if on_step is not None:
+                    on_step(self)
+            if self.step == 0:
+                raise DictionaryError("the activation source yielded no batches; check the --acts directory")
+            if any(run.meter.n for run in self.runs):  # the source ran out between two log lines
+                self._log(bar, tasks, (self.tokens - tok0) / max(1e-9, time.perf_counter() - t0))
+        if self.tokens < self.cfg.total_tokens and ddp.is_main():
+            warnings.warn(
+                f"the activation source ran out after {self.tokens:,} of {self.cfg.total_tokens:,} tokens, so the LR "
+                "never finished its decay; harvest more tokens or pass more epochs (--epochs)",
+                stacklevel=2,
+            )
+        self.save_checkpoint()
+        if self.log is not None:
+            self.log.close()
+        return self.finish()
+
+    def _log(self, bar: Progress, tasks: dict[str, Any], rate: float) -> None:
+        for run in self.runs:
+            m = run.meter.mean()
+            run.meter.reset()
+            dead = run.dead.dead_fraction()
+            record = {"step": self.step, "tokens": self.tokens, "run": run.name, **m, "dead_frac": dead, "tok_s": rate}
+            if self.log is not None:
+                self.log.log(record)
+            stats = f"L0 {m.get('l0', 0):.1f}  FVU {m.get('fvu', 0):.3f}  dead {dead:.1%}  {rate:,.0f} tok/s"
+            bar.update(tasks[run.name], completed=self.step, total=self.total_steps, stats=stats)
+
+    def finish(self) -> dict[str, Dictionary]:
+        """Fold each run's normalisation into a copy of its weights, save it under out_dir/<run>, return them."""
+        out: dict[str, Dictionary] = {}
+        for run in self.runs:
+            d = copy.deepcopy(run.dictionary).cpu().eval()
+            d.fold_scale(run.scale_in, run.scale_out)
+            normalization = {
+                "kind": "mean_norm" if self.cfg.normalize else "none",
+                "scale_in": run.scale_in,
+                "scale_out": run.scale_out,
+                "folded": True,
+            }
+            training = {
+                "steps": self.step,
+                "tokens": self.tokens,
+                "lr": run.lr,
+                "world_size": ddp.world_size(),
+                "train_cfg": asdict(self.cfg),
+                "dead_frac": run.dead.dead_fraction(),
+            }
+            d.metadata = {"normalization": normalization, "training": training}  # type: ignore[assignment]
+            if self.out_dir is not None and ddp.is_main():
+                save_dictionary(d, self.out_dir / run.name, normalization, training)
+            out[run.name] = d
+        ddp.barrier()
+        return out

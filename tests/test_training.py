@@ -1,0 +1,156 @@
+"""The trainer's bookkeeping: schedule, dead latents, sweeps, metrics log, and resume after a kill."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import ClassVar
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lmscope.dictionaries import DictConfig, DictionaryError
+from lmscope.dictionaries.formats import load_dictionary
+from lmscope.training import RunSpec, Schedule, TensorSource, TrainConfig, Trainer
+from lmscope.training.dead import DeadTracker
+from lmscope.training.init import geometric_median
+from lmscope.training.metrics import read_log
+
+
+def test_schedule_warmup_plateau_decay() -> None:
+    s = Schedule(total_steps=100, warmup_steps=10, decay_frac=0.2)
+    assert s.factor(0) == pytest.approx(0.1) and s.factor(9) == pytest.approx(1.0)
+    assert s.factor(50) == 1.0 and s.factor(79) == 1.0
+    assert s.factor(80) == pytest.approx(0.95) and s.factor(99) == pytest.approx(0.0)
+    assert all(s.factor(i) >= s.factor(i + 1) for i in range(10, 99))
+    assert Schedule(100, 0, 0.0).factor(99) == 1.0
+
+
+def test_dead_tracker_window() -> None:
+    t = DeadTracker(4, window_tokens=100)
+    t.update(torch.tensor([1.0, 0, 0, 2]), 60)
+    assert t.dead_mask().tolist() == [False, False, False, False]
+    t.update(torch.tensor([0.0, 3, 0, 0]), 60)
+    assert t.dead_mask().tolist() == [False, False, True, False]  # latent 2: silent for 120 tokens > window
+    assert t.dead_fraction() == 0.25
+    assert t.densities().tolist() == pytest.approx([1 / 120, 3 / 120, 0, 2 / 120])
+    state = t.state()
+    fresh = DeadTracker(4, 100)
+    fresh.load(state)
+    assert torch.equal(fresh.dead_mask(), t.dead_mask())
+
+
+def test_geometric_median_resists_outliers() -> None:
+    pts = torch.cat([torch.randn(200, 3) * 0.1, torch.full((20, 3), 100.0)])
+    assert geometric_median(pts).norm() < 1.0 < pts.mean(0).norm()
+
+
+def test_sweep_logs_metrics_and_saves_every_run(tmp_path: Path) -> None:
+    x = torch.randn(4096, 16) * 5 + 2
+    runs = [RunSpec(DictConfig(arch="topk", d_in=16, d_sae=64, k=k)) for k in (2, 8)]
+    runs.append(RunSpec(DictConfig(arch="relu", d_in=16, d_sae=32)))
+    tc = TrainConfig(total_tokens=8 * 256, warmup_steps=2, log_every=4, progress_bar=False, dead_window_tokens=512)
+    out = Trainer(runs, tc, tmp_path).fit(TensorSource(x, batch_size=256))
+    assert set(out) == {"topk-m64-k2", "topk-m64-k8", "relu-m32-l1_5"}
+    log = read_log(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in log if r["run"] == "topk-m64-k2"] == [4, 8]
+    assert {"fvu", "l0", "dead_frac", "lr", "mse", "aux", "tok_s"} <= set(log[0])
+    assert next(r["l0"] for r in log if r["run"] == "topk-m64-k8") == pytest.approx(8.0)
+    for name, d in out.items():
+        saved = load_dictionary(tmp_path / name)
+        assert saved.metadata["normalization"]["folded"] and saved.metadata["training"]["tokens"] == 2048
+        assert torch.equal(saved.W_enc, d.W_enc)
+
+
+def test_transcoder_and_multi_hook_batches(tmp_path: Path) -> None:
+    x = torch.randn(2048, 16)
+    y = torch.relu(x @ torch.randn(16, 12))
+    cfg = DictConfig(arch="topk", d_in=16, d_sae=64, d_out=12, k=4, hook="blocks.0.mlp_in", hook_out="blocks.0.mlp_out")
+    tc = TrainConfig(total_tokens=1024, warmup_steps=1, progress_bar=False)
+    d = next(iter(Trainer([cfg], tc).fit(TensorSource(x, y, batch_size=256)).values()))
+    assert d(x[:5])[0].shape == (5, 12)
+
+    class Hooks:
+        mean_norm: ClassVar[dict[str, float]] = {
+            "blocks.0.mlp_in": float(x.norm(dim=1).mean()),
+            "blocks.0.mlp_out": float(y.norm(dim=1).mean()),
+        }
+
+        def __iter__(self):
+            for s in range(0, 2048, 256):
+                yield {"blocks.0.mlp_in": x[s : s + 256], "blocks.0.mlp_out": y[s : s + 256]}
+
+    sae = DictConfig(arch="topk", d_in=16, d_sae=32, k=4, hook="blocks.0.mlp_in")
+    out = Trainer([cfg, sae], tc).fit(Hooks())
+    assert len(out) == 2
+    with pytest.warns(UserWarning, match="ran out after 2,048 of 4,096 tokens"):
+        Trainer([sae], TrainConfig(total_tokens=4096, progress_bar=False)).fit(Hooks())
+    with pytest.raises(DictionaryError, match="must report mean_norm_out"):
+        Trainer([cfg], tc).fit(TensorSource(x, batch_size=256))
+    single = TensorSource(x, batch_size=256)
+    single.mean_norm_out = 1.0
+    with pytest.raises(DictionaryError, match="is a transcoder but the source yields single tensors"):
+        Trainer([cfg], tc).fit(single)
+
+
+SCRIPT = textwrap.dedent(
+    """
+    import os, signal, sys
+    import torch
+    from lmscope.dictionaries import DictConfig
+    from lmscope.training import RunSpec, TensorSource, TrainConfig, Trainer
+
+    out, kill_at = sys.argv[1], int(sys.argv[2])
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(8192, 16, generator=g) @ torch.randn(16, 16, generator=g) + 1.0
+    runs = [RunSpec(DictConfig(arch=a, d_in=16, d_sae=48, k=4)) for a in ("topk", "batchtopk", "relu", "jumprelu")]
+    tc = TrainConfig(total_tokens=16 * 512, warmup_steps=3, checkpoint_every=5, progress_bar=False,
+                     dead_window_tokens=1024, log_every=2)
+
+    def maybe_die(trainer):
+        if trainer.step == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    Trainer(runs, tc, out).fit(TensorSource(x, batch_size=512), on_step=maybe_die)
+    """
+)
+
+
+def _run(script: Path, out: Path, kill_at: int) -> int:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, str(script), str(out), str(kill_at)], env=env, timeout=300).returncode
+
+
+def test_killed_and_resumed_run_matches_uninterrupted(tmp_path: Path) -> None:
+    script = tmp_path / "train.py"
+    script.write_text(SCRIPT)
+    assert _run(script, tmp_path / "straight", -1) == 0
+    assert _run(script, tmp_path / "killed", 8) == -signal.SIGKILL  # after the step-5 checkpoint, before step 10
+    assert not (tmp_path / "killed" / "topk-m48-k4").exists()
+    assert _run(script, tmp_path / "killed", -1) == 0  # resumes from step 5
+    for name in ("topk-m48-k4", "batchtopk-m48-k4", "relu-m48-l1_5", "jumprelu-m48-l0_0.001"):
+        a = load_file(str(tmp_path / "straight" / name / "dictionary.safetensors"))
+        b = load_file(str(tmp_path / "killed" / name / "dictionary.safetensors"))
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.equal(a[key], b[key]), f"{name}/{key} differs after resume"
+    log = read_log(tmp_path / "killed" / "metrics.jsonl")
+    steps = [r["step"] for r in log if r["run"] == "topk-m48-k4"]
+    assert steps == list(range(2, 17, 2))  # the steps logged between checkpoint and kill are not duplicated
+
+
+def test_wandb_asked_for_but_missing_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lmscope.errors import LmscopeError
+    from lmscope.training.metrics import MetricsLog
+
+    monkeypatch.setitem(sys.modules, "wandb", None)  # makes `import wandb` raise ImportError
+    with pytest.raises(LmscopeError, match="pip install wandb"):
+        MetricsLog(tmp_path / "m.jsonl", wandb_project="lmscope")
+    log = MetricsLog(tmp_path / "m.jsonl")  # not asked for: JSONL only
+    log.log({"step": 1, "fvu": 0.5})
+    assert read_log(tmp_path / "m.jsonl") == [{"step": 1, "fvu": 0.5}]
