@@ -9,9 +9,10 @@ from typer.testing import CliRunner
 
 from harvest_helpers import load_tiny, make_corpus_dir, make_tiny_model_dir
 from lmscope.cli.app import app
-from lmscope.cli.train_cmds import parse_count, parse_list
-from lmscope.dictionaries import DictionaryError
+from lmscope.cli.common import parse_count
+from lmscope.cli.train_cmds import parse_list
 from lmscope.dictionaries.formats import load_dictionary
+from lmscope.errors import LmscopeError
 from lmscope.harvest import HarvestConfig, harvest
 from lmscope.training.metrics import read_log
 
@@ -31,7 +32,7 @@ def acts(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_parsers() -> None:
     assert parse_count("20M") == 20_000_000 and parse_count("1.5k") == 1500 and parse_count("4096") == 4096
     assert parse_list("16,32,64", int) == [16, 32, 64]
-    with pytest.raises(DictionaryError, match="cannot read 'lots'"):
+    with pytest.raises(LmscopeError, match="cannot read 'lots'"):
         parse_count("lots")
 
 

@@ -154,8 +154,12 @@ def splice_metrics(model: Model, d: Dictionary, ids: Tensor, batch: int = 8) -> 
 
 
 @torch.no_grad()
-def evaluate(d: Dictionary, model: Model, ids: Tensor, batch: int = 8) -> dict[str, Any]:
-    """Every metric: activations harvested from `model` on `ids` at the dictionary's hook(s), then the splice."""
+def evaluate(d: Dictionary, model: Model, ids: Tensor, batch: int = 8, special: Tensor | None = None) -> dict[str, Any]:
+    """Every metric: activations harvested from `model` on `ids` at the dictionary's hook(s), then the splice.
+
+    `special` ([n, context] bool) marks BOS/EOS/pad positions: their activation norms are huge outliers
+    that dictionaries are not trained on, so the activation metrics leave them out (the CE metrics don't).
+    """
     hooks = [h for h in (d.cfg.hook, d.cfg.hook_out if d.cfg.is_transcoder else None) if h]
     if not hooks:
         raise DictionaryError("the dictionary's config names no hook; set d.cfg.hook (and hook_out for transcoders)")
@@ -168,6 +172,9 @@ def evaluate(d: Dictionary, model: Model, ids: Tensor, batch: int = 8) -> dict[s
         xs.append(acts[hooks[0]].float().cpu())
         ys.append(acts[hooks[-1]].float().cpu())
     x, y = torch.cat(xs), torch.cat(ys)
+    if special is not None:
+        keep = ~special.reshape(special.shape[0] if special.ndim > 1 else 1, -1).bool()
+        x, y = x[keep], y[keep]
     results = activation_metrics(d, x, y if len(hooks) == 2 else None)
     results.update(splice_metrics(model, d, ids, batch))
     results["hook"] = d.cfg.hook

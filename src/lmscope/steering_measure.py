@@ -134,3 +134,13 @@ def run_steering(
         "samples": samples,
     }
     return result
+
+
+def token_rate(result: SteeringResult, token_ids: set[int]) -> tuple[float, float]:
+    """Fraction of generated tokens that are in `token_ids`, in (baseline, steered) continuations."""
+
+    def rate(seqs: list[list[int]]) -> float:
+        n = sum(len(x) for x in seqs)
+        return sum(t in token_ids for x in seqs for t in x) / n if n else 0.0
+
+    return rate([s.baseline_ids for s in result.samples]), rate([s.steered_ids for s in result.samples])

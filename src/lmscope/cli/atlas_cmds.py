@@ -55,7 +55,7 @@ def register(app: typer.Typer) -> None:
         """Scan a corpus with MODEL and a dictionary, and write every feature's dossier to one SQLite file."""
         from lmscope.atlas import AtlasConfig, build_atlas, open_atlas
         from lmscope.atlas.schema import get_meta
-        from lmscope.cli.harvest_cmds import parse_count
+        from lmscope.cli.common import parse_count
         from lmscope.corpora import open_corpus
         from lmscope.dictionaries.formats import load_dictionary
         from lmscope.loading import load_model

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Callable
 from typing import Annotated, Any, TypeVar
 
@@ -25,12 +26,24 @@ ModelArg = Annotated[
     ),
 ]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto (CUDA if present), cpu, cuda, cuda:N, mps.")]
-DtypeOpt = Annotated[
-    str, typer.Option("--dtype", help="auto (fp32 on CPU, bf16 on GPU), float32, bfloat16, float16.")
-]
+DtypeOpt = Annotated[str, typer.Option("--dtype", help="auto (fp32 on CPU, bf16 on GPU), float32, bfloat16, float16.")]
 TrustOpt = Annotated[
     bool, typer.Option("--trust-remote-code", help="Allow a model's own Python code to run (read it first).")
 ]
+
+
+_SUFFIX = {"": 1, "k": 1_000, "m": 1_000_000, "g": 1_000_000_000, "b": 1_000_000_000}
+
+
+def parse_count(text: str, minimum: int = 0) -> int:
+    """'2M' -> 2_000_000, '1.5k' -> 1500, '1e6' -> 1_000_000, '65536' -> 65536."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([kmgb]?)\s*", text.lower())
+    if not m:
+        raise LmscopeError(f"cannot read {text!r} as a count; write e.g. 2M, 500k, 1e6 or 65536")
+    value = int(float(m.group(1)) * _SUFFIX[m.group(2)])
+    if value < minimum:
+        raise LmscopeError(f"the count must be at least {minimum}, got {text!r}")
+    return value
 
 
 def handles_errors(fn: F) -> F:

@@ -1,30 +1,124 @@
-"""`lmscope demo`: the main job on the embedded default. Until the full pipeline lands it shows the
-model adapter at work: the default model's hook points and a next-token prediction."""
+"""`lmscope demo`: the whole MRI of a model in one command (harvest, train, evaluate, atlas, labels, serve)."""
 
 from __future__ import annotations
 
+import shutil
+import time
+from pathlib import Path
+from typing import Annotated
+
 import typer
+from rich.table import Table
 
-from lmscope.cli.common import DeviceOpt, DtypeOpt, console, handles_errors
-from lmscope.cli.model_cmds import predict_next, print_info, print_predictions
-from lmscope.loading import load_model
+from lmscope.cli.common import DeviceOpt, DtypeOpt, console, handles_errors, parse_count
+from lmscope.demo import STEER_PROMPT, Demo, DemoConfig, demo_summary
+from lmscope.pipeline import Stage, StageOutcome
 
-DEMO_PROMPT = "The capital of France is"
+EPILOG = """Examples:
+
+  lmscope demo                                  (SmolLM2-135M-Instruct on the stdlib corpus, then serve)
+
+  lmscope demo --quick --no-serve               (a minutes-long smoke run of the same pipeline)
+
+  lmscope demo --model ./my-model --corpus data/*.txt --layer 8 --tokens 500k --run-dir runs/mine
+
+A rerun skips the stages whose outputs verify, so an interrupted demo continues where it stopped."""
 
 
 def register(app: typer.Typer) -> None:
-    @app.command(epilog="Examples:\n\n  lmscope demo\n\n  lmscope demo --device cuda")
+    @app.command(epilog=EPILOG)
     @handles_errors
     def demo(
-        model: str = typer.Option("smollm2-135m", help="Model spec (default: the embedded SmolLM2)."),
+        model: Annotated[str, typer.Option(help="Model spec (default: the embedded SmolLM2).")] = "smollm2-135m",
+        corpus: Annotated[str, typer.Option(help="Corpus spec (default: the embedded stdlib corpus).")] = "stdlib",
+        layer: Annotated[
+            int | None, typer.Option(help="Block whose resid_post is scanned (default n_layers // 3).")
+        ] = None,
+        tokens: Annotated[str | None, typer.Option(help="Tokens to harvest (training reads them twice).")] = None,
+        quick: Annotated[bool, typer.Option(help="A minutes-long version of the same pipeline.")] = False,
+        run_dir: Annotated[
+            Path | None, typer.Option(help="Where everything is written (default runs/demo[-quick]).")
+        ] = None,
+        restart: Annotated[bool, typer.Option(help="Delete the run directory first and start over.")] = False,
+        serve: Annotated[bool, typer.Option(help="Serve the web explorer at the end.")] = True,
+        host: Annotated[str, typer.Option(help="Address to serve on.")] = "127.0.0.1",
+        port: Annotated[int, typer.Option(help="Port to serve on.")] = 8000,
         device: DeviceOpt = "auto",
         dtype: DtypeOpt = "auto",
     ) -> None:
-        """Run the main job on the embedded default model (SmolLM2-135M-Instruct)."""
-        m = load_model(model, device=device, dtype=dtype)
-        print_info(m)
-        print_predictions(DEMO_PROMPT, predict_next(m, DEMO_PROMPT, top=5))
+        """Run the main job: harvest a layer, train a TopK dictionary, evaluate it, build the atlas, label and
+        score every feature offline, print a summary and serve the web explorer."""
+        overrides: dict = {"model": model, "corpus": corpus, "layer": layer}
+        if tokens is not None:
+            n = parse_count(tokens, minimum=1)
+            overrides.update(harvest_tokens=n, train_tokens=2 * n)
+        cfg = DemoConfig.quick(**overrides) if quick else DemoConfig(**overrides)
+        run_dir = run_dir or Path("runs") / ("demo-quick" if quick else "demo")
+        if restart and run_dir.exists():
+            shutil.rmtree(run_dir)
+        job = Demo(cfg, run_dir, device=device, dtype=dtype)
+        console.print(f"[bold]lmscope demo[/] → {run_dir}  ({cfg.model}, corpus {cfg.corpus})")
+        start = time.perf_counter()
+
+        def on_start(stage: Stage, i: int, n: int) -> None:
+            console.rule(f"[{i}/{n}] {stage.description}")
+
+        def on_end(stage: Stage, outcome: StageOutcome) -> None:
+            how = "verified, skipped" if outcome.skipped else f"{outcome.seconds:.0f} s"
+            console.print(f"[green]✓[/] {stage.name} ({how})")
+
+        job.pipeline().run(on_start=on_start, on_end=on_end)
+        summary = demo_summary(job)
+        summary["total_seconds"] = time.perf_counter() - start
+        print_summary(summary)
+        if serve:
+            import uvicorn
+
+            from lmscope.web.app import Live, create_app
+
+            console.print(f"\n[bold]Serving the atlas at http://{host}:{port}/[/]  (Ctrl-C to stop)")
+            live = Live(job.model, job.dictionary())
+            uvicorn.run(create_app(run_dir / "atlas.db", live=live), host=host, port=port, log_level="warning")
+
+
+def print_summary(s: dict) -> None:
+    m = s["metrics"]
+    t = Table("metric", "value", title="dictionary")
+    t.add_row("hook", s["hook"])
+    t.add_row("features (live)", f"{s['features']} ({s['live']} live)")
+    for key, label in [
+        ("fvu", "FVU"),
+        ("l0", "L0"),
+        ("dead_frac", "dead fraction"),
+        ("ce_recovered", "CE loss recovered"),
+    ]:
+        if key in m:
+            t.add_row(label, f"{m[key]:.3f}")
+    console.print(t)
+    if s.get("labels"):
+        lt = Table("feature", "label", "score", "max act", title="most clearly labelled features")
+        for row in s["labels"]:
+            lt.add_row(str(row["feature"]), row["text"], f"{row['score']:.2f}", f"{row['max_act']:.1f}")
+        console.print(lt)
+    if s.get("steer"):
+        st = s["steer"]
+        if st["raises_its_tokens"]:
+            effect = (
+                f"raised the rate of its tokens ({', '.join(map(repr, st['tokens']))}, ...) in a greedy continuation "
+                f"from {st['baseline']:.0%} to {st['steered']:.0%}"
+            )
+        else:
+            effect = (
+                "did not raise its own tokens' rate in this short check, but changed the model's behaviour "
+                f"(KL at the first generated token {st['kl']:.2f})"
+            )
         console.print(
-            "Next: harvesting activations, training dictionaries and building the atlas "
-            "(see docs/architecture.md for what exists so far)."
+            f"\nTry steering. Checked just now: clamping feature {st['feature']} to {st['value']:g} {effect}.",
+            highlight=False,
         )
+        console.print(
+            f"  baseline: {STEER_PROMPT!r} + {st['baseline_text']!r}\n  steered:  ... + {st['steered_text']!r}",
+            highlight=False,
+        )
+        console.print(f"  [bold]{st['command']}[/]", highlight=False)
+    console.print(f"\nRun directory: {s['run_dir']} · total {s['total_seconds']:.0f} s")

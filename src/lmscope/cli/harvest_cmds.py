@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import shlex
 import sys
 from pathlib import Path
@@ -10,23 +9,17 @@ from typing import Annotated
 
 import typer
 
-from lmscope.cli.common import DeviceOpt, DtypeOpt, ModelArg, TrustOpt, console, err_console, handles_errors
+from lmscope.cli.common import (
+    DeviceOpt,
+    DtypeOpt,
+    ModelArg,
+    TrustOpt,
+    console,
+    err_console,
+    handles_errors,
+    parse_count,
+)
 from lmscope.corpora import PackingConfig, open_corpus
-from lmscope.errors import LmscopeError
-
-_SUFFIX = {"": 1, "k": 1_000, "m": 1_000_000, "g": 1_000_000_000, "b": 1_000_000_000}
-
-
-def parse_count(text: str) -> int:
-    """'2M' -> 2_000_000, '64k' -> 64_000, '1e6' -> 1_000_000, '65536' -> 65536."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([kmgb]?)\s*", text.lower())
-    if not m:
-        raise LmscopeError(f"cannot read {text!r} as a token count; write e.g. 2M, 500k, 1e6 or 65536")
-    value = int(float(m.group(1)) * _SUFFIX[m.group(2)])
-    if value < 1:
-        raise LmscopeError(f"the token count must be positive, got {text!r}")
-    return value
-
 
 HARVEST_EPILOG = (
     "Examples:\n\n"
@@ -78,8 +71,8 @@ def register(app: typer.Typer) -> None:
         hook_list = [h.strip() for h in hooks.split(",") if h.strip()]
         pack = PackingConfig(context=context, mode=packing, bos=bos)  # type: ignore[arg-type]
         cfg = HarvestConfig(
-            hooks=hook_list, tokens=parse_count(tokens), context=context, dtype=store_dtype,
-            batch_size=batch_size, shard_tokens=parse_count(shard_tokens), packing=pack,
+            hooks=hook_list, tokens=parse_count(tokens, minimum=1), context=context, dtype=store_dtype,
+            batch_size=batch_size, shard_tokens=parse_count(shard_tokens, minimum=1), packing=pack,
         )  # fmt: skip
         src = open_corpus(corpus, field=field, split=split)
         m = load_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)

@@ -3,28 +3,17 @@
 from __future__ import annotations
 
 import itertools
-import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from lmscope.cli.common import console, handles_errors
+from lmscope.cli.common import console, handles_errors, parse_count
 from lmscope.dictionaries import DictConfig, architectures
 from lmscope.dictionaries.base import DictionaryError
 from lmscope.training import RunSpec, TrainConfig, Trainer
 from lmscope.training import distributed as ddp
-
-_SUFFIX = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9}
-
-
-def parse_count(text: str) -> int:
-    """'20M' -> 20_000_000, '1.5k' -> 1500, '4096' -> 4096."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kKmMbBgG]?)\s*", text)
-    if not m:
-        raise DictionaryError(f"cannot read {text!r} as a count; write e.g. 4096, 500k, 20M or 1B")
-    return int(float(m.group(1)) * _SUFFIX[m.group(2).lower()])
 
 
 def parse_list(text: str, kind: type = float) -> list[Any]:

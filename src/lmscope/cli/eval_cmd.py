@@ -1,0 +1,77 @@
+"""`lmscope eval`: reconstruction and spliced-loss metrics of a dictionary on a corpus."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+from typing import Annotated
+
+import numpy as np
+import torch
+import typer
+
+from lmscope.cli.common import DeviceOpt, DtypeOpt, ModelArg, console, handles_errors, parse_count
+from lmscope.corpora import ContextPacker, PackingConfig, open_corpus
+from lmscope.corpora.readers import CorpusError
+from lmscope.dictionaries.formats import load_dictionary
+from lmscope.evaluate import evaluate, results_table, save_json
+from lmscope.loading import load_model
+from lmscope.model import Model
+
+EPILOG = """Examples:
+
+  lmscope eval smollm2-135m --dict runs/demo/dict --corpus stdlib --tokens 8192 --skip-tokens 300000
+
+  lmscope eval ./my-model --dict saes/l6 --corpus data/*.txt --tokens 16k --json eval.json
+
+Held-out data: the stdlib corpus is read in a fixed order, so skip the tokens a dictionary was trained on
+(--skip-tokens, the harvest's token count) to evaluate on text it has not seen."""
+
+
+def eval_contexts(
+    model: Model, corpus: str, tokens: int, context: int = 128, skip_tokens: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, special) [n, context] for `tokens` tokens of the corpus after skipping `skip_tokens`."""
+    packer = ContextPacker(model.tokenizer, PackingConfig(context=context))
+    n_skip, n_take = skip_tokens // context, max(1, -(-tokens // context))
+    rows = list(itertools.islice(packer.rows(open_corpus(corpus).documents()), n_skip, n_skip + n_take))
+    if len(rows) < n_take:
+        raise CorpusError(
+            f"{corpus} has only {(n_skip + len(rows)) * context} tokens; ask for fewer --tokens or --skip-tokens"
+        )
+    batch = packer.stack(rows)
+    return torch.from_numpy(batch.tokens), torch.from_numpy(np.asarray(batch.special))
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("eval", epilog=EPILOG)
+    @handles_errors
+    def eval_(
+        model: ModelArg,
+        dict_dir: Annotated[Path, typer.Option("--dict", help="Dictionary directory (lmscope format).")],
+        corpus: Annotated[
+            str, typer.Option(help="Corpus spec: stdlib, files/globs, .jsonl, .parquet, hf:NAME.")
+        ] = "stdlib",
+        tokens: Annotated[str, typer.Option(help="Tokens to evaluate on (e.g. 8192, 16k).")] = "8192",
+        skip_tokens: Annotated[str, typer.Option(help="Tokens of the corpus to skip first (held-out data).")] = "0",
+        context: Annotated[int, typer.Option(min=2)] = 128,
+        batch: Annotated[int, typer.Option(min=1, help="Contexts per forward pass.")] = 8,
+        json_out: Annotated[
+            Path | None, typer.Option("--json", help="Where to write JSON (default DICT/eval.json).")
+        ] = None,
+        device: DeviceOpt = "auto",
+        dtype: DtypeOpt = "auto",
+    ) -> None:
+        """Evaluate a dictionary: FVU, MSE, L0, dead fraction, density histogram, cosine, relative bias, and
+        CE-loss recovered and KL with the dictionary spliced in (with and without the error term)."""
+        lm = load_model(model, device=device, dtype=dtype)
+        d = load_dictionary(dict_dir, device=lm.device)
+        ids, special = eval_contexts(lm, corpus, parse_count(tokens), context, parse_count(skip_tokens))
+        results = evaluate(d, lm, ids, batch=batch, special=special)
+        results.update(
+            {"model": model, "corpus": corpus, "tokens": int(ids.numel()), "skip_tokens": parse_count(skip_tokens)}
+        )
+        console.print(results_table(results, title=f"{dict_dir} on {ids.numel()} tokens of {corpus}"))
+        out = json_out or Path(dict_dir) / "eval.json"
+        save_json(results, out)
+        console.print(f"wrote {out}")

@@ -1,0 +1,293 @@
+"""The main job: the whole MRI of a model in one run directory.
+
+harvest a layer -> train a TopK dictionary -> evaluate it -> build the atlas -> label and score the features
+offline -> (serve the web explorer). Each stage is verified before it is skipped on a rerun (`pipeline.py`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from lmscope.errors import LmscopeError
+from lmscope.model import Model
+from lmscope.pipeline import Pipeline, Stage
+
+ACTS, TRAIN, ATLAS, EVAL = "acts", "train", "atlas.db", "eval.json"
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """Everything that decides the run's results (the run directory is tied to it)."""
+
+    model: str = "smollm2-135m"
+    corpus: str = "stdlib"
+    layer: int | None = None  # None: n_layers // 3
+    harvest_tokens: int = 200_000
+    train_tokens: int = 400_000  # passes over the harvest as often as needed
+    expansion: int = 8
+    k: int = 32
+    eval_tokens: int = 8_192
+    atlas_tokens: int = 65_536
+    explain_limit: int | None = None  # None: every live feature
+    context: int = 128
+    seed: int = 0
+
+    @classmethod
+    def quick(cls, **overrides: Any) -> DemoConfig:
+        """A minutes-long version of the same pipeline, for smoke tests."""
+        base = {
+            "harvest_tokens": 32_768,
+            "train_tokens": 98_304,
+            "expansion": 4,
+            "eval_tokens": 2_048,
+            "atlas_tokens": 8_192,
+            "explain_limit": 64,
+        }
+        return cls(**{**base, **{k: v for k, v in overrides.items() if v is not None}})
+
+    def hook(self, model: Model) -> str:
+        layer = model.n_layers // 3 if self.layer is None else self.layer
+        if not 0 <= layer < model.n_layers:
+            raise LmscopeError(f"--layer {layer} is out of range: {self.model} has layers 0..{model.n_layers - 1}")
+        return f"blocks.{layer}.resid_post"
+
+
+class Demo:
+    """The demo's stages over one model, built lazily so that verified reruns load nothing they don't need."""
+
+    def __init__(self, cfg: DemoConfig, run_dir: str | Path, device: str = "auto", dtype: str = "auto") -> None:
+        self.cfg, self.run_dir, self.device, self.dtype = cfg, Path(run_dir), device, dtype
+        self._model: Model | None = None
+
+    @property
+    def model(self) -> Model:
+        if self._model is None:
+            from lmscope.loading import load_model
+
+            self._model = load_model(self.cfg.model, device=self.device, dtype=self.dtype)
+        return self._model
+
+    @property
+    def hook(self) -> str:
+        return self.cfg.hook(self.model)
+
+    def dict_dir(self) -> Path:
+        """The trained dictionary's directory (the trainer names it after hook, arch, width and k)."""
+        found = sorted(p.parent for p in (self.run_dir / TRAIN).glob("*/config.json"))
+        if len(found) != 1:
+            raise LmscopeError(f"expected one trained dictionary under {self.run_dir / TRAIN}, found {len(found)}")
+        return found[0]
+
+    def dictionary(self) -> Any:
+        from lmscope.dictionaries.formats import load_dictionary
+
+        return load_dictionary(self.dict_dir(), device=self.model.device)
+
+    # ------------------------------------------------------------------ stages
+    def harvest(self, run: Path) -> dict[str, Any]:
+        from lmscope.harvest import HarvestConfig, harvest
+
+        manifest = harvest(
+            self.model,
+            self.cfg.corpus,
+            run / ACTS,
+            HarvestConfig(hooks=[self.hook], tokens=self.cfg.harvest_tokens, context=self.cfg.context),
+            command="lmscope demo",
+        )
+        return {"tokens": manifest.get("tokens"), "hook": self.hook, "shards": len(manifest.get("shards", []))}
+
+    def verify_harvest(self, run: Path) -> None:
+        from lmscope.harvest import read_manifest, verify
+
+        report = verify(run / ACTS)
+        if not report.ok:
+            raise LmscopeError("; ".join(report.problems))
+        if int(read_manifest(run / ACTS).get("tokens", 0)) < self.cfg.harvest_tokens:
+            raise LmscopeError("the harvest holds fewer tokens than asked for")
+
+    def train(self, run: Path) -> dict[str, Any]:
+        from lmscope.cli.train_cmds import StoreSource
+        from lmscope.dictionaries import DictConfig
+        from lmscope.store import ActivationStore
+        from lmscope.training import RunSpec, TrainConfig, Trainer
+
+        batch = 4096
+        # Special tokens are excluded and the last partial batch of each epoch dropped: count real batches.
+        per_epoch = ActivationStore.open(run / ACTS, hooks=[self.hook]).n_rows // batch * batch
+        if per_epoch == 0:
+            raise LmscopeError(f"the harvest holds fewer than one batch ({batch}) of usable tokens; harvest more")
+        epochs = -(-self.cfg.train_tokens // per_epoch)
+        source = StoreSource(run / ACTS, [self.hook], batch, self.cfg.seed, epochs)
+        d_in = source.widths[self.hook]
+        dcfg = DictConfig(
+            arch="topk", d_in=d_in, d_sae=d_in * self.cfg.expansion, k=self.cfg.k, hook=self.hook, model=self.cfg.model
+        )
+        steps = max(1, self.cfg.train_tokens // batch)
+        tc = TrainConfig(
+            total_tokens=self.cfg.train_tokens,
+            warmup_steps=max(1, steps // 20),
+            dead_window_tokens=max(batch, self.cfg.train_tokens // 4),
+            checkpoint_every=max(10, steps // 10),
+            seed=self.cfg.seed,
+        )
+        Trainer([RunSpec(dcfg)], tc, run / TRAIN, device=self.model.device).fit(source)
+        return {"dictionary": str(self.dict_dir().relative_to(run)), "d_sae": dcfg.d_sae, "k": dcfg.k}
+
+    def verify_train(self, run: Path) -> None:
+        from lmscope.dictionaries.formats import load_dictionary
+
+        d = load_dictionary(self.dict_dir())
+        if d.cfg.hook != self.hook:
+            raise LmscopeError(f"the dictionary reads {d.cfg.hook}, not {self.hook}")
+
+    def evaluate(self, run: Path) -> dict[str, Any]:
+        from lmscope.cli.eval_cmd import eval_contexts
+        from lmscope.dictionaries.formats import load_dictionary
+        from lmscope.evaluate import evaluate, save_json
+
+        d = load_dictionary(self.dict_dir(), device=self.model.device)
+        # Held out: the tokens right after those the dictionary was trained on.
+        ids, special = eval_contexts(
+            self.model, self.cfg.corpus, self.cfg.eval_tokens, self.cfg.context, self.cfg.harvest_tokens
+        )
+        results = evaluate(d, self.model, ids, special=special)
+        results.update({"tokens": int(ids.numel()), "skip_tokens": self.cfg.harvest_tokens, "corpus": self.cfg.corpus})
+        save_json(results, self.dict_dir() / EVAL)  # the atlas stores it with the dictionary
+        save_json(results, run / EVAL)
+        keys = ("fvu", "l0", "dead_frac", "ce_recovered", "ce_clean", "ce_spliced", "kl_spliced")
+        return {k: results[k] for k in keys if k in results}
+
+    def verify_eval(self, run: Path) -> None:
+        results = json.loads((run / EVAL).read_text())
+        for key in ("fvu", "ce_recovered"):
+            if not isinstance(results.get(key), float):
+                raise LmscopeError(f"{run / EVAL} lacks {key}")
+
+    def atlas(self, run: Path) -> dict[str, Any]:
+        from lmscope.atlas.build import build_atlas
+
+        build_atlas(
+            self.model,
+            self.dict_dir(),
+            self.cfg.corpus,
+            tokens=self.cfg.atlas_tokens,
+            out=run / ATLAS,
+            overwrite=True,
+            command="lmscope demo",
+        )
+        conn = self._open_atlas(run)
+        live = conn.execute("SELECT count(*) FROM features WHERE dead = 0").fetchone()[0]
+        total = conn.execute("SELECT count(*) FROM features").fetchone()[0]
+        conn.close()
+        return {"features": total, "live": live}
+
+    def _open_atlas(self, run: Path) -> Any:
+        from lmscope.atlas.schema import open_atlas
+
+        return open_atlas(run / ATLAS, readonly=True)
+
+    def verify_atlas(self, run: Path) -> None:
+        self._open_atlas(run).close()  # refuses a missing, unfinished or newer-schema file
+
+    def stages(self) -> list[Stage]:
+        return [
+            Stage("harvest", "harvest activations", self.harvest, self.verify_harvest),
+            Stage("train", "train a TopK dictionary", self.train, self.verify_train),
+            Stage("eval", "evaluate it", self.evaluate, self.verify_eval),
+            Stage("atlas", "build the atlas", self.atlas, self.verify_atlas),
+        ]
+
+    def pipeline(self) -> Pipeline:
+        return Pipeline(self.run_dir, asdict(self.cfg), self.stages())
+
+
+STEER_PROMPT = "Here is a short example:"
+
+
+def _steer_candidates(conn: Any, n: int = 6) -> list[tuple[int, float, set[int]]]:
+    """Live, not-too-dense features with a high max activation (well-scored labels first), with their token
+    set: the tokens their decoder direction promotes most and the tokens they fire on most."""
+    rows = conn.execute(
+        """SELECT f.id, f.max_act, f.logits,
+                  (SELECT group_concat(e.peak_token) FROM examples e WHERE e.feature = f.id AND e.kind = 'top')
+           FROM features f
+           LEFT JOIN labels l ON l.feature = f.id AND l.source = 'machine'
+           WHERE f.dead = 0 AND f.density BETWEEN 1e-4 AND 0.05 AND f.logits IS NOT NULL
+           ORDER BY coalesce(l.score, 0) DESC, f.max_act DESC LIMIT ?""",
+        (n,),
+    ).fetchall()
+    out = []
+    for fid, max_act, logits, peaks in rows:
+        tokens = {int(t) for t, _ in json.loads(logits)["positive"][:10]}
+        tokens |= {int(t) for t in (peaks or "").split(",") if t}
+        out.append((int(fid), float(max_act), tokens))
+    return out
+
+
+def check_steering(job: Demo, feature: int, value: float, promoted: set[int]) -> dict[str, Any]:
+    """Clamp the feature on a neutral prompt (greedy): how often its token set appears, the KL at the first
+    generated token, and both continuations."""
+    from lmscope.generation import SamplingConfig, prompt_ids
+    from lmscope.steering import Edit, check_dictionary, latent_edit_writer
+    from lmscope.steering_measure import first_position_kl, run_steering, token_rate
+
+    d = job.dictionary()
+    hook = check_dictionary(job.model, d)
+    writer = latent_edit_writer(d, [Edit(feature, "clamp", value)])
+    result = run_steering(
+        job.model, {hook: writer}, STEER_PROMPT, prompt_ids(job.model, STEER_PROMPT), [f"{feature}=clamp:{value:g}"],
+        SamplingConfig(max_new_tokens=16, greedy=True),
+    )  # fmt: skip
+    base, steered = token_rate(result, promoted)
+    ids = prompt_ids(job.model, STEER_PROMPT)
+    return {
+        "baseline": base,
+        "steered": steered,
+        "kl": first_position_kl(job.model, ids, {hook: writer}),
+        "baseline_text": result.samples[0].baseline,
+        "steered_text": result.samples[0].steered,
+    }
+
+
+def demo_summary(job: Demo) -> dict[str, Any]:
+    """Metrics, the most clearly labelled features and a steering command checked to work."""
+    run = job.run_dir
+    metrics = json.loads((run / EVAL).read_text())
+    conn = job._open_atlas(run)
+    try:
+        total, live = conn.execute("SELECT count(*), coalesce(sum(1 - dead), 0) FROM features").fetchone()
+        labels = [
+            {"feature": r[0], "text": r[1], "score": float(r[2]), "max_act": float(r[3])}
+            for r in conn.execute(
+                """SELECT l.feature, l.text, l.score, f.max_act FROM labels l JOIN features f ON f.id = l.feature
+                   WHERE l.source = 'machine' AND l.score IS NOT NULL ORDER BY l.score DESC, f.density DESC LIMIT 5"""
+            )
+        ]
+        candidates = _steer_candidates(conn)
+    finally:
+        conn.close()
+    summary: dict[str, Any] = {
+        "run_dir": str(run), "hook": job.hook, "features": total, "live": live, "metrics": metrics, "labels": labels,
+    }  # fmt: skip
+    checks = []
+    for feature, max_act, tokens in candidates:
+        value = round(2 * max_act, 1)
+        check = {"feature": feature, "value": value, **check_steering(job, feature, value, tokens)}
+        check["tokens"] = [job.model.tokenizer.decode([t]) for t in sorted(tokens)][:6]
+        check["raises_its_tokens"] = check["steered"] > check["baseline"]
+        checks.append(check)
+        if check["raises_its_tokens"]:
+            break
+    if checks:
+        # The first feature whose clamp raised its own tokens' rate; else the largest behaviour change.
+        best = next((c for c in checks if c["raises_its_tokens"]), max(checks, key=lambda c: c["kl"]))
+        best["command"] = (
+            f"lmscope steer {job.cfg.model} --dict {job.dict_dir()} "
+            f"--feature {best['feature']}=clamp:{best['value']:g} "
+            f'--prompt "{STEER_PROMPT}" --samples 3 --measure'
+        )
+        summary["steer"] = best
+    return summary
