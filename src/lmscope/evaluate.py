@@ -14,6 +14,7 @@ Spliced into the model (model.intervene replaces the hook activation by the reco
   ce_zero_ablate, ce_recovered = (ce_zero_ablate - ce_spliced) / (ce_zero_ablate - ce_clean),
   kl_spliced, kl_spliced_with_error: mean KL(clean || spliced) of the next-token distributions.
 For a transcoder (hook -> hook_out) the reconstruction of hook_out from hook replaces hook_out.
+Special tokens (BOS/EOS/pad, when a `special` mask is given) keep their own activation in spliced runs.
 """
 
 from __future__ import annotations
@@ -94,8 +95,15 @@ def _kl(clean: Tensor, other: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def splice_metrics(model: Model, d: Dictionary, ids: Tensor, batch: int = 8) -> dict[str, float]:
-    """CE loss and KL with the dictionary spliced into `model` at its hook, over token ids [n_seq, seq_len]."""
+def splice_metrics(
+    model: Model, d: Dictionary, ids: Tensor, batch: int = 8, special: Tensor | None = None
+) -> dict[str, float]:
+    """CE loss and KL with the dictionary spliced into `model` at its hook, over token ids [n_seq, seq_len].
+
+    With `special` ([n_seq, seq_len] bool), BOS/EOS/pad positions keep their own activation in the spliced
+    and the zero-ablated runs alike (the usual convention: dictionaries are not trained on those outliers,
+    and the BOS position serves as an attention sink for every later token).
+    """
     hook_in = d.cfg.hook
     hook_out = d.cfg.hook_out if d.cfg.is_transcoder else hook_in
     if not hook_in or not hook_out:
@@ -114,6 +122,11 @@ def splice_metrics(model: Model, d: Dictionary, ids: Tensor, batch: int = 8) -> 
 
     for s in range(0, ids.shape[0], batch):
         b = ids[s : s + batch]
+        keep = None if special is None else special[s : s + batch].bool().unsqueeze(-1)
+
+        def only_ordinary(new: Tensor, x: Tensor, keep: Tensor | None = keep) -> Tensor:
+            return new if keep is None else torch.where(keep.to(x.device), x, new)
+
         clean = model(b)
         assert clean is not None
         stash: dict[str, Tensor] = {}
@@ -133,9 +146,9 @@ def splice_metrics(model: Model, d: Dictionary, ids: Tensor, batch: int = 8) -> 
         def source(x: Tensor, stash: dict[str, Tensor] = stash) -> Tensor:
             return stash["acts"][hook_in] if hook_in != hook_out else x  # type: ignore[index]
 
-        spliced = run_with(lambda x: recon_of(source(x)))
+        spliced = run_with(lambda x: only_ordinary(recon_of(source(x)), x))
         with_err = run_with(lambda x: recon_of(source(x)) + (x - recon_of(source(x))))
-        zero = run_with(lambda x: torch.zeros_like(x))
+        zero = run_with(lambda x: only_ordinary(torch.zeros_like(x), x))
         values = {
             "ce_clean": _ce(clean, b),
             "ce_spliced": _ce(spliced, b),
@@ -158,7 +171,8 @@ def evaluate(d: Dictionary, model: Model, ids: Tensor, batch: int = 8, special: 
     """Every metric: activations harvested from `model` on `ids` at the dictionary's hook(s), then the splice.
 
     `special` ([n, context] bool) marks BOS/EOS/pad positions: their activation norms are huge outliers
-    that dictionaries are not trained on, so the activation metrics leave them out (the CE metrics don't).
+    that dictionaries are not trained on, so the activation metrics leave them out and the splice keeps the
+    model's own activation there (the CE is still measured at every position).
     """
     hooks = [h for h in (d.cfg.hook, d.cfg.hook_out if d.cfg.is_transcoder else None) if h]
     if not hooks:
@@ -176,7 +190,7 @@ def evaluate(d: Dictionary, model: Model, ids: Tensor, batch: int = 8, special: 
         keep = ~special.reshape(special.shape[0] if special.ndim > 1 else 1, -1).bool()
         x, y = x[keep], y[keep]
     results = activation_metrics(d, x, y if len(hooks) == 2 else None)
-    results.update(splice_metrics(model, d, ids, batch))
+    results.update(splice_metrics(model, d, ids, batch, special=special))
     results["hook"] = d.cfg.hook
     if d.cfg.is_transcoder:
         results["hook_out"] = d.cfg.hook_out

@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from lmscope import __version__
-from lmscope.cli import atlas_cmds, demo_cmd, eval_cmd, harvest_cmds, model_cmds, steer_cmds, train_cmds
+from lmscope.cli import atlas_cmds, demo_cmd, eval_cmd, explain_cmds, harvest_cmds, model_cmds, steer_cmds, train_cmds
 
 app = typer.Typer(
     name="lmscope",
@@ -21,6 +21,7 @@ steer_cmds.register(app)
 atlas_cmds.register(app)
 train_cmds.register(app)
 eval_cmd.register(app)
+explain_cmds.register(app)
 
 
 @app.command()

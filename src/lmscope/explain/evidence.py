@@ -1,0 +1,155 @@
+"""What an explainer and a scorer see of one feature: its atlas examples split into an explain half and a held-out
+half, and non-activating windows as negatives.
+
+The split is deterministic: examples are ordered by (kind, bin, rank) and alternate between the halves, so both
+halves hold top and quantile examples. Negatives are windows from atlas contexts that are *not* among the
+feature's examples, at seeded random positions. The atlas stores no activations outside the examples, so a
+negative context may still contain a weak firing that was not sampled; for sparse features this is rare, for
+dense ones it makes every score a lower bound (docs/explain.md).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+@dataclass
+class Window:
+    """A run of tokens with the feature's activation on each (zeros for negatives)."""
+
+    context: int
+    start: int  # context position of the first token
+    token_ids: list[int]
+    tokens: list[str]
+    acts: np.ndarray  # float32, one per token
+    kind: str  # top | quantile | negative
+    bin: int = -1
+    peak: int = -1  # index of the example token in the window (-1 for negatives)
+
+    @property
+    def act(self) -> float:
+        return float(self.acts.max()) if len(self.acts) else 0.0
+
+    def active(self, frac: float = 0.0) -> np.ndarray:
+        """Indices of tokens whose activation is > 0 and >= frac * this window's peak."""
+        if not len(self.acts) or self.act <= 0:
+            return np.zeros(0, dtype=np.int64)
+        return np.nonzero((self.acts > 0) & (self.acts >= frac * self.act))[0]
+
+
+@dataclass
+class FeatureEvidence:
+    feature: int
+    max_act: float
+    density: float
+    explain: list[Window]
+    held_out: list[Window]
+    explain_negatives: list[Window] = field(default_factory=list)
+    held_out_negatives: list[Window] = field(default_factory=list)
+
+
+class AtlasEvidence:
+    """Reads examples and contexts from an open atlas connection (read-only use; one thread at a time)."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+        self.vocab: list[str] = [t for (t,) in conn.execute("SELECT text FROM vocab ORDER BY id")]
+        self.context_ids: list[int] = [int(r[0]) for r in conn.execute("SELECT id FROM contexts ORDER BY id")]
+        self._ctx: dict[int, np.ndarray] = {}
+        self._freq: np.ndarray | None = None
+        self._kinds: dict[int, list[str]] = {}
+
+    def text(self, tid: int) -> str:
+        return self.vocab[tid] if 0 <= tid < len(self.vocab) else f"<id {tid}>"
+
+    def context(self, cid: int) -> np.ndarray:
+        if cid not in self._ctx:
+            row = self.conn.execute("SELECT tokens FROM contexts WHERE id = ?", (cid,)).fetchone()
+            self._ctx[cid] = np.frombuffer(row[0], dtype="<i4").astype(np.int64) if row else np.zeros(0, np.int64)
+        return self._ctx[cid]
+
+    def kinds(self, w: Window) -> list[str]:
+        """The context kind (rules.CONTEXT_KINDS) of each token of `w`, classified over its whole context."""
+        from lmscope.explain.rules import classify_context
+
+        if w.context not in self._kinds:
+            self._kinds[w.context] = classify_context([self.text(t) for t in self.context(w.context).tolist()])
+        return self._kinds[w.context][w.start : w.start + len(w.tokens)]
+
+    def token_freq(self) -> np.ndarray:
+        """Relative frequency of each token id over every context stored in the atlas (position 0 excluded)."""
+        if self._freq is None:
+            counts = np.zeros(max(1, len(self.vocab)), dtype=np.float64)
+            for (blob,) in self.conn.execute("SELECT tokens FROM contexts"):
+                ids = np.frombuffer(blob, dtype="<i4")[1:]
+                ids = ids[(ids >= 0) & (ids < len(counts))]
+                counts += np.bincount(ids, minlength=len(counts))
+            self._freq = counts / max(1.0, counts.sum())
+        return self._freq
+
+    def live_features(self) -> list[int]:
+        return [int(r[0]) for r in self.conn.execute("SELECT id FROM features WHERE dead = 0 ORDER BY id")]
+
+    def windows(self, feature: int) -> list[Window]:
+        rows = self.conn.execute(
+            "SELECT kind, bin, rank, context, pos, start, acts FROM examples WHERE feature = ? "
+            "ORDER BY kind DESC, bin DESC, rank",
+            (int(feature),),
+        ).fetchall()
+        out = []
+        for kind, b, _rank, ctx, pos, start, blob in rows:
+            acts = np.frombuffer(blob, dtype="<f4").copy()
+            ids = self.context(int(ctx))[start : start + len(acts)].tolist()
+            out.append(Window(int(ctx), int(start), ids, [self.text(t) for t in ids], acts, kind, int(b),
+                              int(pos) - int(start)))  # fmt: skip
+        return out
+
+    def negatives(self, exclude: set[int], n: int, length: int, before: int, seed: int) -> list[Window]:
+        """`n` windows of `length` tokens from contexts not in `exclude`, at seeded positions (never position 0)."""
+        pool = [c for c in self.context_ids if c not in exclude]
+        if not pool or n <= 0:
+            return []
+        rng = np.random.default_rng(seed)
+        picks = rng.choice(len(pool), size=min(n, len(pool)), replace=False)
+        out = []
+        for i in picks:
+            cid = pool[int(i)]
+            toks = self.context(cid)
+            if len(toks) < 2:
+                continue
+            p = int(rng.integers(1, len(toks)))
+            s = max(1, p - before)
+            e = min(len(toks), s + length)
+            ids = toks[s:e].tolist()
+            out.append(Window(cid, s, ids, [self.text(t) for t in ids], np.zeros(len(ids), np.float32), "negative"))
+        return out
+
+    def evidence(self, feature: int, negatives_per_positive: float = 2.0, min_negatives: int = 10,
+                 seed: int = 0) -> FeatureEvidence:  # fmt: skip
+        row = self.conn.execute("SELECT max_act, density FROM features WHERE id = ?", (int(feature),)).fetchone()
+        if row is None:
+            from lmscope.explain.ops import ExplainError
+
+            raise ExplainError(
+                f"feature {feature} is not in this atlas; features run from 0 to {self.n_features() - 1}"
+            )
+        wins = self.windows(feature)
+        explain, held = wins[0::2], wins[1::2]
+        length = int(np.median([len(w.tokens) for w in wins])) if wins else 16
+        before = int(np.median([w.peak for w in wins])) if wins else length // 2
+        exclude = {w.context for w in wins}
+        n_neg = max(min_negatives, round(negatives_per_positive * max(len(explain), len(held))))
+        negs = self.negatives(exclude, 2 * n_neg, length, before, seed=seed * 1_000_003 + int(feature))
+        return FeatureEvidence(int(feature), float(row[0]), float(row[1]), explain, held, negs[0::2], negs[1::2])
+
+    def n_features(self) -> int:
+        return int(self.conn.execute("SELECT count(*) FROM features").fetchone()[0])
+
+
+def evidence_summary(ev: FeatureEvidence) -> dict[str, Any]:
+    return {"explain": len(ev.explain), "held_out": len(ev.held_out), "explain_negatives": len(ev.explain_negatives),
+            "held_out_negatives": len(ev.held_out_negatives)}  # fmt: skip
