@@ -61,7 +61,8 @@ def test_human_labels_are_kept_apart_and_never_overwritten(atlas: Path) -> None:
     assert invoke("explain", atlas, "--features", "0", "--redo").exit_code == 0
     by_source = {x["source"]: x for x in rows(atlas)}
     assert by_source["human"]["text"] == "numerals in running text" and by_source["machine"]["text"] == "digits"
-    assert AtlasStore(atlas).labels([0])[0] == {"text": "numerals in running text", "source": "human", "score": None}
+    assert AtlasStore(atlas).labels([0])[0] == {"text": "numerals in running text", "source": "human", "score": None,
+                                                "explainer": "ana", "scorer": None}  # fmt: skip
     assert invoke("label", atlas, 0, "digits").exit_code == 0  # a correction replaces the human label
     assert [x["text"] for x in rows(atlas) if x["source"] == "human"] == ["digits"]
     assert invoke("label", atlas, 0, "--remove").exit_code == 0
@@ -81,6 +82,35 @@ def test_offline_score_command_scores_human_labels_too(atlas: Path, tmp_path: Pa
     assert rep[2]["score"] is None and "states no rule" in rep[2]["note"]
     # a rerun skips the scored label; the label that states no rule is tried again (and stays unscored)
     assert "1 labels scored, 1 skipped" in invoke("score", atlas, "--scorer", "fuzzing").output
+
+
+def scores(atlas: Path) -> dict[tuple[int, str], float]:
+    conn = sqlite3.connect(atlas)
+    try:
+        sql = "SELECT l.feature, s.scorer, s.score FROM scores s JOIN labels l ON l.id = s.label_id"
+        return {(f, sc): v for f, sc, v in conn.execute(sql)}
+    finally:
+        conn.close()
+
+
+def test_several_scorers_keep_a_score_each(atlas: Path) -> None:
+    """Schema v2: `score --scorer X` writes or replaces the (label, X) row of `scores`; `labels.score` is the
+    latest; the explorer's feature data lists every scorer."""
+    assert invoke("explain", atlas, "--features", "0").exit_code == 0  # stats labels come scored (rule-detection)
+    assert scores(atlas) == {(0, "rule-detection"): rows(atlas)[0]["score"]}
+    assert invoke("score", atlas, "--scorer", "fuzzing", "--features", "0").exit_code == 0
+    got = scores(atlas)
+    assert set(got) == {(0, "rule-detection"), (0, "rule-fuzzing")}
+    lab = rows(atlas)[0]
+    assert lab["scorer"] == "rule-fuzzing" and lab["score"] == got[(0, "rule-fuzzing")]  # the latest, as in v1
+    r = invoke("score", atlas, "--scorer", "fuzzing", "--features", "0", "--redo")
+    assert r.exit_code == 0, r.output
+    assert len(scores(atlas)) == 2  # replaced, not duplicated
+    feat = AtlasStore(atlas).feature(0)
+    assert {s["scorer"] for s in feat["labels"][0]["scores"]} == {"rule-detection", "rule-fuzzing"}
+    # re-explaining replaces the label, and its scores go with it
+    assert invoke("explain", atlas, "--features", "0", "--redo").exit_code == 0
+    assert set(scores(atlas)) == {(0, "rule-detection")}
 
 
 def _answer(path: str, body: dict) -> Reply:

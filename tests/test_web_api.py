@@ -15,6 +15,7 @@ from atlas_helpers import HOOK, make_tiny_atlas
 from lmscope.atlas import AtlasError
 from lmscope.atlas.schema import SCHEMA_VERSION
 from lmscope.web.app import MAX_INSPECT_CHARS, Live, create_app, load_live
+from lmscope.web.steer_api import MAX_STEER_CHARS, MAX_STEER_TOKENS
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +67,9 @@ def test_search_by_text_label_and_token(env) -> None:
     assert any("Paris" in ex["text"] for ex in one["top_examples"])
     lab = live.get("/api/search", params={"q": "capital cities", "by": "label"}).json()
     assert [it["id"] for it in lab["items"]] == [1]
-    assert lab["items"][0]["label"] == {"text": "capital cities", "source": "human", "score": None}
+    assert lab["items"][0]["label"] == {
+        "text": "capital cities", "source": "human", "score": None, "explainer": None, "scorer": None
+    }  # fmt: skip
     tok = live.get("/api/search", params={"q": "Paris", "by": "token"}).json()
     for it in tok["items"][:3]:
         feat = live.get(f"/api/features/{it['id']}").json()
@@ -221,3 +224,241 @@ def test_server_opens_read_only_and_refuses_bad_files(env, tmp_path: Path) -> No
         create_app(tmp_path / "missing.db")
     live_pair, note = load_live(env[2], model="/no/such/model")
     assert live_pair is None and "cannot load" in note
+
+
+# ---------------------------------------------------------------------- labels: explainer, scores, human edits
+def _copy(out: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copy(out, dst)
+    return dst
+
+
+def test_list_views_show_label_score_and_explainer(env) -> None:
+    *_, live, _ = env
+    items = {it["id"]: it for it in live.get("/api/features", params={"limit": 500}).json()["items"]}
+    assert items[2]["label"] == {
+        "text": "Python code", "source": "machine", "score": 0.8, "explainer": "test-explainer", "scorer": "detection"
+    }  # fmt: skip
+    page = live.get("/features", params={"q": "Python code", "by": "label"}).text
+    assert "Python code" in page and "test-explainer" in page and "0.8" in page and 'title="scorer: detection"' in page
+    spec = live.get("/api/openapi.json").json()["components"]["schemas"]
+    assert {"explainer", "scorer"} <= set(spec["Label"]["properties"])
+    # a neighbour view names the explainer of a labelled neighbour
+    store = live.app.state.store
+    fid = next(i for i in range(48) if any(n["id"] == 2 for n in store.feature(i)["neighbours"]))
+    assert "test-explainer" in live.get(f"/features/{fid}").text
+
+
+def test_human_label_from_the_feature_page(env, tmp_path: Path) -> None:
+    import sqlite3
+
+    from lmscope.explain.labels import open_rw, write_machine_label
+
+    _, _, out, _, _ = env
+    atlas = _copy(out, tmp_path / "edit.db")
+    client = TestClient(create_app(atlas))
+    page = client.get("/features/2").text
+    assert 'id="label-form"' in page and 'id="human-label" class="muted"' in page
+    r = client.put("/api/features/2/label", json={"text": "  python <source> code ", "author": "ana"})
+    assert r.status_code == 200, r.text
+    assert [(x["source"], x["text"]) for x in r.json()] == [("human", "python <source> code"),
+                                                            ("machine", "Python code")]  # fmt: skip
+    # the server's own connection stays read-only, and sees the write at once
+    with pytest.raises(sqlite3.OperationalError, match=r"readonly|read-only"):
+        client.app.state.store.conn.execute("DELETE FROM labels")
+    feat = client.get("/api/features/2").json()
+    assert feat["label"] == {"text": "python <source> code", "source": "human", "score": None, "explainer": "ana",
+                             "scorer": None}  # fmt: skip
+    page = client.get("/features/2").text
+    assert '<p id="human-label"><span class="label human">python &lt;source&gt; code</span>' in page
+    assert "<source>" not in page
+    found = client.get("/api/search", params={"q": "source", "by": "label"}).json()
+    assert [it["id"] for it in found["items"]] == [2]  # the FTS triggers followed
+    # a correction replaces the human label; a machine run never touches it
+    assert client.put("/api/features/2/label", json={"text": "Python source"}).status_code == 200
+    conn = open_rw(atlas)
+    write_machine_label(conn, 2, "code again", "test-explainer", 0.5, "detection")
+    conn.close()
+    labels = client.get("/api/features/2/labels").json()
+    assert [(x["source"], x["text"]) for x in labels] == [("human", "Python source"), ("machine", "code again")]
+    assert client.get("/api/search", params={"q": "python source", "by": "label"}).json()["total"] == 1
+    assert client.get("/api/search", params={"q": "python code", "by": "label"}).json()["total"] == 0
+    # errors are clear JSON
+    assert client.put("/api/features/999/label", json={"text": "x"}).status_code == 404
+    bad = client.put("/api/features/2/label", json={"text": "   "})
+    assert bad.status_code == 422 and "empty" in bad.json()["detail"]
+    assert client.put("/api/features/2/label", json={"text": "x" * 501}).status_code == 422
+    assert client.get("/api/features/999/labels").status_code == 404
+    r = client.delete("/api/features/2/label")
+    assert r.status_code == 200 and [x["source"] for x in r.json()] == ["machine"]
+    assert client.get("/api/search", params={"q": "python source", "by": "label"}).json()["total"] == 0
+
+
+def test_read_only_server_refuses_label_writes(env, tmp_path: Path) -> None:
+    _, _, out, _, _ = env
+    atlas = _copy(out, tmp_path / "ro.db")
+    before = hashlib.sha256(atlas.read_bytes()).hexdigest()
+    client = TestClient(create_app(atlas, read_only=True))
+    for r in (client.put("/api/features/1/label", json={"text": "x"}), client.delete("/api/features/1/label")):
+        assert r.status_code == 403 and "--read-only" in r.json()["detail"]
+    assert client.get("/api/features/1/labels").status_code == 200
+    page = client.get("/features/1").text
+    assert 'id="label-readonly"' in page and 'id="label-form"' not in page
+    assert hashlib.sha256(atlas.read_bytes()).hexdigest() == before
+
+
+def test_serve_read_only_flag(env, monkeypatch: pytest.MonkeyPatch) -> None:
+    import uvicorn
+    from typer.testing import CliRunner
+
+    from lmscope.cli.app import app as cli
+
+    _, _, out, _, _ = env
+    apps: list = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: apps.append(app))
+    for args, want in ((["--read-only"], True), ([], False)):
+        r = CliRunner().invoke(cli, ["serve", str(out), "--no-live", *args])
+        assert r.exit_code == 0, r.output
+        assert apps[-1].state.read_only is want
+        assert ("label editing off" in r.output) is want
+
+
+def test_several_scores_per_label(env, tmp_path: Path) -> None:
+    from lmscope.explain.labels import feature_labels, open_rw, set_score
+
+    _, _, out, _, _ = env
+    atlas = _copy(out, tmp_path / "scores.db")
+    conn = open_rw(atlas)
+    lid = feature_labels(conn, 2)[0]["id"]
+    assert [s["scorer"] for s in feature_labels(conn, 2)[0]["scores"]] == ["detection"]  # add_label wrote it
+    set_score(conn, lid, 0.55, "fuzzing", n=20)
+    set_score(conn, lid, 0.7, "detection")  # replaces the (label, detection) row
+    conn.close()
+    client = TestClient(create_app(atlas))
+    lab = client.get("/api/features/2").json()["labels"][0]
+    assert lab["score"] == 0.7 and lab["scorer"] == "detection"  # the latest score, as in v1
+    assert {s["scorer"]: (s["score"], s["n"]) for s in lab["scores"]} == {"detection": (0.7, None),
+                                                                          "fuzzing": (0.55, 20)}  # fmt: skip
+    page = client.get("/features/2").text
+    assert '<span class="scorer">detection</span> <span class="num">0.7</span>' in page
+    assert '<span class="scorer">fuzzing</span> <span class="num">0.55</span>' in page
+
+
+def _downgrade_to_v1(path: Path) -> None:
+    """Make a version-1 atlas the way lmscope 1 wrote it: no `scores` table, version 1."""
+    import sqlite3
+
+    from lmscope.atlas import add_label
+
+    conn = sqlite3.connect(path)
+    conn.execute("DROP TRIGGER labels_scores_delete")
+    conn.execute("DROP TABLE scores")
+    conn.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
+    conn.execute("PRAGMA user_version=1")
+    add_label(conn, 3, "v1 scored", source="machine", explainer="old", score=0.9, scorer="rule-detection")
+    conn.commit()
+    conn.close()
+
+
+def test_v1_atlas_reads_read_only_and_migrates_read_write(env, tmp_path: Path) -> None:
+    import sqlite3
+
+    from lmscope.atlas.schema import get_meta, has_table, open_atlas, set_meta
+    from lmscope.explain.labels import open_rw
+
+    _, _, out, _, _ = env
+    atlas = _copy(out, tmp_path / "v1.db")
+    _downgrade_to_v1(atlas)
+    # read-only: served as it is, scores empty, nothing written
+    client = TestClient(create_app(atlas))
+    assert client.get("/api/overview").json()["schema_version"] == 1
+    lab = next(x for x in client.get("/api/features/3").json()["labels"] if x["text"] == "v1 scored")
+    assert lab["score"] == 0.9 and lab["scores"] == []
+    assert "v1 scored" in client.get("/features/3").text
+    # a human label from the explorer touches only `labels`: the file stays version 1
+    assert client.put("/api/features/3/label", json={"text": "human on v1"}).status_code == 200
+    conn = open_atlas(atlas)
+    assert get_meta(conn, "schema_version") == 1 and not has_table(conn, "scores")
+    conn.close()
+    # read-write: migrated in place, old scores copied
+    conn = open_rw(atlas)
+    assert get_meta(conn, "schema_version") == SCHEMA_VERSION == 2
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
+    sql = "SELECT s.scorer, s.score FROM scores s JOIN labels l ON l.id = s.label_id WHERE l.text = 'v1 scored'"
+    rows = [tuple(r) for r in conn.execute(sql)]
+    assert rows == [("rule-detection", 0.9)]
+    # deleting a label deletes its scores (trigger added by the migration)
+    conn.execute("DELETE FROM labels WHERE text = 'v1 scored'")
+    conn.commit()
+    assert conn.execute("SELECT count(*) FROM scores WHERE score = 0.9").fetchone()[0] == 0
+    set_meta(conn, "schema_version", SCHEMA_VERSION + 1)  # newer files are still refused
+    conn.commit()
+    conn.close()
+    with pytest.raises(AtlasError, match="upgrade lmscope"):
+        create_app(atlas)
+    with pytest.raises(AtlasError, match="upgrade lmscope"):
+        open_rw(atlas)
+    assert sqlite3.connect(atlas).execute("SELECT count(*) FROM labels WHERE text = 'human on v1'").fetchone()[0] == 1
+
+
+# ---------------------------------------------------------------------- steering panel
+def test_steer_runs_baseline_and_steered(env) -> None:
+    from lmscope.generation import SamplingConfig, prompt_ids
+    from lmscope.steering import Edit, feature_readout, latent_edit_writer
+    from lmscope.steering_measure import run_steering
+
+    model, d, _, live, _ = env
+    body = {"prompt": "The capital of France is", "mode": "add", "strength": 6.0, "max_new_tokens": 6, "seed": 3}
+    r = live.post("/api/features/1/steer", json=body)
+    assert r.status_code == 200, r.text
+    got = r.json()
+    assert got["edit"] == "1=add:6" and got["hook"] == HOOK and got["max_new_tokens"] == 6
+    assert set(got["measure"]) == {"activation_baseline", "activation_steered", "kl_first_position",
+                                   "perplexity_baseline", "perplexity_steered"}  # fmt: skip
+    assert got["measure"]["kl_first_position"] > 0
+    # the same as lmscope.steering run directly
+    ids = prompt_ids(model, body["prompt"])
+    ref = run_steering(model, {HOOK: latent_edit_writer(d, [Edit(1, "add", 6.0)])}, body["prompt"], ids, ["x"],
+                       SamplingConfig(max_new_tokens=6, temperature=0.8), seed=3,
+                       readout=feature_readout(d, HOOK, [1]))  # fmt: skip
+    assert (got["baseline"], got["steered"]) == (ref.samples[0].baseline, ref.samples[0].steered)
+    assert got["measure"]["activation_steered"] == pytest.approx(ref.measure["activation_steered"]["feature 1"])
+    again = live.post("/api/features/1/steer", json=body).json()
+    assert again["steered"] == got["steered"]  # seeded
+    ab = live.post("/api/features/1/steer", json={**body, "mode": "ablate", "strength": 123}).json()
+    assert ab["edit"] == "1=ablate" and ab["baseline"] == got["baseline"]
+
+
+def test_steer_validates_input_and_caps_work(env) -> None:
+    *_, live, browse = env
+    ok = {"prompt": "Paris", "mode": "clamp", "strength": 2.0, "max_new_tokens": 4, "seed": 0}
+    cases = [
+        ({"mode": "amplify"}, "mode"), ({"max_new_tokens": MAX_STEER_TOKENS + 1}, "max_new_tokens"),
+        ({"max_new_tokens": 0}, "max_new_tokens"), ({"prompt": "x" * (MAX_STEER_CHARS + 1)}, "prompt"),
+        ({"prompt": ""}, "prompt"), ({"strength": "strong"}, "strength"), ({"seed": -1}, "seed"),
+    ]  # fmt: skip
+    for change, field in cases:
+        r = live.post("/api/features/1/steer", json={**ok, **change})
+        assert r.status_code == 422 and any(field in e["loc"] for e in r.json()["detail"]), (change, r.text)
+    inf = live.post("/api/features/1/steer", content=json.dumps(ok).replace("2.0", "1e999"),
+                    headers={"Content-Type": "application/json"})  # fmt: skip
+    assert inf.status_code == 422 and "finite" in inf.text
+    blank = live.post("/api/features/1/steer", json={**ok, "prompt": "   "})
+    assert blank.status_code == 422 and "empty" in blank.json()["detail"]
+    missing = live.post("/api/features/4800/steer", json=ok)
+    assert missing.status_code == 404 and "does not exist" in missing.json()["detail"]
+    off = browse.post("/api/features/1/steer", json=ok)
+    assert off.status_code == 503 and "steering is not available" in off.json()["detail"]
+    assert 'id="steer-off"' in browse.get("/features/1").text
+    assert 'id="steer-off"' not in live.get("/features/1").text
+    # one steering request at a time
+    lock = live.app.state.live.steer_lock
+    assert lock.acquire(blocking=False)
+    try:
+        busy = live.post("/api/features/1/steer", json=ok)
+        assert busy.status_code == 429 and "another steering request" in busy.json()["detail"]
+    finally:
+        lock.release()
+    assert live.post("/api/features/1/steer", json=ok).status_code == 200
+    assert "/api/features/{fid}/steer" in live.get("/api/openapi.json").json()["paths"]

@@ -1,4 +1,5 @@
-"""The explorer in a real browser: headless Debian Chromium driven by Playwright against a live local server.
+"""The explorer in a real browser: headless Debian Chromium driven by Playwright against a live local server
+(with a live tiny model: the inspector and the steering panel run for real).
 
 Playwright never downloads a browser here: it launches /usr/bin/chromium (installed by `make browser`). If
 either is missing the tests are skipped with the reason, never silently.
@@ -148,3 +149,43 @@ def test_overview_search_feature_and_inspector(server: str, page) -> None:
     assert page.errors == []  # type: ignore[attr-defined]
     assert page.outside == []  # type: ignore[attr-defined]
     assert (ARTIFACTS / "feature_page.png").stat().st_size > 10_000
+
+
+def test_human_label_and_steering_panel(server: str, page) -> None:
+    """Set a human label on a feature page and see it after a reload (and in the list); steer the feature live."""
+    page.goto(server + "/features/2")
+    assert page.locator("#machine-labels").inner_text().startswith("Python code")
+    assert "test-explainer" in page.locator("#machine-labels").inner_text()
+    page.fill("#label-text", "snippets of <Python> code")
+    page.fill("#label-author", "browser-test")
+    page.click("#label-save")
+    page.wait_for_function("document.getElementById('human-label').textContent.includes('snippets')")
+    page.reload()
+    assert page.locator("#human-label .label.human").inner_text() == "snippets of <Python> code"
+    assert "by browser-test" in page.locator("#human-label").inner_text()
+    assert page.locator("#machine-labels .label.machine").inner_text() == "Python code"  # kept apart, untouched
+    assert page.locator(".fhead .label.human").inner_text() == "snippets of <Python> code"
+    page.goto(server + "/features?q=snippets&by=label")
+    assert page.locator("#feature-table tbody tr").count() == 1
+    assert "browser-test" in page.locator("#feature-table tbody tr").inner_text()
+
+    # the steering panel: baseline and steered side by side, with the measurements
+    page.goto(server + "/features/1")
+    page.fill("#steer-prompt", "The capital of France is")
+    page.select_option("#steer-mode", "add")
+    page.fill("#steer-strength", "8")
+    page.fill("#steer-tokens", "6")
+    page.click("#steer-go")
+    page.wait_for_function("document.getElementById('steer-measure').rows.length === 4")
+    assert page.locator("#steer-baseline .prompt").inner_text() == "The capital of France is"
+    assert page.locator("#steer-steered .cont").count() == 1
+    assert "1=add:8" in page.locator("#steer-measure").inner_text()
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "feature_steer.png"), full_page=True)
+    # a request over the cap is refused with the server's message (sent around the input's max)
+    page.evaluate("document.getElementById('steer-tokens').removeAttribute('max')")
+    page.fill("#steer-tokens", "500")
+    page.click("#steer-go")
+    page.wait_for_function("document.getElementById('steer-status').textContent.includes('max_new_tokens')")
+    assert page.errors == []  # type: ignore[attr-defined]
+    assert page.outside == []  # type: ignore[attr-defined]

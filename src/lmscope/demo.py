@@ -192,12 +192,39 @@ class Demo:
     def verify_atlas(self, run: Path) -> None:
         self._open_atlas(run).close()  # refuses a missing, unfinished or newer-schema file
 
+    def explain(self, run: Path) -> dict[str, Any]:
+        from lmscope.explain import explain_atlas, score_atlas
+
+        report = explain_atlas(run / ATLAS, "stats", limit=self.cfg.explain_limit)
+        fuzz = score_atlas(run / ATLAS, "fuzzing", "stats", explainer="stats", limit=self.cfg.explain_limit)
+        scores = [d["score"] for d in report.done if isinstance(d.get("score"), float)]
+        return {
+            "labelled": len(report.done) + report.skipped,
+            "failed": len(report.failed),
+            "fuzzing_scored": len(fuzz.done) + fuzz.skipped,
+            "mean_detection": sum(scores) / len(scores) if scores else None,
+        }
+
+    def verify_explain(self, run: Path) -> None:
+        conn = self._open_atlas(run)
+        try:
+            live = conn.execute("SELECT count(*) FROM features WHERE dead = 0").fetchone()[0]
+            labelled = conn.execute(
+                "SELECT count(DISTINCT feature) FROM labels WHERE source = 'machine' AND explainer LIKE 'stats%'"
+            ).fetchone()[0]
+        finally:
+            conn.close()
+        expected = min(live, self.cfg.explain_limit or live)
+        if labelled < expected:
+            raise LmscopeError(f"only {labelled} of {expected} live features carry a stats label")
+
     def stages(self) -> list[Stage]:
         return [
             Stage("harvest", "harvest activations", self.harvest, self.verify_harvest),
             Stage("train", "train a TopK dictionary", self.train, self.verify_train),
             Stage("eval", "evaluate it", self.evaluate, self.verify_eval),
             Stage("atlas", "build the atlas", self.atlas, self.verify_atlas),
+            Stage("explain", "label and score every feature offline", self.explain, self.verify_explain),
         ]
 
     def pipeline(self) -> Pipeline:

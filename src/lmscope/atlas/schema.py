@@ -3,6 +3,10 @@
 `SCHEMA_VERSION` is stored in `meta` under `schema_version` and in `PRAGMA user_version`. A reader refuses a
 file whose version is newer than its own; a file without `meta.complete = "1"` is an unfinished build and is
 refused too (builds write to `OUT.partial` and rename it only once complete, so that should not happen).
+
+Version history: 1 the first release; 2 adds the `scores` table (several scorers' scores per label). A
+version-1 file is migrated forward in place when it is opened read-write (`migrate_v1`); opened read-only it
+is read as it is (readers treat a missing `scores` table as empty).
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from typing import Any
 
 from lmscope.errors import LmscopeError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 FORMAT = "lmscope.atlas"
 
 
@@ -98,6 +102,22 @@ CREATE TRIGGER IF NOT EXISTS labels_search_update AFTER UPDATE OF text ON labels
 END;
 """
 
+# Version 2: one row per (label, scorer); `labels.score`/`labels.scorer` keep the latest score for v1 readers.
+SCORES_STATEMENTS = (
+    """CREATE TABLE IF NOT EXISTS scores (
+    label_id INTEGER NOT NULL,             -- labels.id
+    scorer   TEXT NOT NULL,                -- e.g. rule-detection, fuzzing:anthropic:MODEL
+    score    REAL,
+    n        INTEGER,                      -- examples the score was computed on (NULL if unknown)
+    created  TEXT NOT NULL,                -- ISO 8601
+    PRIMARY KEY (label_id, scorer)
+)""",
+    """CREATE TRIGGER IF NOT EXISTS labels_scores_delete AFTER DELETE ON labels BEGIN
+    DELETE FROM scores WHERE label_id = old.id;
+END""",
+)
+SCORES_DDL = "".join(f"{st};\n" for st in SCORES_STATEMENTS)
+
 
 def _connect(uri: str, readonly: bool) -> sqlite3.Connection:
     conn = sqlite3.connect(uri, uri=True, check_same_thread=False, isolation_level=None if readonly else "DEFERRED")
@@ -111,7 +131,7 @@ def create(path: str | Path) -> sqlite3.Connection:
     conn = _connect(f"file:{path}?mode=rwc", readonly=False)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=NORMAL")
-    conn.executescript(DDL)
+    conn.executescript(DDL + SCORES_DDL)
     conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
     set_meta(conn, "format", FORMAT)
     set_meta(conn, "schema_version", SCHEMA_VERSION)
@@ -151,8 +171,53 @@ def check_version(conn: sqlite3.Connection, path: str | Path, require_complete: 
     return version
 
 
-def open_atlas(path: str | Path, readonly: bool = True) -> sqlite3.Connection:
-    """Open a complete atlas. Read-only opens use SQLite's `mode=ro`, so the server can never write to it."""
+def has_table(conn: sqlite3.Connection, name: str) -> bool:
+    return conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,)).fetchone() is not None
+
+
+def label_scores(conn: sqlite3.Connection, label_ids: list[int]) -> dict[int, list[dict[str, Any]]]:
+    """Every scorer's score of each label (by scorer name); empty for a version-1 file read as it is."""
+    if not label_ids or not has_table(conn, "scores"):
+        return {}
+    rows = conn.execute(
+        "SELECT label_id, scorer, score, n, created FROM scores WHERE label_id IN (SELECT value FROM json_each(?)) "
+        "ORDER BY label_id, scorer",
+        (json.dumps([int(i) for i in label_ids]),),
+    )
+    out: dict[int, list[dict[str, Any]]] = {}
+    for r in rows:
+        out.setdefault(int(r["label_id"]), []).append(
+            {"scorer": r["scorer"], "score": r["score"], "n": r["n"], "created": r["created"]}
+        )
+    return out
+
+
+def migrate_v1(conn: sqlite3.Connection) -> bool:
+    """Bring a version-1 atlas to version 2 in one transaction: add `scores` (and its trigger) and copy each
+    label's `score`/`scorer` into it. Returns whether anything was migrated (False for a current file)."""
+    if get_meta(conn, "schema_version") != 1:
+        return False
+    conn.commit()
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        for stmt in SCORES_STATEMENTS:  # not executescript: it would commit mid-transaction
+            conn.execute(stmt)
+        conn.execute(
+            "INSERT OR IGNORE INTO scores (label_id, scorer, score, n, created) "
+            "SELECT id, scorer, score, NULL, created FROM labels WHERE scorer IS NOT NULL AND score IS NOT NULL"
+        )
+        set_meta(conn, "schema_version", SCHEMA_VERSION)
+        conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        conn.commit()
+    except BaseException:
+        conn.rollback()
+        raise
+    return True
+
+
+def open_atlas(path: str | Path, readonly: bool = True, migrate: bool = True) -> sqlite3.Connection:
+    """Open a complete atlas. Read-only opens use SQLite's `mode=ro`, so the server can never write to it.
+    A read-write open migrates an older-version file forward (unless `migrate` is False)."""
     path = Path(path)
     if not path.is_file():
         hint = ""
@@ -174,6 +239,8 @@ def open_atlas(path: str | Path, readonly: bool = True) -> sqlite3.Connection:
         check_version(conn, path)
     if readonly:
         conn.execute("PRAGMA query_only=1")
+    elif migrate:
+        migrate_v1(conn)
     return conn
 
 
@@ -187,7 +254,8 @@ def add_label(
     scorer: str | None = None,
     created: str | None = None,
 ) -> int:
-    """Insert a label (the `search` index follows through a trigger); returns its id."""
+    """Insert a label (the `search` index follows through a trigger); returns its id. A score with a scorer
+    is also recorded as that scorer's row in `scores` (schema v2)."""
     import datetime as dt
 
     if source not in ("human", "machine"):
@@ -197,4 +265,10 @@ def add_label(
         "INSERT INTO labels (feature, text, source, explainer, score, scorer, created) VALUES (?, ?, ?, ?, ?, ?, ?)",
         (int(feature), text, source, explainer, score, scorer, created),
     )
-    return int(cur.lastrowid or 0)
+    lid = int(cur.lastrowid or 0)
+    if score is not None and scorer and has_table(conn, "scores"):
+        conn.execute(
+            "INSERT OR REPLACE INTO scores (label_id, scorer, score, n, created) VALUES (?, ?, ?, NULL, ?)",
+            (lid, scorer, score, created),
+        )
+    return lid

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from lmscope.atlas.schema import get_meta, open_atlas
+from lmscope.atlas.schema import get_meta, label_scores, open_atlas
 
 SORTS = {"id": "id", "density": "density", "max_act": "max_act", "mean_act": "mean_act"}
 SEARCH_KINDS = ("label", "text", "token")
@@ -79,18 +79,21 @@ class AtlasStore:
 
     # ------------------------------------------------------------------ labels
     def labels(self, ids: list[int]) -> dict[int, dict[str, Any]]:
-        """The label shown for each feature: the newest human label, else the best-scored machine label."""
+        """The label shown for each feature: the newest human label, else the best-scored machine label; with
+        its (latest) score, the scorer that gave it, and the explainer that wrote it (a human's author)."""
         if not ids:
             return {}
         rows = self.conn.execute(
-            "SELECT feature, text, source, score, explainer FROM labels WHERE feature IN "
+            "SELECT feature, text, source, score, explainer, scorer FROM labels WHERE feature IN "
             "(SELECT value FROM json_each(?)) ORDER BY feature, source = 'human' DESC, "
-            "CASE WHEN source = 'human' THEN created END DESC, score DESC",
+            "CASE WHEN source = 'human' THEN created END DESC, CASE WHEN source = 'human' THEN id END DESC, "
+            "score DESC",
             (json.dumps(ids),),
         )
         out: dict[int, dict[str, Any]] = {}
         for r in rows:
-            out.setdefault(r["feature"], {"text": r["text"], "source": r["source"], "score": r["score"]})
+            out.setdefault(r["feature"], {"text": r["text"], "source": r["source"], "score": r["score"],
+                                          "explainer": r["explainer"], "scorer": r["scorer"]})  # fmt: skip
         return out
 
     # ------------------------------------------------------------------ overview
@@ -225,10 +228,13 @@ class AtlasStore:
         labels = self.labels([fid] + [n for n, _ in neigh] + [n for n, *_ in cof])
         all_labels = [
             dict(r) for r in c.execute(
-                "SELECT text, source, explainer, score, scorer, created FROM labels WHERE feature = ? "
-                "ORDER BY source = 'human' DESC, created DESC", (int(fid),),
+                "SELECT id, text, source, explainer, score, scorer, created FROM labels WHERE feature = ? "
+                "ORDER BY source = 'human' DESC, created DESC, id DESC", (int(fid),),
             )
         ]  # fmt: skip
+        scores = label_scores(c, [lab["id"] for lab in all_labels])  # empty for a v1 file read as it is
+        for lab in all_labels:
+            lab["scores"] = scores.get(lab["id"], [])
         return {
             "id": row["id"],
             "label": labels.get(row["id"]),

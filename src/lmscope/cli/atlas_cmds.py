@@ -24,6 +24,7 @@ SERVE_EPILOG = (
     "Examples:\n\n"
     "  lmscope serve atlas.db                       (http://127.0.0.1:8000, inspector uses the atlas's model)\n\n"
     "  lmscope serve atlas.db --port 8080 --no-live  (no model: the prompt inspector is switched off)\n\n"
+    "  lmscope serve atlas.db --read-only            (no human-label editing from the feature pages)\n\n"
     "  lmscope serve atlas.db --host 0.0.0.0         (reachable from other machines: only on trusted networks)"
 )
 
@@ -101,6 +102,9 @@ def register(app: typer.Typer) -> None:
         ] = None,
         device: DeviceOpt = "auto",
         dtype: DtypeOpt = "auto",
+        read_only: Annotated[
+            bool, typer.Option("--read-only", help="Turn off human-label editing (the write routes answer 403).")
+        ] = False,
     ) -> None:
         """Serve the atlas explorer (pages and a JSON API under /api) on HOST:PORT."""
         import uvicorn
@@ -111,7 +115,8 @@ def register(app: typer.Typer) -> None:
         note = "the prompt inspector is off (--no-live)"
         if live:
             live_pair, note = load_live(atlas, model, dict_dir, device=device, dtype=dtype)
-        app_ = create_app(atlas, live=live_pair, live_note=note)
-        console.print(f"serving {atlas} at http://{host}:{port}  ({note})", highlight=False)
+        app_ = create_app(atlas, live=live_pair, live_note=note, read_only=read_only)
+        edits = "label editing off (--read-only)" if read_only else "human labels editable"
+        console.print(f"serving {atlas} at http://{host}:{port}  ({note}; {edits})", highlight=False)
         uvicorn.run(app_, host=host, port=port, log_level="warning")
 

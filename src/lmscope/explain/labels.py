@@ -3,24 +3,30 @@
 - A machine label replaces the same explainer's previous machine label for that feature, and nothing else.
 - A human label replaces the feature's previous human label; machines never touch human rows.
 - Features that already carry a machine label from an explainer are skipped when it runs again (resumable).
+- Scores (schema v2): one `scores` row per (label, scorer), replaced when that scorer runs again; the label's
+  own `score`/`scorer` columns keep the latest one (what v1 readers and the list views show). Deleting a
+  label deletes its scores (trigger).
 Every write is one transaction.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import sqlite3
 from pathlib import Path
 from typing import Any
 
-from lmscope.atlas.schema import add_label, open_atlas
+from lmscope.atlas.schema import add_label, label_scores, open_atlas
 from lmscope.explain.ops import ExplainError
 
 MAX_LABEL_CHARS = 500
 
 
-def open_rw(path: str | Path) -> sqlite3.Connection:
-    """The atlas opened for writing (a running explorer keeps reading it: the file is in WAL mode)."""
-    conn = open_atlas(path, readonly=False)
+def open_rw(path: str | Path, migrate: bool = True) -> sqlite3.Connection:
+    """The atlas opened for writing (a running explorer keeps reading it: the file is in WAL mode). A version-1
+    file is migrated to the current schema first, unless `migrate` is False (the explorer's human-label
+    routes, which touch only the `labels` table)."""
+    conn = open_atlas(path, readonly=False, migrate=migrate)
     conn.execute("PRAGMA busy_timeout = 10000")
     return conn
 
@@ -67,10 +73,20 @@ def remove_human_label(conn: sqlite3.Connection, feature: int) -> int:
         return conn.execute("DELETE FROM labels WHERE feature = ? AND source = 'human'", (int(feature),)).rowcount
 
 
-def set_score(conn: sqlite3.Connection, label_id: int, score: float | None, scorer: str) -> None:
-    """Record a label's score (only the score and scorer columns change, for human labels too)."""
+def _put_score(conn: sqlite3.Connection, label_id: int, score: float | None, scorer: str, n: int | None) -> None:
+    now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    conn.execute(
+        "INSERT OR REPLACE INTO scores (label_id, scorer, score, n, created) VALUES (?, ?, ?, ?, ?)",
+        (int(label_id), scorer, score, n, now),
+    )
+
+
+def set_score(conn: sqlite3.Connection, label_id: int, score: float | None, scorer: str, n: int | None = None) -> None:
+    """Record `scorer`'s score of a label: its (label, scorer) row in `scores` is written or replaced, and the
+    label's `score`/`scorer` columns become this latest score (for human labels too; the text never changes)."""
     with conn:
         conn.execute("UPDATE labels SET score = ?, scorer = ? WHERE id = ?", (score, scorer, int(label_id)))
+        _put_score(conn, label_id, score, scorer, n)
 
 
 def labelled(conn: sqlite3.Connection, explainer: str) -> set[int]:
@@ -81,7 +97,7 @@ def labelled(conn: sqlite3.Connection, explainer: str) -> set[int]:
 
 def labels_to_score(conn: sqlite3.Connection, source: str = "all", explainer: str | None = None,
                     features: list[int] | None = None) -> list[dict[str, Any]]:  # fmt: skip
-    """Label rows (id, feature, text, source, explainer, score, scorer) selected for scoring."""
+    """Label rows (id, feature, text, source, explainer, score, scorer, scorers) selected for scoring."""
     where, params = [], []
     if source in ("human", "machine"):
         where.append("source = ?")
@@ -95,16 +111,24 @@ def labels_to_score(conn: sqlite3.Connection, source: str = "all", explainer: st
 
         params.append(json.dumps(features))
     clause = f"WHERE {' AND '.join(where)}" if where else ""
-    rows = conn.execute(
+    rows = [dict(r) for r in conn.execute(
         f"SELECT id, feature, text, source, explainer, score, scorer FROM labels {clause} ORDER BY feature, id", params
-    )
-    return [dict(r) for r in rows]
+    )]  # fmt: skip
+    by_label = label_scores(conn, [r["id"] for r in rows])
+    for r in rows:  # every scorer that has scored the label (schema v2; just `scorer` for a v1 file)
+        names = {s["scorer"] for s in by_label.get(r["id"], [])}
+        r["scorers"] = sorted(names | {r["scorer"]} if r["scorer"] else names)
+    return rows
 
 
 def feature_labels(conn: sqlite3.Connection, feature: int) -> list[dict[str, Any]]:
-    rows = conn.execute(
+    """Every label of `feature`, human first, each with `scores`: every scorer's score of it."""
+    rows = [dict(r) for r in conn.execute(
         "SELECT id, text, source, explainer, score, scorer, created FROM labels WHERE feature = ? "
-        "ORDER BY source = 'human' DESC, created DESC",
+        "ORDER BY source = 'human' DESC, created DESC, id DESC",
         (int(feature),),
-    )
-    return [dict(r) for r in rows]
+    )]  # fmt: skip
+    scores = label_scores(conn, [r["id"] for r in rows])
+    for r in rows:
+        r["scores"] = scores.get(r["id"], [])
+    return rows

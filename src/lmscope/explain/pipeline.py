@@ -195,7 +195,7 @@ def score_atlas(
             name = f"rule-{scorer}"
         report.name = name
         rows = labels_to_score(conn, source, explainer, features)
-        todo = [r for r in rows if redo or r["scorer"] != name]
+        todo = [r for r in rows if redo or name not in r["scorers"]]
         report.skipped = len(rows) - len(todo)
         todo = todo[: limit if limit is not None else None]
         log(f"{name}: {len(todo)} labels to score, {report.skipped} already scored by it (skipped)")

@@ -15,7 +15,9 @@ router = APIRouter(prefix="/api", tags=["atlas"])
 class Label(BaseModel):
     text: str
     source: Literal["human", "machine"]
-    score: float | None = None
+    score: float | None = Field(None, description="the label's latest score")
+    explainer: str | None = Field(None, description="what wrote it: an explainer, or a human label's author")
+    scorer: str | None = Field(None, description="the scorer that gave `score`")
 
 
 class FeatureSummary(BaseModel):
@@ -89,13 +91,22 @@ class Cofire(BaseModel):
     label: Label | None = None
 
 
+class LabelScore(BaseModel):
+    scorer: str
+    score: float | None = None
+    n: int | None = Field(None, description="examples the score was computed on, if known")
+    created: str
+
+
 class LabelFull(BaseModel):
+    id: int
     text: str
     source: str
     explainer: str | None = None
-    score: float | None = None
+    score: float | None = Field(None, description="the latest score (as in v1 atlases)")
     scorer: str | None = None
     created: str
+    scores: list[LabelScore] = Field(default_factory=list, description="every scorer's score of this label")
 
 
 class Feature(FeatureSummary):

@@ -2,14 +2,18 @@
 
     from lmscope.web.app import create_app
     app = create_app("atlas.db")                       # browse only
-    app = create_app("atlas.db", live=Live(model, d))  # plus the live prompt inspector
+    app = create_app("atlas.db", live=Live(model, d))  # plus the live prompt inspector and steering panel
+    app = create_app("atlas.db", read_only=True)       # no human-label editing either
 
-The atlas is opened read-only. Nothing is fetched from the internet: the pages use local CSS/JS and the
-plotly bundle that ships inside the `plotly` Python package.
+The atlas is opened read-only; human labels set from the feature page are written through a separate
+short-lived connection that touches only the `labels` table (web/labels_api.py), unless `read_only`.
+Nothing is fetched from the internet: the pages use local CSS/JS and the plotly bundle that ships inside the
+`plotly` Python package.
 """
 
 from __future__ import annotations
 
+import math
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +21,8 @@ from typing import Any
 
 import torch
 from fastapi import FastAPI, HTTPException, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 
@@ -32,12 +38,14 @@ MAX_FEATURES_PER_TOKEN = 8
 
 @dataclass
 class Live:
-    """A model and dictionary that the prompt inspector runs on demand (one request at a time)."""
+    """A model and dictionary that the prompt inspector and the steering panel run on demand (one request at a
+    time: `lock` guards the model; `steer_lock` turns away a second steering request while one runs)."""
 
     model: Model
     dictionary: Dictionary
     hook: str | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
+    steer_lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
         self.hook = self.hook or self.dictionary.cfg.hook
@@ -87,6 +95,17 @@ def load_live(
         return None, f"the prompt inspector is off: cannot load the model or dictionary ({exc})"
 
 
+def _json_safe(obj: Any) -> Any:
+    """`obj` with non-finite floats written as strings ('inf', 'nan'), which JSON cannot carry."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
 def plotly_js() -> Path | None:
     try:
         import plotly
@@ -96,10 +115,13 @@ def plotly_js() -> Path | None:
     return p if p.is_file() else None
 
 
-def create_app(atlas: str | Path, live: Live | None = None, live_note: str | None = None) -> FastAPI:
-    """The explorer for `atlas`; `live` enables the prompt inspector."""
+def create_app(
+    atlas: str | Path, live: Live | None = None, live_note: str | None = None, read_only: bool = False
+) -> FastAPI:
+    """The explorer for `atlas`; `live` enables the prompt inspector and steering; `read_only` turns off the
+    routes that write human labels (they answer 403)."""
     from lmscope import __version__
-    from lmscope.web import api, pages
+    from lmscope.web import api, labels_api, pages, steer_api
 
     store = AtlasStore(atlas)  # raises AtlasError for a missing, unfinished or too-new atlas
     app = FastAPI(
@@ -113,6 +135,7 @@ def create_app(atlas: str | Path, live: Live | None = None, live_note: str | Non
     app.state.store = store
     app.state.live = live
     app.state.live_note = live_note or ("inspector ready" if live else "no model loaded: the prompt inspector is off")
+    app.state.read_only = read_only
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     @app.get("/vendor/plotly.min.js", include_in_schema=False)
@@ -123,7 +146,14 @@ def create_app(atlas: str | Path, live: Live | None = None, live_note: str | Non
         return FileResponse(p, media_type="application/javascript", headers={"Cache-Control": "max-age=86400"})
 
     app.include_router(api.router)
+    app.include_router(labels_api.router)
+    app.include_router(steer_api.router)
     app.include_router(pages.router)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI's own handler echoes the input, and a non-finite number (1e999) cannot be written as JSON
+        return JSONResponse({"detail": _json_safe(jsonable_encoder(exc.errors()))}, status_code=422)
 
     @app.exception_handler(404)
     async def not_found(request: Request, exc: Exception) -> Any:

@@ -1,8 +1,10 @@
 """Human labels from the explorer: set, correct or remove a feature's human label (machine labels stay as they are).
 
-Mount it in `create_app` with `app.include_router(labels_api.router)`. The explorer's store reads the atlas
-read-only; these routes open their own short-lived read-write connection (the atlas is in WAL mode, so readers
-are not blocked). An atlas in a read-only place answers 409 with the reason.
+Mounted by `create_app`. The explorer's store reads the atlas read-only; the write routes open their own
+short-lived read-write connection per request that changes only the `labels` table (the FTS `search` rows and
+the deleted label's `scores` follow by trigger) and never migrates the file; the atlas is in WAL mode, so
+readers are not blocked. An atlas in a read-only place answers 409 with the reason; a server started with
+`lmscope serve --read-only` answers 403.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from pydantic import BaseModel, Field
 
 from lmscope.errors import LmscopeError
 from lmscope.explain.labels import MAX_LABEL_CHARS, feature_labels, open_rw, remove_human_label, set_human_label
+from lmscope.web.api import LabelFull
 
 router = APIRouter(prefix="/api", tags=["labels"])
 
@@ -24,20 +27,19 @@ class HumanLabel(BaseModel):
     author: str | None = Field(None, max_length=100)
 
 
-class StoredLabel(BaseModel):
-    id: int
-    text: str
-    source: str
-    explainer: str | None = None
-    score: float | None = None
-    scorer: str | None = None
-    created: str
+class StoredLabel(LabelFull):
+    pass
+
+
+READ_ONLY_NOTE = "label editing is off: this explorer was started with --read-only (restart it without it to edit)"
 
 
 def _write(request: Request, fn: Any) -> list[dict[str, Any]]:
+    if getattr(request.app.state, "read_only", False):
+        raise HTTPException(403, READ_ONLY_NOTE)
     path = request.app.state.store.path
     try:
-        conn = open_rw(path)
+        conn = open_rw(path, migrate=False)
     except (LmscopeError, sqlite3.Error) as exc:
         raise HTTPException(409, f"the atlas cannot be written ({exc}); run the server on a writable copy") from None
     try:
@@ -52,12 +54,16 @@ def _write(request: Request, fn: Any) -> list[dict[str, Any]]:
 
 @router.get("/features/{fid}/labels", response_model=list[StoredLabel])
 def get_labels(request: Request, fid: int) -> list[dict[str, Any]]:
-    """Every label of a feature (human first), with its explainer, score and scorer."""
-    conn = request.app.state.store.conn
-    return feature_labels(conn, fid)
+    """Every label of a feature (human first), with its explainer, latest score, and every scorer's score."""
+    store = request.app.state.store
+    if not 0 <= fid < store.n_features:
+        raise HTTPException(404, f"feature {fid} does not exist; ids run from 0 to {store.n_features - 1}")
+    return feature_labels(store.conn, fid)
 
 
-@router.put("/features/{fid}/label", response_model=list[StoredLabel], responses={404: {}, 409: {}, 422: {}})
+@router.put(
+    "/features/{fid}/label", response_model=list[StoredLabel], responses={403: {}, 404: {}, 409: {}, 422: {}}
+)
 def put_label(request: Request, fid: int, body: HumanLabel) -> list[dict[str, Any]]:
     """Set or correct the human label of a feature; returns all its labels."""
 
@@ -68,7 +74,7 @@ def put_label(request: Request, fid: int, body: HumanLabel) -> list[dict[str, An
     return _write(request, run)
 
 
-@router.delete("/features/{fid}/label", response_model=list[StoredLabel], responses={404: {}, 409: {}})
+@router.delete("/features/{fid}/label", response_model=list[StoredLabel], responses={403: {}, 404: {}, 409: {}})
 def delete_label(request: Request, fid: int) -> list[dict[str, Any]]:
     """Remove the human label of a feature; returns the labels left."""
 

@@ -87,7 +87,13 @@ def feature_page(request: Request, fid: int) -> str:
     data = store.feature(fid)
     if data is None:
         raise HTTPException(404, f"feature {fid} does not exist; ids run from 0 to {store.n_features - 1}")
-    return render("feature.html", request, f=data, n_features=store.n_features)
+    from lmscope.explain.labels import MAX_LABEL_CHARS
+    from lmscope.web.steer_api import MAX_STEER_CHARS, MAX_STEER_TOKENS
+
+    return render(
+        "feature.html", request, f=data, n_features=store.n_features, max_label=MAX_LABEL_CHARS,
+        read_only=request.app.state.read_only, steer={"max_chars": MAX_STEER_CHARS, "max_tokens": MAX_STEER_TOKENS},
+    )  # fmt: skip
 
 
 @router.get("/inspect", response_class=HTMLResponse)

@@ -1,0 +1,122 @@
+// lmscope atlas explorer, feature page: the human-label editor and the steering panel. No network beyond
+// this server; every text from the server is inserted as text (textContent), never as HTML.
+"use strict";
+
+function detailOf(data, res) {
+  if (data && typeof data.detail === "string") return data.detail;
+  if (data && Array.isArray(data.detail)) {
+    return data.detail.map((d) => `${(d.loc || []).slice(1).join(".")}: ${d.msg}`).join("; ");
+  }
+  return `request failed (HTTP ${res.status})`;
+}
+
+async function callJSON(url, method, body) {
+  const opts = { method: method, headers: { "Content-Type": "application/json" } };
+  if (body !== undefined) opts.body = JSON.stringify(body);
+  const res = await fetch(url, opts);
+  let data = null;
+  try { data = await res.json(); } catch (e) { data = null; }
+  return { ok: res.ok, status: res.status, data: data, message: res.ok ? "" : detailOf(data, res) };
+}
+
+function setStatus(el, text, warn) {
+  el.textContent = text;
+  el.className = warn ? "warn small" : "muted small";
+}
+
+function setupLabelEditor() {
+  const form = document.getElementById("label-form");
+  if (!form) return;
+  const fid = form.dataset.feature;
+  const status = document.getElementById("label-status");
+  form.addEventListener("submit", async (ev) => {
+    ev.preventDefault();
+    const text = document.getElementById("label-text").value.trim();
+    const author = document.getElementById("label-author").value.trim();
+    if (!text) { setStatus(status, "type a label first", true); return; }
+    setStatus(status, "saving…", false);
+    try {
+      const r = await callJSON(`/api/features/${fid}/label`, "PUT", { text: text, author: author || null });
+      if (!r.ok) { setStatus(status, r.message, true); return; }
+    } catch (e) { setStatus(status, "request failed: " + e, true); return; }
+    window.location.reload();
+  });
+  const remove = document.getElementById("label-remove");
+  if (remove) {
+    remove.addEventListener("click", async () => {
+      setStatus(status, "removing…", false);
+      try {
+        const r = await callJSON(`/api/features/${fid}/label`, "DELETE");
+        if (!r.ok) { setStatus(status, r.message, true); return; }
+      } catch (e) { setStatus(status, "request failed: " + e, true); return; }
+      window.location.reload();
+    });
+  }
+}
+
+function fmtNum(x) { return x === null || x === undefined ? "–" : Number(x).toPrecision(3); }
+
+function renderSteer(data) {
+  for (const [id, text] of [["steer-baseline", data.baseline], ["steer-steered", data.steered]]) {
+    const box = document.getElementById(id);
+    box.textContent = "";
+    const p = document.createElement("span");
+    p.className = "prompt";
+    p.textContent = data.prompt;
+    const g = document.createElement("span");
+    g.className = "cont";
+    g.textContent = text;
+    box.append(p, g);
+  }
+  const m = data.measure;
+  const rows = [
+    ["edit", data.edit],
+    ["feature activation (baseline → steered)", `${fmtNum(m.activation_baseline)} → ${fmtNum(m.activation_steered)}`],
+    ["KL at first new token", fmtNum(m.kl_first_position)],
+    ["perplexity (baseline → steered)", `${fmtNum(m.perplexity_baseline)} → ${fmtNum(m.perplexity_steered)}`],
+  ];
+  const table = document.getElementById("steer-measure");
+  table.textContent = "";
+  for (const [k, v] of rows) {
+    const tr = table.insertRow();
+    const th = document.createElement("th");
+    th.textContent = k;
+    tr.appendChild(th);
+    tr.insertCell().textContent = v;
+  }
+}
+
+function setupSteering() {
+  const form = document.getElementById("steer-form");
+  if (!form) return;
+  const fid = form.dataset.feature;
+  const status = document.getElementById("steer-status");
+  const mode = document.getElementById("steer-mode");
+  const strength = document.getElementById("steer-strength");
+  mode.addEventListener("change", () => { strength.disabled = mode.value === "ablate"; });
+  form.addEventListener("submit", async (ev) => {
+    ev.preventDefault();
+    const body = {
+      prompt: document.getElementById("steer-prompt").value,
+      mode: mode.value,
+      strength: Number(strength.value || 0),
+      max_new_tokens: parseInt(document.getElementById("steer-tokens").value, 10),
+      seed: parseInt(document.getElementById("steer-seed").value || "0", 10),
+    };
+    setStatus(status, "generating…", false);
+    const go = document.getElementById("steer-go");
+    go.disabled = true;
+    try {
+      const r = await callJSON(`/api/features/${fid}/steer`, "POST", body);
+      if (!r.ok) { setStatus(status, r.message, true); return; }
+      renderSteer(r.data);
+      setStatus(status, `${r.data.model} · ${r.data.hook} · seed ${r.data.seed}`, false);
+    } catch (e) {
+      setStatus(status, "request failed: " + e, true);
+    } finally {
+      go.disabled = false;
+    }
+  });
+}
+
+document.addEventListener("DOMContentLoaded", () => { setupLabelEditor(); setupSteering(); });
