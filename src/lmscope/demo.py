@@ -286,13 +286,19 @@ def demo_summary(job: Demo) -> dict[str, Any]:
     conn = job._open_atlas(run)
     try:
         total, live = conn.execute("SELECT count(*), coalesce(sum(1 - dead), 0) FROM features").fetchone()
-        labels = [
-            {"feature": r[0], "text": r[1], "score": float(r[2]), "max_act": float(r[3])}
-            for r in conn.execute(
-                """SELECT l.feature, l.text, l.score, f.max_act FROM labels l JOIN features f ON f.id = l.feature
-                   WHERE l.source = 'machine' AND l.score IS NOT NULL ORDER BY l.score DESC, f.density DESC LIMIT 5"""
-            )
-        ]
+        labels: list[dict[str, Any]] = []
+        rows = conn.execute(
+            """SELECT l.feature, l.text, d.score, z.score, f.max_act FROM labels l
+               JOIN features f ON f.id = l.feature
+               JOIN scores d ON d.label_id = l.id AND d.scorer = 'rule-detection'
+               LEFT JOIN scores z ON z.label_id = l.id AND z.scorer = 'rule-fuzzing'
+               WHERE l.source = 'machine' ORDER BY d.score DESC, coalesce(z.score, 0) DESC, f.density DESC
+               LIMIT 500"""
+        )
+        for feature, text, detection, fuzzing, max_act in rows:  # the best-scored feature of each distinct label
+            if len(labels) < 8 and all(x["text"] != text for x in labels):
+                labels.append({"feature": feature, "text": text, "detection": detection, "fuzzing": fuzzing,
+                               "max_act": max_act})  # fmt: skip
         candidates = _steer_candidates(conn)
     finally:
         conn.close()

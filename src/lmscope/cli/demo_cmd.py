@@ -96,9 +96,13 @@ def print_summary(s: dict) -> None:
             t.add_row(label, f"{m[key]:.3f}")
     console.print(t)
     if s.get("labels"):
-        lt = Table("feature", "label", "score", "max act", title="most clearly labelled features")
+        lt = Table(
+            "feature", "label (stats explainer)", "detection", "fuzzing", "max act",
+            title="most clearly labelled features (held-out offline scores)",
+        )  # fmt: skip
         for row in s["labels"]:
-            lt.add_row(str(row["feature"]), row["text"], f"{row['score']:.2f}", f"{row['max_act']:.1f}")
+            fuzz = "" if row["fuzzing"] is None else f"{row['fuzzing']:.2f}"
+            lt.add_row(str(row["feature"]), row["text"], f"{row['detection']:.2f}", fuzz, f"{row['max_act']:.1f}")
         console.print(lt)
     if s.get("steer"):
         st = s["steer"]

@@ -27,7 +27,8 @@ class PackingConfig:
     mode: Literal["pack", "truncate"] = "pack"
     bos: Literal["context", "document", "none"] = "context"
     separator: int | None = None
-    tokenize_batch: int = 64
+    tokenize_batch: int = 64  # documents per tokenizer call, at most ...
+    tokenize_chars: int = 65_536  # ... and about this many characters (so a small harvest tokenizes little extra)
 
     def __post_init__(self) -> None:
         if self.context < 2:
@@ -40,6 +41,7 @@ class PackingConfig:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("tokenize_batch")
+        d.pop("tokenize_chars")  # batching only: never changes the token ids
         return d
 
 
@@ -112,14 +114,16 @@ class ContextPacker:
 
     def _documents(self, docs: Iterable[str]) -> Iterator[tuple[int, list[int]]]:
         batch: list[str] = []
+        chars = 0
         index = 0
         for d in docs:
             batch.append(d)
-            if len(batch) >= self.cfg.tokenize_batch:
+            chars += len(d)
+            if len(batch) >= self.cfg.tokenize_batch or chars >= self.cfg.tokenize_chars:
                 for ids in self._encode(batch):
                     yield index, ids
                     index += 1
-                batch = []
+                batch, chars = [], 0
         if batch:
             for ids in self._encode(batch):
                 yield index, ids

@@ -315,6 +315,13 @@ class HFDatasetCorpus(Corpus):
 _STDLIB_SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__", "__phello__"}
 
 
+def _stdlib_sources(root: Path) -> Iterator[Path]:
+    """The .py files under `root`, never descending into the skipped directories (site-packages is large)."""
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if d not in _STDLIB_SKIP_DIRS]
+        yield from (Path(dirpath) / f for f in filenames if f.endswith(".py"))
+
+
 class StdlibCorpus(Corpus):
     """The built-in corpus: Python's standard library source and pydoc_data's English reference text.
 
@@ -329,10 +336,7 @@ class StdlibCorpus(Corpus):
     def __init__(self) -> None:
         super().__init__()
         self.root = Path(sysconfig.get_paths()["stdlib"])
-        self.files = sorted(
-            (p for p in self.root.rglob("*.py") if not (_STDLIB_SKIP_DIRS & set(p.relative_to(self.root).parts[:-1]))),
-            key=lambda p: p.relative_to(self.root).as_posix(),
-        )
+        self.files = sorted(_stdlib_sources(self.root), key=lambda p: p.relative_to(self.root).as_posix())
         self.files = [p for p in self.files if p.relative_to(self.root).as_posix() != "pydoc_data/topics.py"]
         if not self.files:
             raise CorpusError(f"no standard library source found under {self.root}; is this Python installed fully?")

@@ -74,7 +74,7 @@ class HarvestConfig:
         base = self.packing or PackingConfig()
         self.packing = PackingConfig(
             context=self.context, mode=base.mode, bos=base.bos, separator=base.separator,
-            tokenize_batch=base.tokenize_batch,
+            tokenize_batch=base.tokenize_batch, tokenize_chars=base.tokenize_chars,
         )  # fmt: skip
 
     @property
