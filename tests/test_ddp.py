@@ -28,7 +28,9 @@ SCRIPT = textwrap.dedent(
     ]
     tc = TrainConfig(total_tokens=12 * 512, warmup_steps=3, progress_bar=False, dead_window_tokens=1024)
     Trainer(runs, tc, sys.argv[1], device=device).fit(TensorSource(x, batch_size=512))
-    print("world", distributed.world_size(), "rank", distributed.rank())
+    # one file per rank: printing from both ranks interleaves on the shared stdout
+    with open(f"{sys.argv[1]}/rank{distributed.rank()}.txt", "w") as f:
+        f.write(f"world {distributed.world_size()}")
     """
 )
 
@@ -47,7 +49,11 @@ def test_two_gloo_ranks_match_one_process(tmp_path: Path) -> None:
         env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert ddp.returncode == 0, ddp.stderr[-3000:]
-    assert "world 2 rank 0" in ddp.stdout and "world 2 rank 1" in ddp.stdout
+    for rank in (0, 1):
+        assert (tmp_path / "two" / f"rank{rank}.txt").read_text() == "world 2", (
+            f"rank {rank} did not run in a world of 2"
+        )
+    assert (tmp_path / "one" / "rank0.txt").read_text() == "world 1"
     for name in ("topk-m64-k4", "relu-m32-l1_5"):
         a = load_file(str(tmp_path / "one" / name / "dictionary.safetensors"))
         b = load_file(str(tmp_path / "two" / name / "dictionary.safetensors"))
