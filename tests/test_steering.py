@@ -194,3 +194,27 @@ def test_cli_bad_input_is_one_clean_line(tmp_path, sae):
         dict_args = ["--dict", str(tmp_path / "dict")] if extra else []
         r = runner.invoke(app, ["steer", mdir, *dict_args, "--prompt", "x", *extra])
         assert r.exit_code == 2 and match in r.output and "Traceback" not in r.output, r.output
+
+
+def test_cli_relative_clamp_reads_the_max_from_the_atlas(tmp_path):
+    import sqlite3
+
+    from atlas_helpers import make_tiny_atlas
+
+    model, d, _, atlas = make_tiny_atlas(tmp_path)
+    conn = sqlite3.connect(atlas)
+    feature, max_act = conn.execute("SELECT id, max_act FROM features WHERE dead = 0 ORDER BY max_act DESC").fetchone()
+    conn.close()
+    out = tmp_path / "steer.json"
+    args = ["steer", str(tmp_path / "model"), "--dict", str(tmp_path / "dict"), "--atlas", str(atlas),
+            "--feature", f"{feature}=clamp:2x", "--prompt", "The capital", "--max-new-tokens", "4",
+            "--json", str(out), "--device", "cpu"]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert json.loads(out.read_text())["edits"] == [f"feature {feature}=clamp:2"]
+    # the writer the CLI built clamps to 2 x the atlas max: check it against the explicit value
+    x = acts_at(model, tiny_ids(), d.cfg.hook)
+    relative = latent_edit_writer(d, [Edit(feature, "clamp", 2.0, relative=True)], max_acts={feature: max_act})(x)
+    torch.testing.assert_close(relative, latent_edit_writer(d, [Edit(feature, "clamp", 2.0 * max_act)])(x))
+    bad = CliRunner().invoke(app, [*args[:6], "--feature", "99999=clamp:2x", *args[8:]])
+    assert bad.exit_code == 2 and "has no features [99999]" in bad.output

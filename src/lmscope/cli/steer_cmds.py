@@ -39,6 +39,8 @@ EPILOG = """Examples:
 
   lmscope steer smollm2-135m --dict runs/demo/dict --feature 1234=add:8 --feature 99=ablate --samples 4 --measure
 
+  lmscope steer smollm2-135m --dict runs/demo/train/DICT --atlas runs/demo/atlas.db --feature 2471=clamp:2x --prompt "x"
+
   lmscope steer smollm2-135m --neuron blocks.3.mlp_hidden:117=clamp:5 --prompt "The weather today"
 
   lmscope steer smollm2-135m --direction probe.safetensors --hook blocks.6.resid_post --direction-edit add:6
@@ -65,6 +67,23 @@ def _load_direction(path: Path) -> torch.Tensor:
         raise
     except Exception as exc:
         raise SteeringError(f"{path} is not a readable safetensors file: {exc}") from exc
+
+
+def _atlas_max_acts(path: Path, features: list[int]) -> dict[int, float]:
+    """Observed max activations of `features`, read from an atlas (opened read-only)."""
+    from lmscope.atlas.schema import open_atlas
+
+    conn = open_atlas(path, readonly=True)
+    try:
+        rows = dict(conn.execute(
+            f"SELECT id, max_act FROM features WHERE id IN ({','.join('?' * len(features))})", features
+        ).fetchall()) if features else {}  # fmt: skip
+    finally:
+        conn.close()
+    missing = sorted(set(features) - set(rows))
+    if missing:
+        raise SteeringError(f"{path} has no features {missing}; is it the atlas of this dictionary?")
+    return {int(k): float(v) for k, v in rows.items()}
 
 
 def print_result(result: SteeringResult) -> None:
@@ -106,6 +125,9 @@ def register(app: typer.Typer) -> None:
         ] = None,
         direction_edit: Annotated[str, typer.Option(help="MODE:VALUE for --direction, e.g. add:6.")] = "add:4",
         hook: Annotated[str | None, typer.Option(help="Hook for --direction (default: the dictionary's hook).")] = None,
+        atlas: Annotated[
+            Path | None, typer.Option(help="An atlas of this dictionary: its max activations give clamp:Nx.")
+        ] = None,
         from_prompt_end: Annotated[
             bool, typer.Option(help="Edit only from the prompt's last token on, not the whole prompt.")
         ] = False,
@@ -146,7 +168,10 @@ def register(app: typer.Typer) -> None:
         if feature_edits:
             assert dictionary is not None
             dhook = check_dictionary(lm, dictionary)
-            writers.setdefault(dhook, []).append(latent_edit_writer(dictionary, feature_edits, None, from_prompt_end))
+            max_acts = _atlas_max_acts(atlas, [e.index for e in feature_edits if e.relative]) if atlas else None
+            writers.setdefault(dhook, []).append(
+                latent_edit_writer(dictionary, feature_edits, max_acts, from_prompt_end)
+            )
             readouts.append(feature_readout(dictionary, dhook, [e.index for e in feature_edits]))
             labels += [
                 f"feature {e.index}={e.mode}" + (f":{e.value:g}" if e.mode != "ablate" else "") for e in feature_edits
