@@ -1,7 +1,8 @@
 """Renders the README's screenshot: a well-labelled feature page of the demo atlas, in headless Chromium.
 
-It needs the atlas that `make demo` writes (runs/demo/atlas.db, or $LMSCOPE_DEMO_ATLAS) and skips, saying so,
-when there is none. The screenshot goes to tests/artifacts/demo_feature_page.png (copied to docs/img/).
+Not part of `make test` (marker `readme`): after `make demo`, run `.venv/bin/pytest -m readme`. It needs the atlas
+that `make demo` writes (runs/demo/atlas.db, or $LMSCOPE_DEMO_ATLAS) and skips, saying so, when there is none.
+The screenshot goes to tests/artifacts/demo_feature_page.png (copied to docs/img/feature_page.png).
 """
 
 from __future__ import annotations
@@ -17,10 +18,6 @@ import pytest
 from test_web_browser import ARGS, ARTIFACTS, CHROMIUM, _free_port, sync_api
 
 ATLAS = Path(os.environ.get("LMSCOPE_DEMO_ATLAS", Path(__file__).parents[1] / "runs" / "demo" / "atlas.db"))
-
-if not ATLAS.exists():
-    pytest.skip(f"no demo atlas at {ATLAS}: run `make demo` first (this test only renders the README screenshot)",
-                allow_module_level=True)  # fmt: skip
 
 
 def _feature() -> int:
@@ -38,10 +35,14 @@ def _feature() -> int:
     return int(row[0])
 
 
+@pytest.mark.readme
 def test_render_demo_feature_page() -> None:
     import uvicorn
 
     from lmscope.web.app import create_app
+
+    if not ATLAS.exists():
+        pytest.skip(f"no demo atlas at {ATLAS}: run `make demo` first (this test only renders the README screenshot)")
 
     port = _free_port()
     srv = uvicorn.Server(uvicorn.Config(create_app(ATLAS), host="127.0.0.1", port=port, log_level="warning"))
