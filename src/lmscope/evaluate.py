@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from rich.table import Table
 from torch import Tensor
 
+from lmscope.atomic import atomic_write_bytes
 from lmscope.dictionaries.base import Dictionary, DictionaryError
-from lmscope.dictionaries.formats import atomic_write_bytes
 from lmscope.model import Model
 
 HIST_BINS = list(range(-8, 1))  # bin edges of log10 firing frequency

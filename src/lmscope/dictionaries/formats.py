@@ -17,8 +17,6 @@ that cannot be represented raises a FormatError that says what and how to fix it
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +25,7 @@ from safetensors.torch import load_file
 from safetensors.torch import save as st_save
 from torch import Tensor
 
+from lmscope.atomic import atomic_write_bytes
 from lmscope.dictionaries.base import DictConfig, Dictionary, DictionaryError, build
 
 FORMAT = "lmscope.dictionary"
@@ -42,29 +41,14 @@ class FormatError(DictionaryError):
     """A dictionary file is missing, malformed, or cannot be converted without loss."""
 
 
-# ---------------------------------------------------------------------- atomic writes
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary file in the same directory, fsync, then os.replace: never a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _save_tensors(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str] | None = None) -> None:
     clean = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path, st_save(clean, metadata=metadata))
 
 
 def _write_json(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 

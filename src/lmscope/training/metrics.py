@@ -31,7 +31,7 @@ class MetricsLog:
         if self.path is None or not self.path.exists():
             return
         keep = [r for r in read_log(self.path) if r.get("step", 0) <= step]
-        from lmscope.dictionaries.formats import atomic_write_bytes
+        from lmscope.atomic import atomic_write_bytes
 
         atomic_write_bytes(self.path, "".join(json.dumps(r) + "\n" for r in keep).encode())
 
