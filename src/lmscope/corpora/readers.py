@@ -173,15 +173,28 @@ class TextCorpus(Corpus):
         return {"kind": self.kind, "spec": self.spec, "files": len(self.files)}
 
 
-class JsonlCorpus(Corpus):
-    """JSON Lines files: the string `field` of each object is one document."""
+class _FieldFilesCorpus(Corpus):
+    """Files whose records each hold one document in the field (or column) `field`."""
 
-    kind = "jsonl"
+    suffixes: tuple[str, ...] = ()
 
     def __init__(self, spec: str | os.PathLike[str], field: str = "text") -> None:
         super().__init__()
         self.spec, self.field = str(spec), field
-        self.files, self.root = expand_paths(spec, (".jsonl", ".ndjson"))
+        self.files, self.root = expand_paths(spec, self.suffixes)
+
+    def fingerprint(self) -> str:
+        return _sha(self.kind, self.field, _file_identity(self.files, self.root))
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": self.kind, "spec": self.spec, "field": self.field, "files": len(self.files)}
+
+
+class JsonlCorpus(_FieldFilesCorpus):
+    """JSON Lines files: the string `field` of each object is one document."""
+
+    kind = "jsonl"
+    suffixes = (".jsonl", ".ndjson")
 
     def documents(self) -> Iterator[str]:
         self._start()
@@ -211,22 +224,16 @@ class JsonlCorpus(Corpus):
                     if (doc := self._emit(str(value))) is not None:
                         yield doc
 
-    def fingerprint(self) -> str:
-        return _sha(self.kind, self.field, _file_identity(self.files, self.root))
 
-    def describe(self) -> dict[str, Any]:
-        return {"kind": self.kind, "spec": self.spec, "field": self.field, "files": len(self.files)}
-
-
-class ParquetCorpus(Corpus):
+class ParquetCorpus(_FieldFilesCorpus):
     """Parquet files: one document per row of the string column `field`, read in record batches."""
 
     kind = "parquet"
+    suffixes = (".parquet",)
 
     def __init__(self, spec: str | os.PathLike[str], field: str = "text", batch_rows: int = 1024) -> None:
-        super().__init__()
-        self.spec, self.field, self.batch_rows = str(spec), field, batch_rows
-        self.files, self.root = expand_paths(spec, (".parquet",))
+        super().__init__(spec, field)
+        self.batch_rows = batch_rows
 
     def documents(self) -> Iterator[str]:
         try:
@@ -254,12 +261,6 @@ class ParquetCorpus(Corpus):
                         self.stats.replaced_bytes += bad
                     if (doc := self._emit(str(value))) is not None:
                         yield doc
-
-    def fingerprint(self) -> str:
-        return _sha(self.kind, self.field, _file_identity(self.files, self.root))
-
-    def describe(self) -> dict[str, Any]:
-        return {"kind": self.kind, "spec": self.spec, "field": self.field, "files": len(self.files)}
 
 
 class HFDatasetCorpus(Corpus):
