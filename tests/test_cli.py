@@ -24,11 +24,26 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     return save_tiny_with_tokenizer("gemma2", str(tmp_path_factory.mktemp("tiny-gemma2")))
 
 
-@pytest.mark.parametrize("command", ["info", "predict", "demo"])
+COMMANDS = sorted(c.name or c.callback.__name__ for c in app.registered_commands)
+
+
+def test_the_cli_has_every_command():
+    expected = {"info", "predict", "harvest", "verify", "train", "eval", "atlas", "serve", "explain", "score",
+                "label", "steer", "demo", "version"}  # fmt: skip
+    assert expected <= set(COMMANDS)
+
+
+@pytest.mark.parametrize("command", COMMANDS)
 def test_every_command_has_help_with_examples(command):
     result = runner.invoke(app, [command, "--help"])
-    assert result.exit_code == 0
-    assert "Examples" in result.output and "--device" in result.output and "--dtype" in result.output
+    assert result.exit_code == 0, result.output
+    assert "Examples" in result.output
+
+
+@pytest.mark.parametrize("command", ["info", "predict", "demo", "harvest", "eval", "atlas", "steer"])
+def test_model_commands_take_a_device_and_a_dtype(command):
+    result = runner.invoke(app, [command, "--help"])
+    assert "--device" in result.output and "--dtype" in result.output
 
 
 def test_info_lists_every_hook_with_its_shape(tiny_dir):

@@ -24,7 +24,7 @@ eval_cmd.register(app)
 explain_cmds.register(app)
 
 
-@app.command()
+@app.command(epilog="Examples:\n\n  lmscope version")
 def version() -> None:
     """Print the lmscope version."""
     typer.echo(__version__)
