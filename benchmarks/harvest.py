@@ -43,6 +43,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import lmscope
+from anchors_setup import ensure_anchors
 from lmscope import load_model
 from lmscope.corpora import ContextPacker, PackingConfig, StdlibCorpus
 from lmscope.harvest import HarvestConfig, harvest
@@ -170,8 +171,8 @@ def main() -> None:
     anchor_status = "skipped (--no-anchor)"
     model_dir = hf_model_dir(args.model)
     if not args.no_anchor:
-        if not args.anchors_python.exists():
-            anchor_status = f"not run: {args.anchors_python} missing; run `bash benchmarks/anchors_env.sh`"
+        if (problem := ensure_anchors(args.anchors_python)) is not None:
+            anchor_status = f"not run: the anchors' environment could not be built: {problem}"
         elif model_dir is None:
             anchor_status = f"not run: no local HF directory for {args.model} (hub models are not reachable here)"
         else:

@@ -46,6 +46,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import lmscope
+from anchors_setup import ensure_anchors
 from lmscope import load_model
 from lmscope.dictionaries import DictConfig
 from lmscope.harvest import HarvestConfig, harvest
@@ -282,8 +283,8 @@ def main() -> None:
     log.unlink(missing_ok=True)
 
     anchors = [lib for lib in libs if lib != "lmscope"]
-    if anchors and not args.anchors_python.exists():
-        raise SystemExit(f"{args.anchors_python} is missing: run `bash benchmarks/anchors_env.sh`, or --libs lmscope")
+    if anchors and (problem := ensure_anchors(args.anchors_python)) is not None:
+        raise SystemExit(f"the anchors' environment could not be built ({problem}); run with --libs lmscope")
     peaks = [matmul_peak(args.peak_repeats)]
     runs: dict[str, list[dict[str, Any]]] = {lib: [] for lib in libs}
     for r in range(args.repeats):
