@@ -40,8 +40,12 @@ test: install lint browser
 demo: install
 	$(VENV)/bin/lmscope demo
 
+# Each writes JSON under benchmarks/results/; see docs/benchmarks.md. The anchors' venv is built on first use.
 bench: install
 	$(PY) benchmarks/capture_overhead.py
+	$(PY) benchmarks/harvest.py
+	$(PY) benchmarks/train_throughput.py
+	$(PY) benchmarks/atlas.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache .ruff_cache
