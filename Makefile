@@ -19,8 +19,11 @@ $(STAMP): pyproject.toml Makefile
 
 install: $(STAMP)
 
+# ruff, mypy, and the import-layer contract (tests/test_layers.py: dependencies point down, no cycles, even lazy)
 lint: install
 	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/mypy
+	$(VENV)/bin/pytest -q -p no:cacheprovider tests/test_layers.py
 
 # Headless Chromium for tests/test_web_browser.py, from Debian (Playwright never downloads browsers here).
 # Never fails: without apt-get or root the browser tests are skipped, and say why.

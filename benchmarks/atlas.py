@@ -25,9 +25,9 @@ import torch
 
 import lmscope
 from lmscope import load_model
+from lmscope.activations import HarvestConfig, harvest
 from lmscope.atlas import AtlasConfig, build_atlas
 from lmscope.dictionaries import DictConfig, build
-from lmscope.harvest import HarvestConfig, harvest
 
 
 def pct(xs: list[float], q: float) -> float:

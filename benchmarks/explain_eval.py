@@ -39,7 +39,7 @@ def build_demo_atlas(build_dir: Path, tokens: int, d_sae: int, k: int, epochs: i
     from lmscope.atlas import AtlasConfig, build_atlas
     from lmscope.corpora import ContextPacker, PackingConfig, open_corpus
     from lmscope.dictionaries import DictConfig
-    from lmscope.loading import load_model
+    from lmscope.model.loading import load_model
     from lmscope.training import RunSpec, TensorSource, TrainConfig, Trainer
 
     t0 = time.time()
@@ -59,7 +59,7 @@ def build_demo_atlas(build_dir: Path, tokens: int, d_sae: int, k: int, epochs: i
     harvest_s = time.time() - t0
     cfg = DictConfig(arch="topk", d_in=model.d_model, d_sae=d_sae, k=k, hook=HOOK, model="smollm2-135m")
     batch = 1024
-    tc = TrainConfig(total_tokens=epochs * (x.shape[0] // batch) * batch, warmup_steps=20, progress_bar=False,
+    tc = TrainConfig(total_tokens=epochs * (x.shape[0] // batch) * batch, warmup_steps=20,
                      b_dec_init="mean", dead_window_tokens=x.shape[0])  # fmt: skip
     trainer = Trainer([RunSpec(cfg, name="sae")], tc, out_dir=build_dir / "dict")
     trainer.fit(TensorSource(x[torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(0))],

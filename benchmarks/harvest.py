@@ -7,7 +7,7 @@ layer (blocks.6.resid_post = TL's blocks.6.hook_resid_post):
 
 - "bare": `model.capture([hook])` + forward (early stop) + the fp16 copy to the CPU any consumer needs, over
   pre-tokenised batches. The floor: nothing a harvest can skip.
-- "harvest": the full `lmscope.harvest.harvest` call into a fresh directory (tokenisation, capture, fp16
+- "harvest": the full `lmscope.activations.harvest.harvest` call into a fresh directory (tokenisation, capture, fp16
   copy, safetensors serialisation, sha256, atomic writes in the writer thread). It does strictly more work
   than "bare", so harvest/bare tokens/s above ~1.05 means the measurement is disturbed, and
   `measurement_ok` is false.
@@ -45,8 +45,8 @@ from safetensors.torch import load_file, save_file
 import lmscope
 from anchors_setup import ensure_anchors
 from lmscope import load_model
+from lmscope.activations import HarvestConfig, harvest
 from lmscope.corpora import ContextPacker, PackingConfig, StdlibCorpus
-from lmscope.harvest import HarvestConfig, harvest
 
 ROOT = Path(__file__).resolve().parent
 ANCHORS_PY = ROOT / ".venv-anchors" / "bin" / "python"

@@ -48,9 +48,9 @@ from safetensors.torch import load_file, save_file
 import lmscope
 from anchors_setup import ensure_anchors
 from lmscope import load_model
+from lmscope.activations import HarvestConfig, harvest
+from lmscope.activations.store import ActivationStore
 from lmscope.dictionaries import DictConfig
-from lmscope.harvest import HarvestConfig, harvest
-from lmscope.store import ActivationStore
 from lmscope.training import RunSpec, TensorSource, TrainConfig, Trainer
 
 ROOT = Path(__file__).resolve().parent
@@ -73,7 +73,7 @@ def cached_acts(tokens: int, hook: str, store_dir: Path) -> Path:
         return path
     model = load_model("smollm2-135m")
     cfg = HarvestConfig(hooks=[hook], tokens=math.ceil(tokens * 1.1), context=128, dtype="float32")
-    harvest(model, "stdlib", store_dir, cfg, progress=sys.stderr.isatty())  # resumes / extends an earlier one
+    harvest(model, "stdlib", store_dir, cfg)  # resumes / extends an earlier one
     store = ActivationStore.open(store_dir)
     rows = [b[hook] for b in store.batches(batch_size=4096, shuffle=True, seed=0, epochs=1)]
     acts = torch.cat(rows)
@@ -113,7 +113,7 @@ def train_lmscope(
     t_setup = time.perf_counter()
     dict_cfg = DictConfig("topk", d_in=d, d_sae=args.d_sae, k=args.k, hook="acts")
     cfg = TrainConfig(
-        total_tokens=x.shape[0], warmup_steps=args.warmup_steps, progress_bar=False, log_every=10**9, seed=args.seed
+        total_tokens=x.shape[0], warmup_steps=args.warmup_steps, log_every=10**9, seed=args.seed
     )
     trainer = Trainer([RunSpec(dict_cfg, name="topk", lr=args.lr)], cfg)
     source = TensorSource(x, batch_size=args.batch_size)

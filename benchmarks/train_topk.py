@@ -63,7 +63,7 @@ def main() -> None:
     d, m, k, batch = args.d, args.m, args.k, args.batch
     x = torch.randn((args.steps + 2) * batch, d)
     cfg = DictConfig(arch="topk", d_in=d, d_sae=m, k=k)
-    tc = TrainConfig(total_tokens=(args.steps + 2) * batch, warmup_steps=1, progress_bar=False, b_dec_init="mean")
+    tc = TrainConfig(total_tokens=(args.steps + 2) * batch, warmup_steps=1, b_dec_init="mean")
     trainer = Trainer([RunSpec(cfg)], tc)
     times: list[float] = []
     last = [time.perf_counter()]

@@ -7,7 +7,7 @@ import os
 import pytest
 
 from lmscope import Model, ModelLoadError, load_model
-from lmscope.loading import smollm2_path
+from lmscope.model.loading import smollm2_path
 
 
 @pytest.fixture(scope="session")
@@ -29,8 +29,8 @@ def smollm2_sae(smollm2: Model, tmp_path_factory: pytest.TempPathFactory):
     `job.dictionary()`, `job.dict_dir()`, `job.run_dir / "eval.json"`."""
     from dataclasses import asdict
 
-    from lmscope.demo import Demo, DemoConfig
-    from lmscope.pipeline import Pipeline
+    from lmscope.workflows.demo import Demo, DemoConfig
+    from lmscope.workflows.pipeline import Pipeline
 
     cfg = DemoConfig(layer=6, harvest_tokens=100_000, train_tokens=300_000, expansion=4, eval_tokens=2_048)
     job = Demo(cfg, tmp_path_factory.mktemp("smollm2-sae"), device="cpu")
@@ -45,8 +45,8 @@ def smollm2_last_layer_sae(smollm2: Model, tmp_path_factory: pytest.TempPathFact
     logit effects (decoder row through the final norm and the unembedding) are its only path to the logits."""
     from dataclasses import asdict
 
-    from lmscope.demo import Demo, DemoConfig
-    from lmscope.pipeline import Pipeline
+    from lmscope.workflows.demo import Demo, DemoConfig
+    from lmscope.workflows.pipeline import Pipeline
 
     cfg = DemoConfig(layer=29, harvest_tokens=16_384, train_tokens=49_152, expansion=2)
     job = Demo(cfg, tmp_path_factory.mktemp("smollm2-sae-l29"), device="cpu")

@@ -172,3 +172,17 @@ def test_truncate_and_bos_modes(tokenizer) -> None:
     assert tokenizer.bos_token_id not in np.concatenate([x.tokens for x in none.contexts(docs, 4)])
     with pytest.raises(CorpusError, match="at least 2"):
         PackingConfig(context=1)
+
+
+def test_packing_config_to_dict_from_dict() -> None:
+    p = PackingConfig(context=16, mode="truncate", bos="document", separator=2, tokenize_batch=3, tokenize_chars=99)
+    assert PackingConfig.from_dict(p.to_dict(batching=True)) == p
+    assert p.to_dict() == {"context": 16, "mode": "truncate", "bos": "document", "separator": 2}  # token ids only
+    assert PackingConfig.from_dict(p.to_dict()) == PackingConfig(
+        context=16, mode="truncate", bos="document", separator=2
+    )
+    assert PackingConfig.from_dict({}) == PackingConfig()
+    with pytest.raises(CorpusError, match=r"unknown packing setting\(s\) 'sepparator'.*known: context, mode"):
+        PackingConfig.from_dict({"sepparator": 2})
+    with pytest.raises(CorpusError, match=r"packing mode must be 'pack' or 'truncate'"):
+        PackingConfig.from_dict({"mode": "squash"})

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from lmscope.atlas.schema import open_atlas
-from lmscope.demo import Demo, DemoConfig
+from lmscope.workflows.demo import Demo, DemoConfig
 
 pytestmark = pytest.mark.smollm2
 

@@ -10,8 +10,9 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from lmscope import Model
+from lmscope.cli.eval_cmd import results_table
 from lmscope.dictionaries import DictConfig, Dictionary, DictionaryError, build
-from lmscope.evaluate import activation_metrics, evaluate, results_table, save_json, splice_metrics
+from lmscope.training.evaluate import activation_metrics, evaluate, save_json, splice_metrics
 
 
 @pytest.fixture(scope="module")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import os
@@ -16,12 +17,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-import lmscope.atomic
+import lmscope.core.atomic
 from harvest_helpers import load_tiny, make_corpus_dir, make_tiny_model_dir
-from lmscope.cli.app import app
-from lmscope.corpora import ContextPacker, CorpusError, PackingConfig, TextCorpus
-from lmscope.errors import HookError
-from lmscope.harvest import (
+from lmscope.activations import (
     MANIFEST,
     CorruptShardError,
     HarvestConfig,
@@ -31,7 +29,11 @@ from lmscope.harvest import (
     read_manifest,
     verify,
 )
-from lmscope.store import ActivationStore
+from lmscope.activations.store import ActivationStore
+from lmscope.cli.app import app
+from lmscope.core.progress import ProgressEvent
+from lmscope.corpora import ContextPacker, CorpusError, PackingConfig, TextCorpus
+from lmscope.errors import HookError
 
 HOOKS = ["blocks.0.resid_post", "blocks.1.mlp_out"]
 
@@ -153,7 +155,7 @@ def test_undecodable_bytes_are_replaced_and_counted(tiny, tmp_path: Path) -> Non
 
 def test_full_disk_removes_partial_shard_and_keeps_the_rest(tiny, tmp_path: Path, monkeypatch) -> None:
     _model_dir, corpus_dir, model = tiny
-    real = lmscope.atomic.atomic_open
+    real = lmscope.core.atomic.atomic_open
     calls = {"n": 0}
 
     def flaky(path, mode="wb", fsync=True):
@@ -164,14 +166,14 @@ def test_full_disk_removes_partial_shard_and_keeps_the_rest(tiny, tmp_path: Path
                 raise OSError(errno.ENOSPC, "No space left on device")
         return real(path, mode, fsync)
 
-    monkeypatch.setattr(lmscope.atomic, "atomic_open", flaky)
+    monkeypatch.setattr(lmscope.core.atomic, "atomic_open", flaky)
     out = tmp_path / "acts"
     with pytest.raises(HarvestError, match=r"disk full while writing .*shard_00002.*partial shard was removed"):
         harvest(model, str(corpus_dir), out, cfg(), progress=False)
     assert calls["n"] == 1
     assert sorted(p.name for p in out.iterdir()) == [MANIFEST, "shard_00000.safetensors", "shard_00001.safetensors"]
     assert len(read_manifest(out)["shards"]) == 2
-    monkeypatch.setattr(lmscope.atomic, "atomic_open", real)
+    monkeypatch.setattr(lmscope.core.atomic, "atomic_open", real)
     done = harvest(model, str(corpus_dir), out, cfg(), progress=False)  # the same call resumes
     reference = harvest(model, str(corpus_dir), tmp_path / "ref", cfg(), progress=False)
     assert [s["sha256"] for s in done["shards"]] == [s["sha256"] for s in reference["shards"]]
@@ -275,3 +277,40 @@ def test_smollm2_stdlib_round_trip_fp16(tmp_path: Path) -> None:
     expected = acts["blocks.6.resid_post"].reshape(-1, 576)
     torch.testing.assert_close(got["blocks.6.resid_post"][:256].float(), expected, rtol=2**-10, atol=1e-3)
     assert 0 < manifest["mean_norms"]["blocks.6.resid_post"] < 1e4
+
+
+def test_every_packing_setting_survives_each_path(tiny, tmp_path: Path) -> None:
+    _model_dir, corpus_dir, model = tiny
+    # every field differs from its default; `context` is HarvestConfig's / streaming's own
+    packing = PackingConfig(
+        context=99, mode="truncate", bos="document", separator=2, tokenize_batch=3, tokenize_chars=77
+    )
+    expected = dataclasses.replace(packing, context=16)
+    c = cfg(tokens=128, packing=packing)
+    assert c.packing == expected  # HarvestConfig
+    manifest = harvest(model, str(corpus_dir), tmp_path / "acts", c, progress=False)
+    assert manifest["packing"] == expected.to_dict() == manifest["identity"]["packing"]  # the manifest
+    disk = ActivationStore.open(tmp_path / "acts", exclude_special=False)
+    assert disk.packing == dataclasses.replace(expected, tokenize_batch=64, tokenize_chars=65_536)  # not recorded
+    stream = ActivationStore.streaming(model, str(corpus_dir), HOOKS, tokens=128, context=16, packing=packing)
+    assert stream.packing == expected  # ActivationStore streaming
+    stream.exclude_special = False
+    streamed = torch.cat([b["tokens"] for b in stream.batches(batch_size=16, shuffle=False, with_tokens=True)])
+    assert streamed.tolist() == read_all(tmp_path / "acts")["tokens"].long().tolist()
+    for bad in (HarvestConfig, lambda **kw: ActivationStore.streaming(model, str(corpus_dir), **kw)):
+        with pytest.raises(CorpusError, match="at least 2"):
+            bad(hooks=HOOKS, context=1, packing=packing)
+
+
+def test_harvest_reports_progress_through_a_callback(tiny, tmp_path: Path) -> None:
+    _model_dir, corpus_dir, model = tiny
+    events: list[ProgressEvent] = []
+    harvest(model, str(corpus_dir), tmp_path, cfg(tokens=256), progress=events.append)
+    assert {e.task for e in events} == {"harvest"} and {e.unit for e in events} == {"tokens"}
+    assert events[0].done == 0 and events[-1].finished and events[-1].done == events[-1].total == 256
+    assert [e.done for e in events] == sorted(e.done for e in events) and sum(e.finished for e in events) == 1
+    resumed: list[ProgressEvent] = []  # a resumed run counts what was already on disk
+    harvest(model, str(corpus_dir), tmp_path, cfg(tokens=512), progress=resumed.append)
+    assert resumed[0].done == 256 and resumed[-1].done == resumed[-1].total == 512 and resumed[-1].finished
+    with pytest.warns(DeprecationWarning, match="no longer draws a bar"):
+        harvest(model, str(corpus_dir), tmp_path, cfg(tokens=512), progress=True)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import functools
+import types
 
 import pytest
 import torch
 
 from lmscope import HookError, Model
-from lmscope import interventions as iv
+from lmscope.model import interventions as iv
 from tiny_models import TINY, Tiny, tiny_ids
 
 FAMILIES = sorted(TINY)
@@ -189,3 +190,26 @@ def test_hooks_removed_after_exception(tiny):
     ):
         raise RuntimeError("boom")
     assert model.hooks_active() == 0
+
+
+def test_family_registry_refuses_a_name_or_model_type_twice(monkeypatch: pytest.MonkeyPatch) -> None:
+    import lmscope.model.families as fam
+
+    monkeypatch.setattr(fam, "_BUILDERS", dict(fam._BUILDERS))  # register into a copy, not the real registry
+    monkeypatch.setattr(fam, "_MODEL_TYPES", dict(fam._MODEL_TYPES))
+    before = fam.families()
+    assert before["gemma3_text"] == "gemma3" and before["llama"] == "llama"
+    llama = fam.family_for(types.SimpleNamespace(model_type="llama"))
+    assert llama is not None and llama.name == "llama"
+    with pytest.raises(fam.FamilyRegistryError, match=r"family named 'llama' is already registered"):
+        fam.register_family("llama", model_types=["my_llama"])(lambda _: llama)
+    with pytest.raises(fam.FamilyRegistryError, match=r"model_type 'gemma3_text' \(by 'gemma3'\) is already"):
+        fam.register_family("my_gemma", model_types=["my_gemma", "gemma3_text"])(lambda _: llama)
+    with pytest.raises(fam.FamilyRegistryError, match=r"'generic' is already registered"):
+        fam.register_family("generic")(lambda _: llama)
+    assert fam.families() == before  # a refused registration leaves nothing behind
+    fam.register_family("my_family", model_types=["my_type"])(lambda _: llama)
+    assert fam.family_for(types.SimpleNamespace(model_type="my_type")) is llama
+    with pytest.raises(fam.FamilyRegistryError, match=r"'my_type' \(by 'my_family'\)"):
+        fam.register_family("my_other", model_types=["my_type"])(lambda _: llama)
+    assert fam.family_for(types.SimpleNamespace(model_type="unknown_arch")) is None

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lmscope import HookError
-from lmscope import interventions as iv
+from lmscope.model import interventions as iv
 
 seeds = st.integers(0, 2**16)
 values = st.floats(-50, 50, allow_nan=False)

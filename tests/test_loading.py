@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from lmscope import HookError, Model, ModelLoadError, load_model
-from lmscope import interventions as iv
-from lmscope.device import resolve_device, resolve_dtype
 from lmscope.errors import LmscopeError
-from lmscope.loading import check_gguf, resolve_spec
+from lmscope.model import interventions as iv
+from lmscope.model.device import resolve_device, resolve_dtype
+from lmscope.model.loading import check_gguf, resolve_spec
 from tiny_models import TINY, save_tiny_with_tokenizer, tiny_generic, tiny_ids
 
 
@@ -160,7 +160,7 @@ def test_no_block_list_names_the_paths():
 
 
 def test_incomplete_gguf_cache_is_ignored(tmp_path, monkeypatch):
-    from lmscope.loading import _gguf_cache
+    from lmscope.model.loading import _gguf_cache
 
     monkeypatch.setenv("LMSCOPE_CACHE", str(tmp_path))
     sha = "ab" * 32

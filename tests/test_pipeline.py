@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from lmscope.pipeline import Pipeline, PipelineError, Stage
+from lmscope.workflows.pipeline import Pipeline, PipelineError, Stage
 
 
 def make_stages(calls: list[str], fail_at: str | None = None) -> list[Stage]:

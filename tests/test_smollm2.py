@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lmscope import interventions as iv
+from lmscope.model import interventions as iv
 
 pytestmark = pytest.mark.smollm2
 
@@ -50,7 +50,7 @@ def test_gguf_cache_holds_the_exact_dequantised_weights(smollm2):
     import gguf
     from safetensors import safe_open
 
-    from lmscope.loading import _gguf_cache, file_sha256, smollm2_path
+    from lmscope.model.loading import _gguf_cache, file_sha256, smollm2_path
 
     path = smollm2_path()
     cached = _gguf_cache(path, file_sha256(path))

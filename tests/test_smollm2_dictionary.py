@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 
-from lmscope.generation import SamplingConfig, prompt_ids
-from lmscope.steering import Edit, latent_edit_writer, steer
-from lmscope.steering_measure import run_steering, token_rate
-from lmscope.store import ActivationStore
+from lmscope.activations.store import ActivationStore
+from lmscope.model.generation import SamplingConfig, prompt_ids
+from lmscope.steer.edits import Edit, latent_edit_writer, steer
+from lmscope.steer.measure import run_steering, token_rate
 
 pytestmark = pytest.mark.smollm2
 HOOK = "blocks.6.resid_post"

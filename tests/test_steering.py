@@ -12,8 +12,8 @@ from lmscope import Model
 from lmscope.cli.app import app
 from lmscope.dictionaries.base import DictConfig, build
 from lmscope.dictionaries.formats import save_dictionary
-from lmscope.generation import SamplingConfig, generate
-from lmscope.steering import (
+from lmscope.model.generation import SamplingConfig, generate
+from lmscope.steer.edits import (
     Edit,
     SteeringError,
     check_dictionary,

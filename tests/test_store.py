@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from harvest_helpers import load_tiny, make_corpus_dir, make_tiny_model_dir
-from lmscope.harvest import HarvestConfig, HarvestError, harvest
-from lmscope.store import ActivationStore
+from lmscope.activations import HarvestConfig, HarvestError, harvest
+from lmscope.activations.store import ActivationStore
 
 # resid_pre of block 1 is resid_post of block 0: equal tensors prove that hooks share rows in a batch
 HOOKS = ["blocks.0.resid_post", "blocks.1.resid_pre", "blocks.1.mlp_out"]

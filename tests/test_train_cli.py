@@ -8,12 +8,12 @@ import pytest
 from typer.testing import CliRunner
 
 from harvest_helpers import load_tiny, make_corpus_dir, make_tiny_model_dir
+from lmscope.activations import HarvestConfig, harvest
 from lmscope.cli.app import app
 from lmscope.cli.common import parse_count
 from lmscope.cli.train_cmds import parse_list
 from lmscope.dictionaries.formats import load_dictionary
 from lmscope.errors import LmscopeError
-from lmscope.harvest import HarvestConfig, harvest
 from lmscope.training.metrics import read_log
 
 HOOKS = ["blocks.0.resid_post", "blocks.1.mlp_out"]

@@ -404,9 +404,9 @@ def test_v1_atlas_reads_read_only_and_migrates_read_write(env, tmp_path: Path) -
 
 # ---------------------------------------------------------------------- steering panel
 def test_steer_runs_baseline_and_steered(env) -> None:
-    from lmscope.generation import SamplingConfig, prompt_ids
-    from lmscope.steering import Edit, feature_readout, latent_edit_writer
-    from lmscope.steering_measure import run_steering
+    from lmscope.model.generation import SamplingConfig, prompt_ids
+    from lmscope.steer.edits import Edit, feature_readout, latent_edit_writer
+    from lmscope.steer.measure import run_steering
 
     model, d, _, live, _ = env
     body = {"prompt": "The capital of France is", "mode": "add", "strength": 6.0, "max_new_tokens": 6, "seed": 3}
@@ -417,7 +417,7 @@ def test_steer_runs_baseline_and_steered(env) -> None:
     assert set(got["measure"]) == {"activation_baseline", "activation_steered", "kl_first_position",
                                    "perplexity_baseline", "perplexity_steered"}  # fmt: skip
     assert got["measure"]["kl_first_position"] > 0
-    # the same as lmscope.steering run directly
+    # the same as lmscope.steer.edits run directly
     ids = prompt_ids(model, body["prompt"])
     ref = run_steering(model, {HOOK: latent_edit_writer(d, [Edit(1, "add", 6.0)])}, body["prompt"], ids, ["x"],
                        SamplingConfig(max_new_tokens=6, temperature=0.8), seed=3,

@@ -10,62 +10,28 @@ an interruption deletes an unfinished `.partial` and starts again; a `.partial` 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import math
 import os
-import sqlite3
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from lmscope.atlas.accumulate import FeatureAccumulator
+from lmscope.atlas.config import AtlasConfig
+from lmscope.atlas.db import write as db_write
+from lmscope.atlas.db.schema import SCHEMA_VERSION, AtlasError, Connection, create, get_meta, is_complete, set_meta
 from lmscope.atlas.neighbours import CofireSample
-from lmscope.atlas.schema import SCHEMA_VERSION, AtlasError, check_version, create, get_meta, set_meta
-from lmscope.corpora import ContextPacker, Corpus, PackingConfig, open_corpus
+from lmscope.atlas.provenance import dictionary_hash, load_eval_metrics, model_hash
+from lmscope.atlas.write import write_results
+from lmscope.core.progress import ProgressCallback, ProgressEvent, emit, resolve
+from lmscope.corpora import ContextPacker, Corpus, open_corpus
 from lmscope.dictionaries.base import Dictionary
-from lmscope.model import Model
-
-
-@dataclass
-class AtlasConfig:
-    """How an atlas is built. `bins` and `hist_bins` must be powers of two (see accumulate.py)."""
-
-    tokens: int = 1_000_000
-    context: int = 128
-    batch_size: int = 8  # contexts per forward pass
-    top_k: int = 16  # top-activating examples per feature
-    bins: int = 16  # quantile bins over [0, S); 8..16 of them cover (0, max]
-    samples_per_bin: int = 4
-    hist_bins: int = 64
-    window_before: int = 16  # tokens shown before an example's token
-    window_after: int = 8
-    neighbours: int = 10
-    cofire: int = 10
-    cofire_tokens: int = 32_768  # size of the co-firing token sample
-    logit_top: int = 10
-    seed: int = 0
-    packing: PackingConfig = field(default_factory=PackingConfig)
-
-    def __post_init__(self) -> None:
-        if self.tokens < 1 or self.context < 2 or self.batch_size < 1 or self.top_k < 1:
-            raise AtlasError("tokens, batch size and top_k must be positive and the context at least 2 tokens")
-        for name in ("bins", "hist_bins"):
-            v = getattr(self, name)
-            if v < 1 or v & (v - 1):
-                raise AtlasError(f"{name} must be a power of two (8, 16, 32 ...), got {v}")
-        p = self.packing
-        self.packing = PackingConfig(context=self.context, mode=p.mode, bos=p.bos, separator=p.separator,
-                                     tokenize_batch=p.tokenize_batch)  # fmt: skip
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["packing"] = self.packing.to_dict()
-        return d
+from lmscope.dictionaries.metrics import FVUAccumulator
+from lmscope.model.adapter import Model
 
 
 def _partial(out: Path) -> Path:
@@ -75,37 +41,6 @@ def _partial(out: Path) -> Path:
 def _remove_db(path: Path) -> None:
     for p in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
         p.unlink(missing_ok=True)
-
-
-def _partial_is_complete(path: Path) -> bool:
-    try:
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-        try:
-            check_version(conn, path)
-            return True
-        finally:
-            conn.close()
-    except (AtlasError, sqlite3.DatabaseError):
-        return False
-
-
-def _progress(enabled: bool) -> Any:
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    return Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("tokens"),
-        TextColumn("ETA"), TimeRemainingColumn(), console=Console(stderr=True), disable=not enabled,
-    )  # fmt: skip
-
-
-def _dictionary_hash(d: Dictionary) -> str:
-    h = hashlib.sha256()
-    for name, t in sorted(d.state_dict().items()):
-        t = t.detach().reshape(-1).contiguous().cpu()
-        h.update(f"{name}|{t.dtype}|{t.numel()}\n".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
 
 
 def _contexts(packer: ContextPacker, corpus: Corpus, cfg: AtlasConfig) -> Iterator[Any]:
@@ -126,7 +61,7 @@ def _load_inputs(
     model: Model | str, dictionary: Dictionary | str | Path, device: str, dtype: str
 ) -> tuple[Model, Dictionary, str | None]:
     if isinstance(model, str):
-        from lmscope.loading import load_model
+        from lmscope.model.loading import load_model
 
         model = load_model(model, device=device, dtype=dtype)
     dict_path = None
@@ -148,7 +83,7 @@ def build_atlas(
     config: AtlasConfig | None = None,
     hook: str | None = None,
     overwrite: bool = False,
-    progress: bool = True,
+    progress: ProgressCallback | bool | None = None,
     command: str | None = None,
     device: str = "auto",
     dtype: str = "auto",
@@ -158,18 +93,20 @@ def build_atlas(
 
     `model` is a Model or a model spec, `dictionary` a Dictionary or an lmscope dictionary directory.
     `hook` overrides the dictionary's `cfg.hook`. The file at `out` appears only once it is complete.
+    `progress` is called with events of task "atlas" counting tokens (see lmscope.core.progress).
     """
-    from lmscope import __version__
+    from lmscope._version import __version__
 
+    progress = resolve(progress)
     log = log or (lambda _msg: None)
     cfg = config or AtlasConfig()
     if tokens is not None:
-        cfg = AtlasConfig(**{**asdict(cfg), "tokens": int(tokens), "packing": cfg.packing})
+        cfg = replace(cfg, tokens=int(tokens))
     out = Path(out)
     partial = _partial(out)
     if out.exists() and not overwrite:
         raise AtlasError(f"{out} already exists; pass --overwrite (overwrite=True) or choose another --out")
-    if partial.exists() and not overwrite and _partial_is_complete(partial):
+    if partial.exists() and not overwrite and is_complete(partial):
         log(f"{partial} is a complete build that was not renamed (interrupted at the very end); finishing it")
         os.replace(partial, out)
         return out
@@ -198,17 +135,15 @@ def build_atlas(
             "build_seconds": round(time.time() - started, 2),
             "model": {"spec": model.spec, "class": type(model.hf).__name__, "family": model.family.name,
                       "n_layers": model.n_layers, "d_model": model.d_model, "dtype": str(model.dtype)},
-            "model_hash": _model_hash(model),
+            "model_hash": model_hash(model),
             "dictionary": {"path": dict_path, "config": dictionary.cfg.to_dict(),
-                           "sha256": _dictionary_hash(dictionary),
+                           "sha256": dictionary_hash(dictionary),
                            "training": getattr(dictionary, "metadata", {}).get("training", {})},
             "hook": hook,
             "corpus": {"fingerprint": corpus.fingerprint(), "description": corpus.describe(),
                        "stats": vars(corpus.stats)},
             "config": cfg.to_dict(),
         }  # fmt: skip
-        from lmscope.atlas.write import write_results
-
         write_results(conn, model, dictionary, acc, cofire, metrics, provenance, cfg, dict_path, log)
         conn.close()
     except BaseException:
@@ -219,15 +154,6 @@ def build_atlas(
     return out
 
 
-def _model_hash(model: Model) -> str:
-    try:
-        from lmscope.harvest import model_fingerprint
-
-        return model_fingerprint(model)
-    except Exception:  # pragma: no cover - the harvest package is optional for the atlas
-        return ""
-
-
 def _stream(
     model: Model,
     dictionary: Dictionary,
@@ -235,8 +161,8 @@ def _stream(
     corpus: Corpus,
     packer: ContextPacker,
     cfg: AtlasConfig,
-    conn: sqlite3.Connection,
-    progress: bool,
+    conn: Connection,
+    progress: ProgressCallback | None,
 ) -> tuple[FeatureAccumulator, CofireSample, dict[str, float]]:
     dcfg = dictionary.cfg
     target_hook = dcfg.hook_out if dcfg.is_transcoder and dcfg.hook_out else None
@@ -250,12 +176,11 @@ def _stream(
     cofire = CofireSample(dcfg.d_sae)
     target = math.ceil(cfg.tokens / cfg.context) * cfg.context
     stride = max(1, target // max(1, cfg.cofire_tokens))
-    sse = sum_x = sum_x2 = l0 = 0.0
-    sum_vec: torch.Tensor | None = None
+    err = FVUAccumulator()  # reconstruction error of the non-special tokens
+    l0 = 0.0
     n_ctx = 0
-    bar = _progress(progress)
-    with bar, model.capture(hooks, stop_early=True) as acts, torch.inference_mode():
-        task = bar.add_task("atlas", total=target)
+    emit(progress, ProgressEvent(task="atlas", done=0, total=target, unit="tokens"))
+    with model.capture(hooks, stop_early=True) as acts, torch.inference_mode():
         for batch in _contexts(packer, corpus, cfg):
             ids = torch.from_numpy(batch.tokens)
             model(ids)
@@ -275,10 +200,7 @@ def _stream(
             zs = torch.sparse_coo_tensor(torch.stack([tok, f]), a, (B * C, dcfg.d_sae), check_invariants=False)
             recon = (torch.sparse.mm(zs, dictionary.W_dec) + dictionary.b_dec).reshape(B, C, -1)[~special]
             y = (acts[target_hook] if target_hook else acts[hook]).float()[~special]
-            sse += float((recon - y).pow(2).sum())
-            sum_x2 += float(y.pow(2).sum())
-            sum_x += float(y.shape[0])
-            sum_vec = y.sum(0, dtype=torch.float64) if sum_vec is None else sum_vec + y.sum(0, dtype=torch.float64)
+            err.update(y, recon)
             l0 += float(len(f))
             # co-firing sample: every `stride`-th token of the stream that is not special
             flat_idx = torch.arange(n_ctx * C, (n_ctx + B) * C, device=dev).reshape(B, C)
@@ -287,26 +209,23 @@ def _stream(
                 row_of = torch.cumsum(pick, 0) - 1
                 sel = pick[tok]
                 cofire.add(row_of[tok[sel]], f[sel], int(pick.sum()))
-            conn.executemany(
-                "INSERT INTO contexts (id, tokens) VALUES (?, ?)",
-                [(n_ctx + i, batch.tokens[i].astype("<i4").tobytes()) for i in range(B)],
-            )
+            db_write.insert_contexts(conn, n_ctx, batch.tokens)
             n_ctx += B
-            bar.update(task, advance=B * C)
-    conn.commit()
+            emit(progress, ProgressEvent(task="atlas", done=n_ctx * C, total=target, unit="tokens"))
+    db_write.commit(conn)
+    emit(progress, ProgressEvent(task="atlas", done=n_ctx * cfg.context, total=target, unit="tokens", finished=True))
     if n_ctx == 0:
         raise AtlasError(
             f"the corpus yielded no complete context of {cfg.context} tokens; use a larger corpus or a smaller "
             "--context"
         )
-    n = max(1.0, sum_x)
-    total_var = sum_x2 - float((sum_vec if sum_vec is not None else torch.zeros(1)).pow(2).sum()) / n
+    n = max(1, err.n)
     n_alive = int((acc.n_fired > 0).sum())
     metrics = {
         "tokens": acc.n_tokens,
         "contexts": n_ctx,
-        "fvu": sse / max(total_var, 1e-12),
-        "mse": sse / n,
+        "fvu": err.value(),
+        "mse": err.sse / n,  # per token (summed over the width)
         "l0": l0 / n,
         "dead": dcfg.d_sae - n_alive,
         "dead_fraction": (dcfg.d_sae - n_alive) / dcfg.d_sae,
@@ -315,17 +234,4 @@ def _stream(
     return acc, cofire, metrics
 
 
-def load_eval_metrics(dict_path: str | None) -> dict[str, Any]:
-    """Evaluation results saved next to the dictionary (eval.json / metrics.json), if any."""
-    if not dict_path:
-        return {}
-    out: dict[str, Any] = {}
-    for name in ("eval.json", "evaluation.json", "metrics.json"):
-        p = Path(dict_path) / name
-        if p.is_file():
-            with contextlib.suppress(json.JSONDecodeError, OSError):
-                out[name] = json.loads(p.read_text())
-    return out
-
-
-__all__ = ["AtlasConfig", "build_atlas", "get_meta", "set_meta"]
+__all__ = ["AtlasConfig", "build_atlas", "get_meta", "load_eval_metrics", "set_meta"]

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from lmscope.model import Model
+from lmscope.model.adapter import Model
 
 
 @dataclass(frozen=True)

@@ -1,274 +1,40 @@
-"""The atlas file: one SQLite database in WAL mode, with a versioned schema (see docs/atlas.md).
+"""The atlas schema and connections, under their lmscope 0.1 import path.
 
-`SCHEMA_VERSION` is stored in `meta` under `schema_version` and in `PRAGMA user_version`. A reader refuses a
-file whose version is newer than its own; a file without `meta.complete = "1"` is an unfinished build and is
-refused too (builds write to `OUT.partial` and rename it only once complete, so that should not happen).
-
-Version history: 1 the first release; 2 adds the `scores` table (several scorers' scores per label). A
-version-1 file is migrated forward in place when it is opened read-write (`migrate_v1`); opened read-only it
-is read as it is (readers treat a missing `scores` table as empty).
+They live in the access layer now: lmscope.atlas.db.schema (DDL, versions, open/create/migrate, meta) and
+lmscope.atlas.db.labels (`add_label`, `label_scores`). This module re-exports them unchanged.
 """
 
-from __future__ import annotations
-
-import json
-import sqlite3
-from pathlib import Path
-from typing import Any
-
-from lmscope.errors import LmscopeError
-
-SCHEMA_VERSION = 2
-FORMAT = "lmscope.atlas"
-
-
-class AtlasError(LmscopeError):
-    """An atlas file is missing, incomplete, damaged, or written by a newer lmscope."""
-
-
-DDL = """
-CREATE TABLE IF NOT EXISTS meta (
-    key   TEXT PRIMARY KEY,
-    value TEXT NOT NULL                    -- JSON
-);
-CREATE TABLE IF NOT EXISTS features (
-    id         INTEGER PRIMARY KEY,        -- latent index in the dictionary
-    n_fired    INTEGER NOT NULL,           -- tokens (special tokens excluded) where the activation is > 0
-    density    REAL NOT NULL,              -- n_fired / tokens
-    mean_act   REAL NOT NULL,              -- mean activation over the tokens where it fired (0 if dead)
-    max_act    REAL NOT NULL,
-    dead       INTEGER NOT NULL,           -- 1 if it never fired
-    hist       TEXT NOT NULL,              -- JSON {"edges": [...], "counts": [...]} over (0, max]
-    logits     TEXT,                       -- JSON {"positive": [[token_id, value]...], "negative": [...]}
-    neighbours TEXT NOT NULL,              -- JSON [[feature, cosine]...] by decoder cosine, best first
-    cofire     TEXT NOT NULL               -- JSON [[feature, count, fraction]...] from the co-firing sample
-);
-CREATE INDEX IF NOT EXISTS features_density ON features(density);
-CREATE INDEX IF NOT EXISTS features_max_act ON features(max_act);
-CREATE TABLE IF NOT EXISTS contexts (
-    id     INTEGER PRIMARY KEY,            -- index of the context in the build's token stream
-    tokens BLOB NOT NULL                   -- int32 little-endian token ids, `context` of them
-);
-CREATE TABLE IF NOT EXISTS examples (
-    feature    INTEGER NOT NULL,
-    kind       TEXT NOT NULL CHECK (kind IN ('top', 'quantile')),
-    bin        INTEGER NOT NULL,           -- quantile bin (-1 for top examples)
-    rank       INTEGER NOT NULL,           -- order within (feature, kind, bin)
-    context    INTEGER NOT NULL REFERENCES contexts(id),
-    pos        INTEGER NOT NULL,           -- position of the example token in the context
-    act        REAL NOT NULL,              -- activation at `pos`
-    start      INTEGER NOT NULL,           -- first position of the window
-    acts       BLOB NOT NULL,              -- float32 activations of the feature at start .. start+len-1
-    peak_token INTEGER NOT NULL,           -- token id at `pos`
-    text       TEXT NOT NULL               -- the window decoded to text
-);
-CREATE INDEX IF NOT EXISTS examples_feature ON examples(feature, kind, bin, rank);
-CREATE INDEX IF NOT EXISTS examples_peak_token ON examples(peak_token, kind);
-CREATE TABLE IF NOT EXISTS quantile_bins (
-    feature INTEGER NOT NULL,
-    bin     INTEGER NOT NULL,
-    lo      REAL NOT NULL,                 -- the bin holds activations in [lo, hi)
-    hi      REAL NOT NULL,
-    count   INTEGER NOT NULL,              -- firings in the bin (all of them, not just the samples)
-    PRIMARY KEY (feature, bin)
-);
-CREATE TABLE IF NOT EXISTS vocab (
-    id   INTEGER PRIMARY KEY,              -- token id
-    text TEXT NOT NULL                     -- the token decoded on its own
-);
-CREATE INDEX IF NOT EXISTS vocab_text ON vocab(text);
-CREATE TABLE IF NOT EXISTS labels (
-    id        INTEGER PRIMARY KEY,
-    feature   INTEGER NOT NULL,
-    text      TEXT NOT NULL,
-    source    TEXT NOT NULL CHECK (source IN ('human', 'machine')),
-    explainer TEXT,                        -- machine labels: the explainer (model/prompt) that wrote it
-    score     REAL,                        -- machine labels: the scorer's score
-    scorer    TEXT,
-    created   TEXT NOT NULL                -- ISO 8601
-);
-CREATE INDEX IF NOT EXISTS labels_feature ON labels(feature);
-CREATE VIRTUAL TABLE IF NOT EXISTS search USING fts5(
-    text, feature UNINDEXED, kind UNINDEXED, ref UNINDEXED, tokenize = 'unicode61'
-);
-CREATE TRIGGER IF NOT EXISTS labels_search_insert AFTER INSERT ON labels BEGIN
-    INSERT INTO search (text, feature, kind, ref) VALUES (new.text, new.feature, 'label', new.id);
-END;
-CREATE TRIGGER IF NOT EXISTS labels_search_delete AFTER DELETE ON labels BEGIN
-    DELETE FROM search WHERE kind = 'label' AND ref = old.id;
-END;
-CREATE TRIGGER IF NOT EXISTS labels_search_update AFTER UPDATE OF text ON labels BEGIN
-    UPDATE search SET text = new.text WHERE kind = 'label' AND ref = old.id;
-END;
-"""
-
-# Version 2: one row per (label, scorer); `labels.score`/`labels.scorer` keep the latest score for v1 readers.
-SCORES_STATEMENTS = (
-    """CREATE TABLE IF NOT EXISTS scores (
-    label_id INTEGER NOT NULL,             -- labels.id
-    scorer   TEXT NOT NULL,                -- e.g. rule-detection, fuzzing:anthropic:MODEL
-    score    REAL,
-    n        INTEGER,                      -- examples the score was computed on (NULL if unknown)
-    created  TEXT NOT NULL,                -- ISO 8601
-    PRIMARY KEY (label_id, scorer)
-)""",
-    """CREATE TRIGGER IF NOT EXISTS labels_scores_delete AFTER DELETE ON labels BEGIN
-    DELETE FROM scores WHERE label_id = old.id;
-END""",
+from lmscope.atlas.db.labels import add_label, label_scores
+from lmscope.atlas.db.schema import (
+    DDL,
+    FORMAT,
+    SCHEMA_VERSION,
+    SCORES_DDL,
+    SCORES_STATEMENTS,
+    AtlasError,
+    check_version,
+    create,
+    get_meta,
+    has_table,
+    migrate_v1,
+    open_atlas,
+    set_meta,
 )
-SCORES_DDL = "".join(f"{st};\n" for st in SCORES_STATEMENTS)
 
-
-def _connect(uri: str, readonly: bool) -> sqlite3.Connection:
-    conn = sqlite3.connect(uri, uri=True, check_same_thread=False, isolation_level=None if readonly else "DEFERRED")
-    conn.row_factory = sqlite3.Row
-    return conn
-
-
-def create(path: str | Path) -> sqlite3.Connection:
-    """A new, empty atlas database at `path` (which must not exist), in WAL mode, with the schema."""
-    path = Path(path)
-    conn = _connect(f"file:{path}?mode=rwc", readonly=False)
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("PRAGMA synchronous=NORMAL")
-    conn.executescript(DDL + SCORES_DDL)
-    conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-    set_meta(conn, "format", FORMAT)
-    set_meta(conn, "schema_version", SCHEMA_VERSION)
-    set_meta(conn, "complete", 0)
-    conn.commit()
-    return conn
-
-
-def set_meta(conn: sqlite3.Connection, key: str, value: Any) -> None:
-    conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, json.dumps(value)))
-
-
-def get_meta(conn: sqlite3.Connection, key: str, default: Any = None) -> Any:
-    row = conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
-    return default if row is None else json.loads(row[0])
-
-
-def check_version(conn: sqlite3.Connection, path: str | Path, require_complete: bool = True) -> int:
-    """The schema version of an open atlas; AtlasError if it is not an atlas, too new, or unfinished."""
-    try:
-        fmt = get_meta(conn, "format")
-        version = get_meta(conn, "schema_version")
-    except sqlite3.DatabaseError as exc:
-        raise AtlasError(f"{path} is not an lmscope atlas ({exc}); build one with `lmscope atlas`") from None
-    if fmt != FORMAT or not isinstance(version, int):
-        raise AtlasError(f"{path} is an SQLite file but not an lmscope atlas; build one with `lmscope atlas`")
-    if version > SCHEMA_VERSION:
-        raise AtlasError(
-            f"{path} uses atlas schema version {version}, but this lmscope reads up to version {SCHEMA_VERSION}; "
-            "upgrade lmscope (pip install -U lmscope) to open it"
-        )
-    if require_complete and get_meta(conn, "complete") != 1:
-        raise AtlasError(
-            f"{path} is an unfinished atlas build (meta.complete is not 1); rerun the `lmscope atlas` command "
-            "that made it to rebuild it"
-        )
-    return version
-
-
-def has_table(conn: sqlite3.Connection, name: str) -> bool:
-    return conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,)).fetchone() is not None
-
-
-def label_scores(conn: sqlite3.Connection, label_ids: list[int]) -> dict[int, list[dict[str, Any]]]:
-    """Every scorer's score of each label (by scorer name); empty for a version-1 file read as it is."""
-    if not label_ids or not has_table(conn, "scores"):
-        return {}
-    rows = conn.execute(
-        "SELECT label_id, scorer, score, n, created FROM scores WHERE label_id IN (SELECT value FROM json_each(?)) "
-        "ORDER BY label_id, scorer",
-        (json.dumps([int(i) for i in label_ids]),),
-    )
-    out: dict[int, list[dict[str, Any]]] = {}
-    for r in rows:
-        out.setdefault(int(r["label_id"]), []).append(
-            {"scorer": r["scorer"], "score": r["score"], "n": r["n"], "created": r["created"]}
-        )
-    return out
-
-
-def migrate_v1(conn: sqlite3.Connection) -> bool:
-    """Bring a version-1 atlas to version 2 in one transaction: add `scores` (and its trigger) and copy each
-    label's `score`/`scorer` into it. Returns whether anything was migrated (False for a current file)."""
-    if get_meta(conn, "schema_version") != 1:
-        return False
-    conn.commit()
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        for stmt in SCORES_STATEMENTS:  # not executescript: it would commit mid-transaction
-            conn.execute(stmt)
-        conn.execute(
-            "INSERT OR IGNORE INTO scores (label_id, scorer, score, n, created) "
-            "SELECT id, scorer, score, NULL, created FROM labels WHERE scorer IS NOT NULL AND score IS NOT NULL"
-        )
-        set_meta(conn, "schema_version", SCHEMA_VERSION)
-        conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-        conn.commit()
-    except BaseException:
-        conn.rollback()
-        raise
-    return True
-
-
-def open_atlas(path: str | Path, readonly: bool = True, migrate: bool = True) -> sqlite3.Connection:
-    """Open a complete atlas. Read-only opens use SQLite's `mode=ro`, so the server can never write to it.
-    A read-write open migrates an older-version file forward (unless `migrate` is False)."""
-    path = Path(path)
-    if not path.is_file():
-        hint = ""
-        partial = path.with_name(path.name + ".partial")
-        if partial.exists():
-            hint = f" ({partial} is an interrupted build: rerun the `lmscope atlas` command to finish it)"
-        raise AtlasError(
-            f"{path} does not exist{hint}; build an atlas with `lmscope atlas MODEL --dict DIR --out {path}`"
-        )
-    uri = f"file:{path.resolve()}?mode={'ro' if readonly else 'rw'}"
-    try:
-        conn = _connect(uri, readonly)
-        check_version(conn, path)
-    except sqlite3.OperationalError:
-        if not readonly:
-            raise
-        # A WAL database needs its -shm file; in a read-only directory open it as immutable instead.
-        conn = _connect(f"file:{path.resolve()}?mode=ro&immutable=1", readonly)
-        check_version(conn, path)
-    if readonly:
-        conn.execute("PRAGMA query_only=1")
-    elif migrate:
-        migrate_v1(conn)
-    return conn
-
-
-def add_label(
-    conn: sqlite3.Connection,
-    feature: int,
-    text: str,
-    source: str = "human",
-    explainer: str | None = None,
-    score: float | None = None,
-    scorer: str | None = None,
-    created: str | None = None,
-) -> int:
-    """Insert a label (the `search` index follows through a trigger); returns its id. A score with a scorer
-    is also recorded as that scorer's row in `scores` (schema v2)."""
-    import datetime as dt
-
-    if source not in ("human", "machine"):
-        raise AtlasError(f"label source must be 'human' or 'machine', got {source!r}")
-    created = created or dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-    cur = conn.execute(
-        "INSERT INTO labels (feature, text, source, explainer, score, scorer, created) VALUES (?, ?, ?, ?, ?, ?, ?)",
-        (int(feature), text, source, explainer, score, scorer, created),
-    )
-    lid = int(cur.lastrowid or 0)
-    if score is not None and scorer and has_table(conn, "scores"):
-        conn.execute(
-            "INSERT OR REPLACE INTO scores (label_id, scorer, score, n, created) VALUES (?, ?, ?, NULL, ?)",
-            (lid, scorer, score, created),
-        )
-    return lid
+__all__ = [
+    "DDL",
+    "FORMAT",
+    "SCHEMA_VERSION",
+    "SCORES_DDL",
+    "SCORES_STATEMENTS",
+    "AtlasError",
+    "add_label",
+    "check_version",
+    "create",
+    "get_meta",
+    "has_table",
+    "label_scores",
+    "migrate_v1",
+    "open_atlas",
+    "set_meta",
+]

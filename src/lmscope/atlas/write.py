@@ -1,20 +1,24 @@
-"""The end of an atlas build: turn the accumulated state into rows, in one transaction that ends complete."""
+"""The end of an atlas build: turn the accumulated state into rows, written in one transaction that ends complete
+(by lmscope.atlas.db.write)."""
 
 from __future__ import annotations
 
 import json
-import sqlite3
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
 from lmscope.atlas.accumulate import FeatureAccumulator
+from lmscope.atlas.config import AtlasConfig
+from lmscope.atlas.db import read
+from lmscope.atlas.db import write as db_write
+from lmscope.atlas.db.schema import Connection
 from lmscope.atlas.logits import logit_lens, top_logit_effects
 from lmscope.atlas.neighbours import CofireSample, decoder_neighbours
-from lmscope.atlas.schema import set_meta
+from lmscope.atlas.provenance import load_eval_metrics
 from lmscope.dictionaries.base import Dictionary
-from lmscope.model import Model
+from lmscope.model.adapter import Model
 
 RESIDUAL_KINDS = ("embed", "resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
 
@@ -53,7 +57,7 @@ def _logit_rows(model: Model, dictionary: Dictionary, hook: str, k: int) -> tupl
 
 def _example_rows(
     acc: FeatureAccumulator,
-    conn: sqlite3.Connection,
+    conn: Connection,
     vocab: list[str],
     context: int,
 ) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
@@ -66,9 +70,9 @@ def _example_rows(
     used = set(np.unique(top["ctx"]).tolist()) | set(np.unique(q["ctx"]).tolist())
     used.discard(-1)
     tokens: dict[int, np.ndarray] = {}
-    for cid, blob in conn.execute("SELECT id, tokens FROM contexts"):
+    for cid, ids in read.iter_contexts(conn):
         if cid in used:
-            tokens[cid] = np.frombuffer(blob, dtype="<i4")
+            tokens[cid] = ids
     before = acc.before
     rows: list[tuple[Any, ...]] = []
 
@@ -95,19 +99,19 @@ def _example_rows(
 
 
 def write_results(
-    conn: sqlite3.Connection,
+    conn: Connection,
     model: Model,
     dictionary: Dictionary,
     acc: FeatureAccumulator,
     cofire: CofireSample,
     metrics: dict[str, Any],
     provenance: dict[str, Any],
-    cfg: Any,
+    cfg: AtlasConfig,
     dict_path: str | None,
     log: Callable[[str], None],
 ) -> None:
-    from lmscope.atlas.build import load_eval_metrics
-
+    """Write the vocabulary, every feature's row, examples and quantile bins, and the provenance, metrics and
+    summary, in one transaction that ends with `meta.complete = 1`; then compact the file."""
     F = dictionary.cfg.d_sae
     hook = provenance["hook"]
     vocab = vocab_strings(model.tokenizer, model.vocab_size)
@@ -136,28 +140,14 @@ def write_results(
         ))  # fmt: skip
     log("writing examples")
     example_rows, bin_rows = _example_rows(acc, conn, vocab, cfg.context)
-    with conn:  # one transaction: either all of it, with complete = 1 last, or none
-        conn.executemany("INSERT INTO vocab (id, text) VALUES (?, ?)", list(enumerate(vocab)))
-        conn.executemany("INSERT INTO features VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", feature_rows)
-        conn.executemany(
-            "INSERT INTO examples (feature, kind, bin, rank, context, pos, act, start, acts, peak_token, text) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            example_rows,
-        )
-        conn.executemany("INSERT INTO quantile_bins VALUES (?, ?, ?, ?, ?)", bin_rows)
-        conn.execute(
-            "INSERT INTO search (text, feature, kind, ref) SELECT text, feature, 'example', rowid FROM examples "
-            "WHERE kind = 'top'"
-        )
-        conn.execute("DELETE FROM contexts WHERE id NOT IN (SELECT DISTINCT context FROM examples)")
-        set_meta(conn, "provenance", provenance)
-        set_meta(conn, "metrics", {"atlas": metrics, "saved": load_eval_metrics(dict_path)})
-        set_meta(conn, "summary", {
+    db_write.write_build(conn, vocab, feature_rows, example_rows, bin_rows, {  # complete = 1 is written last
+        "provenance": provenance,
+        "metrics": {"atlas": metrics, "saved": load_eval_metrics(dict_path)},
+        "summary": {
             "model": provenance["model"]["spec"], "hook": hook, "d_sae": F, "d_in": dictionary.cfg.d_in,
             "arch": dictionary.cfg.arch, "tokens": acc.n_tokens, "context": cfg.context,
             "dead": int((n_fired == 0).sum()), "logit_effects": logit_note if logits[0] is not None else None,
             "logit_note": logit_note,
-        })  # fmt: skip
-        set_meta(conn, "complete", 1)
-    conn.execute("VACUUM")
-    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        },
+    })  # fmt: skip
+    db_write.compact(conn)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from lmscope import __version__
+from lmscope._version import __version__
 from lmscope.cli import atlas_cmds, demo_cmd, eval_cmd, explain_cmds, harvest_cmds, model_cmds, steer_cmds, train_cmds
 
 app = typer.Typer(

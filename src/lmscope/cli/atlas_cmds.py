@@ -55,11 +55,12 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Scan a corpus with MODEL and a dictionary, and write every feature's dossier to one SQLite file."""
         from lmscope.atlas import AtlasConfig, build_atlas, open_atlas
-        from lmscope.atlas.schema import get_meta
+        from lmscope.atlas.db.schema import get_meta
         from lmscope.cli.common import parse_count
+        from lmscope.cli.progress import RichProgress
         from lmscope.corpora import open_corpus
         from lmscope.dictionaries.formats import load_dictionary
-        from lmscope.loading import load_model
+        from lmscope.model.loading import load_model
 
         cfg = AtlasConfig(
             tokens=parse_count(tokens), context=context, batch_size=batch_size, top_k=top_k,
@@ -70,10 +71,12 @@ def register(app: typer.Typer) -> None:
         load_dictionary(dict_dir)  # fail early, before the model loads
         src = open_corpus(corpus, field=field, split=split)
         m = load_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
-        path = build_atlas(
-            m, dict_dir, src, out=out, config=cfg, hook=hook, overwrite=overwrite, progress=progress,
-            command=shlex.join(["lmscope", *sys.argv[1:]]), log=lambda msg: err_console.print(msg, highlight=False),
-        )  # fmt: skip
+        with RichProgress(enabled=progress, console=err_console) as bar:  # the log prints above the bar
+            path = build_atlas(
+                m, dict_dir, src, out=out, config=cfg, hook=hook, overwrite=overwrite, progress=bar,
+                command=shlex.join(["lmscope", *sys.argv[1:]]),
+                log=lambda msg: err_console.print(msg, highlight=False),
+            )  # fmt: skip
         conn = open_atlas(path, readonly=False)  # a read-write connection leaves no -wal/-shm files behind
         summary, metrics = get_meta(conn, "summary"), get_meta(conn, "metrics")["atlas"]
         conn.close()

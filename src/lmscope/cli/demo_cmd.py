@@ -11,8 +11,9 @@ import typer
 from rich.table import Table
 
 from lmscope.cli.common import DeviceOpt, DtypeOpt, console, handles_errors, parse_count
-from lmscope.demo import STEER_PROMPT, Demo, DemoConfig, demo_summary
-from lmscope.pipeline import Stage, StageOutcome
+from lmscope.cli.progress import RichProgress
+from lmscope.workflows.demo import STEER_PROMPT, Demo, DemoConfig, demo_summary
+from lmscope.workflows.pipeline import Stage, StageOutcome
 
 EPILOG = """Examples:
 
@@ -56,7 +57,8 @@ def register(app: typer.Typer) -> None:
         run_dir = run_dir or Path("runs") / ("demo-quick" if quick else "demo")
         if restart and run_dir.exists():
             shutil.rmtree(run_dir)
-        job = Demo(cfg, run_dir, device=device, dtype=dtype)
+        bars = RichProgress()
+        job = Demo(cfg, run_dir, device=device, dtype=dtype, progress=bars)
         console.print(f"[bold]lmscope demo[/] → {run_dir}  ({cfg.model}, corpus {cfg.corpus})")
         start = time.perf_counter()
 
@@ -67,7 +69,8 @@ def register(app: typer.Typer) -> None:
             how = "verified, skipped" if outcome.skipped else f"{outcome.seconds:.0f} s"
             console.print(f"[green]✓[/] {stage.name} ({how})")
 
-        job.pipeline().run(on_start=on_start, on_end=on_end)
+        with bars:
+            job.pipeline().run(on_start=on_start, on_end=on_end)
         summary = demo_summary(job)
         summary["total_seconds"] = time.perf_counter() - start
         print_summary(summary)

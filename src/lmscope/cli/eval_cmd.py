@@ -2,21 +2,16 @@
 
 from __future__ import annotations
 
-import itertools
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
-import numpy as np
-import torch
 import typer
+from rich.table import Table
 
 from lmscope.cli.common import DeviceOpt, DtypeOpt, ModelArg, console, handles_errors, parse_count
-from lmscope.corpora import ContextPacker, PackingConfig, open_corpus
-from lmscope.corpora.readers import CorpusError
 from lmscope.dictionaries.formats import load_dictionary
-from lmscope.evaluate import evaluate, results_table, save_json
-from lmscope.loading import load_model
-from lmscope.model import Model
+from lmscope.model.loading import load_model
+from lmscope.training.evaluate import eval_contexts, evaluate, save_json
 
 EPILOG = """Examples:
 
@@ -28,19 +23,20 @@ Held-out data: the stdlib corpus is read in a fixed order, so skip the tokens a 
 (--skip-tokens, the harvest's token count) to evaluate on text it has not seen."""
 
 
-def eval_contexts(
-    model: Model, corpus: str, tokens: int, context: int = 128, skip_tokens: int = 0
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids, special) [n, context] for `tokens` tokens of the corpus after skipping `skip_tokens`."""
-    packer = ContextPacker(model.tokenizer, PackingConfig(context=context))
-    n_skip, n_take = skip_tokens // context, max(1, -(-tokens // context))
-    rows = list(itertools.islice(packer.rows(open_corpus(corpus).documents()), n_skip, n_skip + n_take))
-    if len(rows) < n_take:
-        raise CorpusError(
-            f"{corpus} has only {(n_skip + len(rows)) * context} tokens; ask for fewer --tokens or --skip-tokens"
-        )
-    batch = packer.stack(rows)
-    return torch.from_numpy(batch.tokens), torch.from_numpy(np.asarray(batch.special))
+def results_table(results: dict[str, Any], title: str = "dictionary evaluation") -> Table:
+    table = Table("metric", "value", title=title)
+    for key, value in results.items():
+        if key == "density_hist":
+            edges = value["log10_bin_edges"]
+            bins = ", ".join(
+                f"1e{lo}..1e{hi}: {c}" for lo, hi, c in zip(edges, edges[1:], value["counts"], strict=False)
+            )
+            table.add_row("density histogram", f"{bins}; dead: {value['dead']}")
+        elif isinstance(value, float):
+            table.add_row(key, f"{value:.4f}")
+        else:
+            table.add_row(key, str(value))
+    return table
 
 
 def register(app: typer.Typer) -> None:

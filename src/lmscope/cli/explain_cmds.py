@@ -56,7 +56,7 @@ def _log(msg: str) -> None:
 
 
 def _finish(report: object, json_out: Path | None, what: str) -> None:
-    from lmscope.atomic import atomic_write_json
+    from lmscope.core.atomic import atomic_write_json
     from lmscope.explain.pipeline import RunReport
 
     assert isinstance(report, RunReport)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import shlex
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -19,6 +19,7 @@ from lmscope.cli.common import (
     handles_errors,
     parse_count,
 )
+from lmscope.cli.progress import RichProgress
 from lmscope.corpora import PackingConfig, open_corpus
 
 HARVEST_EPILOG = (
@@ -64,12 +65,12 @@ def register(app: typer.Typer) -> None:
         trust_remote_code: TrustOpt = False,
     ) -> None:
         """Run MODEL over a corpus and store activations at the given hooks as safetensors shards."""
-        from lmscope.harvest import HarvestConfig
-        from lmscope.harvest import harvest as run_harvest
-        from lmscope.loading import load_model
+        from lmscope.activations import HarvestConfig
+        from lmscope.activations import harvest as run_harvest
+        from lmscope.model.loading import load_model
 
         hook_list = [h.strip() for h in hooks.split(",") if h.strip()]
-        pack = PackingConfig(context=context, mode=packing, bos=bos)  # type: ignore[arg-type]
+        pack = PackingConfig.from_dict({"mode": packing, "bos": bos})  # HarvestConfig sets its context
         cfg = HarvestConfig(
             hooks=hook_list, tokens=parse_count(tokens, minimum=1), context=context, dtype=store_dtype,
             batch_size=batch_size, shard_tokens=parse_count(shard_tokens, minimum=1), packing=pack,
@@ -77,17 +78,18 @@ def register(app: typer.Typer) -> None:
         src = open_corpus(corpus, field=field, split=split)
         m = load_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
         command = shlex.join(["lmscope", *sys.argv[1:]])
-        manifest = run_harvest(
-            m, src, out, cfg, command=command, progress=progress, overwrite=overwrite,
-            log=lambda msg: err_console.print(msg, highlight=False),
-        )  # fmt: skip
+        with RichProgress(enabled=progress, console=err_console) as bar:  # log lines print above the bar
+            manifest = run_harvest(
+                m, src, out, cfg, command=command, progress=bar, overwrite=overwrite,
+                log=lambda msg: err_console.print(msg, highlight=False),
+            )  # fmt: skip
         _summary(manifest, out)
 
     @app.command(epilog="Examples:\n\n  lmscope verify acts/\n\nExits with status 1 if any shard is bad.")
     @handles_errors
     def verify(directory: Annotated[Path, typer.Argument(help="A harvest output directory.")]) -> None:
         """Recheck every shard of a harvest against the sizes and sha256 checksums in its manifest."""
-        from lmscope.harvest import verify as run_verify
+        from lmscope.activations import verify as run_verify
 
         report = run_verify(directory)
         for note in report.notes:
@@ -105,7 +107,7 @@ def register(app: typer.Typer) -> None:
         raise typer.Exit(1)
 
 
-def _summary(manifest: dict, out: Path) -> None:
+def _summary(manifest: dict[str, Any], out: Path) -> None:
     shards = manifest["shards"]
     size = sum(s["bytes"] for s in shards)
     console.print(

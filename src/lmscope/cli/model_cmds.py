@@ -4,21 +4,13 @@ from __future__ import annotations
 
 from typing import Annotated
 
-import torch
 import typer
 from rich.table import Table
 
 from lmscope.cli.common import DeviceOpt, DtypeOpt, ModelArg, TrustOpt, console, handles_errors
-from lmscope.loading import load_model
-from lmscope.model import Model
-
-
-def hook_shapes(model: Model, n_tokens: int = 4) -> dict[str, tuple[int, ...]]:
-    """Shapes of every hook point, measured by one short forward pass (batch 1)."""
-    ids = torch.arange(n_tokens).unsqueeze(0) % model.vocab_size
-    with model.capture(model.hook_names(), stop_early=False) as acts:
-        model(ids)
-    return {name: tuple(acts[name].shape) for name in model.hook_names()}
+from lmscope.model.adapter import Model
+from lmscope.model.inspect import hook_shapes, predict_next
+from lmscope.model.loading import load_model
 
 
 def print_info(model: Model) -> None:
@@ -37,15 +29,6 @@ def print_info(model: Model) -> None:
     console.print(table)
 
 
-def predict_next(model: Model, text: str, top: int = 10) -> list[tuple[str, float]]:
-    ids = model.encode(text)
-    logits = model(ids)
-    assert logits is not None
-    probs = logits[0, -1].float().softmax(-1)
-    values, indices = probs.topk(top)
-    return [(model.tokenizer.decode([int(i)]), float(v)) for v, i in zip(values, indices, strict=True)]
-
-
 def print_predictions(text: str, preds: list[tuple[str, float]]) -> None:
     table = Table("rank", "token", "probability", title=f"next token after {text!r}")
     for rank, (tok, p) in enumerate(preds, 1):
@@ -54,9 +37,7 @@ def print_predictions(text: str, preds: list[tuple[str, float]]) -> None:
 
 
 def register(app: typer.Typer) -> None:
-    @app.command(
-        epilog="Examples:\n\n  lmscope info smollm2-135m\n\n  lmscope info ./my-hf-model --dtype bfloat16"
-    )
+    @app.command(epilog="Examples:\n\n  lmscope info smollm2-135m\n\n  lmscope info ./my-hf-model --dtype bfloat16")
     @handles_errors
     def info(
         model: ModelArg = "smollm2-135m",

@@ -12,13 +12,13 @@ import torch
 import typer
 from rich.table import Table
 
-from lmscope.atomic import atomic_write_text
 from lmscope.cli.common import DeviceOpt, DtypeOpt, ModelArg, console, handles_errors
+from lmscope.core.atomic import atomic_write_text
 from lmscope.dictionaries.formats import load_dictionary
-from lmscope.generation import SamplingConfig, prompt_ids
-from lmscope.hooks import Writer
-from lmscope.loading import load_model
-from lmscope.steering import (
+from lmscope.model.generation import SamplingConfig, prompt_ids
+from lmscope.model.hooks import Writer
+from lmscope.model.loading import load_model
+from lmscope.steer.edits import (
     SteeringError,
     check_dictionary,
     combine_readouts,
@@ -31,7 +31,7 @@ from lmscope.steering import (
     neuron_writer,
     parse_edit,
 )
-from lmscope.steering_measure import SteeringResult, run_steering
+from lmscope.steer.measure import SteeringResult, run_steering
 
 EPILOG = """Examples:
 
@@ -71,19 +71,18 @@ def _load_direction(path: Path) -> torch.Tensor:
 
 def _atlas_max_acts(path: Path, features: list[int]) -> dict[int, float]:
     """Observed max activations of `features`, read from an atlas (opened read-only)."""
-    from lmscope.atlas.schema import open_atlas
+    from lmscope.atlas.db import read
+    from lmscope.atlas.db.schema import open_atlas
 
     conn = open_atlas(path, readonly=True)
     try:
-        rows = dict(conn.execute(
-            f"SELECT id, max_act FROM features WHERE id IN ({','.join('?' * len(features))})", features
-        ).fetchall()) if features else {}  # fmt: skip
+        rows = read.max_acts(conn, features)
     finally:
         conn.close()
     missing = sorted(set(features) - set(rows))
     if missing:
         raise SteeringError(f"{path} has no features {missing}; is it the atlas of this dictionary?")
-    return {int(k): float(v) for k, v in rows.items()}
+    return rows
 
 
 def print_result(result: SteeringResult) -> None:
@@ -181,7 +180,7 @@ def register(app: typer.Typer) -> None:
             writers.setdefault(nhook, []).append(neuron_writer([e], hook_width(lm, nhook), from_prompt_end))
             readouts.append(neuron_readout(nhook, [e.index]))
             labels.append(f"{nhook}:{e.index}={e.mode}:{e.value:g}")
-        if direction_vec is not None and d_edit is not None:
+        if direction is not None and direction_vec is not None and d_edit is not None:
             dir_hook = hook or (dictionary.cfg.hook if dictionary else None)
             if not dir_hook:
                 raise SteeringError("--direction needs --hook (or a --dict whose hook it shares)")

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
+from lmscope.activations.sources import StoreSource
 from lmscope.cli.common import console, handles_errors, parse_count
-from lmscope.dictionaries import DictConfig, architectures
+from lmscope.cli.progress import RichProgress
+from lmscope.dictionaries import DictConfig, architecture, architectures
 from lmscope.dictionaries.base import DictionaryError
 from lmscope.training import RunSpec, TrainConfig, Trainer
 from lmscope.training import distributed as ddp
@@ -24,6 +26,9 @@ def parse_list(text: str, kind: type = float) -> list[Any]:
         raise DictionaryError(f"cannot read {text!r} as a comma-separated list of {kind.__name__}") from None
 
 
+_CONFIG_DEFAULTS: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(DictConfig)}
+
+
 def sweep_configs(
     arch: str,
     hooks: list[str],
@@ -35,15 +40,20 @@ def sweep_configs(
     hook_out: str | None = None,
     model: str | None = None,
 ) -> list[DictConfig]:
-    """The cross product of the sweep axes: one config per (hook, expansion, k or sparsity coefficient)."""
+    """The cross product of the sweep axes: one config per (hook, expansion, k or sparsity coefficient).
+
+    The architecture names the DictConfig field it varies (`Dictionary.sparsity_param`); each such field has
+    its command-line list here (--k, --l1, --l0).
+    """
     if arch not in architectures():
         raise DictionaryError(f"unknown --arch {arch!r}; choose one of {', '.join(architectures())}")
+    axes: dict[str, list[Any]] = {"k": ks, "l1_coeff": l1s, "l0_coeff": l0s}
+    key = architecture(arch).sparsity_param
+    if key not in axes:
+        raise DictionaryError(f"--arch {arch} varies {key!r}, which `lmscope train` has no option for")
+    cast = type(_CONFIG_DEFAULTS[key])  # int for k, float for the coefficients
     out = []
-    sparsity: list[tuple[str, float]] = (
-        [("k", k) for k in ks] if arch in ("topk", "batchtopk")
-        else [("l1_coeff", v) for v in l1s] if arch == "relu" else [("l0_coeff", v) for v in l0s]
-    )  # fmt: skip
-    for hook, expansion, (key, value) in itertools.product(hooks, expansions, sparsity):
+    for hook, expansion, value in itertools.product(hooks, expansions, axes[key]):
         d_in = widths[hook]
         d_out = widths[hook_out] if hook_out else None
         out.append(
@@ -55,26 +65,10 @@ def sweep_configs(
                 hook=hook,
                 hook_out=hook_out,
                 model=model,
-                **{key: int(value) if key == "k" else float(value)},
+                **{key: cast(value)},
             )
         )
     return out
-
-
-class StoreSource:
-    """Adapts an ActivationStore (`lmscope.store`) to the trainer's BatchSource protocol."""
-
-    def __init__(self, directory: Path, hooks: list[str], batch_size: int, seed: int, epochs: int) -> None:
-        from lmscope.store import ActivationStore
-
-        self.store = ActivationStore.open(directory, hooks=hooks)
-        self.batch_size, self.seed, self.epochs = batch_size, seed, epochs
-        self.mean_norm = self.store.mean_norms()
-        self.widths: dict[str, int] = dict(self.store.widths)
-        self.model = self.store.manifest.get("model_spec") or self.store.manifest.get("model")
-
-    def __iter__(self) -> Iterator[Any]:
-        return self.store.batches(batch_size=self.batch_size, seed=self.seed, epochs=self.epochs, drop_last=True)
 
 
 def register(app: typer.Typer) -> None:
@@ -89,7 +83,7 @@ def register(app: typer.Typer) -> None:
     def train(
         acts: Annotated[Path, typer.Option(help="A harvest directory written by `lmscope harvest`.")],
         out: Annotated[Path, typer.Option(help="Output directory: one sub-folder per dictionary, checkpoint, log.")],
-        arch: Annotated[str, typer.Option(help="relu, topk, batchtopk or jumprelu.")] = "topk",
+        arch: Annotated[str, typer.Option(help=f"One of {', '.join(architectures())}.")] = "topk",
         hook: Annotated[str, typer.Option(help="Input hook(s), comma-separated (default: the store's first).")] = "",
         hook_out: Annotated[str, typer.Option(help="Target hook: trains transcoders hook -> hook_out.")] = "",
         k: Annotated[str, typer.Option(help="TopK/BatchTopK active latents; a list sweeps.")] = "32",
@@ -108,11 +102,12 @@ def register(app: typer.Typer) -> None:
         device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")] = "auto",
         wandb: Annotated[str, typer.Option(help="Also log to this wandb project (needs wandb installed).")] = "",
         no_resume: Annotated[bool, typer.Option(help="Start afresh even if --out holds a checkpoint.")] = False,
+        progress: Annotated[bool, typer.Option(help="Show a progress bar per dictionary.")] = True,
     ) -> None:
         """Train sparse dictionaries (SAEs or transcoders) on a harvest; resumes from --out's checkpoint."""
         dev = ddp.init_from_env(device)
         hooks = [h for h in hook.split(",") if h]
-        source = StoreSource(acts, hooks + ([hook_out] if hook_out else []) or None, batch_size, seed, epochs)  # type: ignore[arg-type]
+        source = StoreSource(acts, hooks + ([hook_out] if hook_out else []) or None, batch_size, seed, epochs)
         hooks = hooks or [next(iter(source.widths))]
         configs = sweep_configs(
             arch, hooks, source.widths, parse_list(k, int), parse_list(expansion), parse_list(l1), parse_list(l0),
@@ -124,7 +119,8 @@ def register(app: typer.Typer) -> None:
             wandb_project=wandb or None,
         )  # fmt: skip
         trainer = Trainer([RunSpec(c, lr=lr) for c in configs], tc, out, device=dev)
-        results = trainer.fit(source, resume=not no_resume)
+        with RichProgress(enabled=progress and ddp.is_main()) as bar:
+            results = trainer.fit(source, resume=not no_resume, progress=bar)
         if ddp.is_main():
             for name in results:
                 console.print(f"saved {out / name}")

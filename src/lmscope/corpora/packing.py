@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
 import numpy as np
@@ -21,6 +21,9 @@ class PackingConfig:
     bos: "context" puts the BOS token first in every context (the usual way models were trained and what
       SAE tooling expects), "document" puts it before every document, "none" never adds it.
     separator: token id put after each document when packing; None picks EOS (else BOS); -1 for none.
+
+    To change one setting of an existing config use `dataclasses.replace(cfg, context=256)`; to read one back
+    from JSON, `PackingConfig.from_dict`. Never rebuild it field by field (a field added later gets dropped).
     """
 
     context: int = 128
@@ -38,11 +41,28 @@ class PackingConfig:
         if self.bos not in ("context", "document", "none"):
             raise CorpusError(f"bos must be 'context', 'document' or 'none', got {self.bos!r}")
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self, *, batching: bool = False) -> dict[str, Any]:
+        """The settings as plain JSON values. By default only those that decide the token ids (what a harvest
+        manifest records and a resume compares); `batching=True` adds the tokenizer batching sizes too, so
+        `PackingConfig.from_dict(p.to_dict(batching=True)) == p`."""
         d = asdict(self)
-        d.pop("tokenize_batch")
-        d.pop("tokenize_chars")  # batching only: never changes the token ids
+        if not batching:
+            for name in _BATCHING:  # batching only: never changes the token ids
+                d.pop(name)
         return d
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> PackingConfig:
+        """A config from `to_dict`'s output (either form); a missing setting takes its default, an unknown one
+        is refused (a misspelt key would otherwise silently change nothing)."""
+        known = [f.name for f in fields(cls)]
+        unknown = sorted(set(data) - set(known))
+        if unknown:
+            raise CorpusError(f"unknown packing setting(s) {', '.join(map(repr, unknown))}; known: {', '.join(known)}")
+        return cls(**data)
+
+
+_BATCHING = ("tokenize_batch", "tokenize_chars")
 
 
 @dataclass

@@ -5,30 +5,33 @@ from lmscope.dictionaries.base import (
     DictConfig,
     Dictionary,
     DictionaryError,
+    FormatError,
     LossState,
     TrainOutput,
+    architecture,
     architectures,
     build,
-    fvu,
     register,
 )
 from lmscope.dictionaries.formats import (
-    FormatError,
     export_saelens,
     load_dictionary,
     load_saelens,
     load_sparsify,
     save_dictionary,
 )
+from lmscope.dictionaries.metrics import FVUAccumulator, fvu
 from lmscope.dictionaries.sparse_decode import fused_topk, sparse_decode
 
 __all__ = [
     "DictConfig",
     "Dictionary",
     "DictionaryError",
+    "FVUAccumulator",
     "FormatError",
     "LossState",
     "TrainOutput",
+    "architecture",
     "architectures",
     "build",
     "export_saelens",

@@ -10,12 +10,19 @@ for a transcoder it is another hook (e.g. `blocks.{i}.mlp_in` -> `blocks.{i}.mlp
 
 Weights are stored in SAELens orientation: W_enc [d_in, d_sae], W_dec [d_sae, d_out], so row i of W_dec is
 latent i's decoder direction.
+
+Each architecture is one module: a `Dictionary` subclass registered with `@register(name)` that declares
+everything the rest of lmscope needs to know about it (see `Dictionary`'s class attributes: the sparsity
+hyperparameter a sweep varies and a run name shows, the default learning rate, its loss terms, the extra
+tensors its files hold, its SAELens name and conversions, its config checks). Nothing outside that module
+branches on the architecture's name.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import string
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -23,11 +30,16 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from lmscope.dictionaries.metrics import fvu as fvu  # re-exported: lmscope.dictionaries.base.fvu
 from lmscope.errors import LmscopeError
 
 
 class DictionaryError(LmscopeError):
     """A dictionary config, architecture or file is invalid."""
+
+
+class FormatError(DictionaryError):
+    """A dictionary file is missing, malformed, or cannot be converted without loss."""
 
 
 @dataclass
@@ -53,9 +65,7 @@ class DictConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.arch not in _REGISTRY:
-            choices = ", ".join(_REGISTRY)
-            raise DictionaryError(f"unknown dictionary architecture {self.arch!r}; choose one of {choices}")
+        cls = architecture(self.arch)
         for name in ("d_in", "d_sae", "k"):
             if int(getattr(self, name)) < 1:
                 raise DictionaryError(f"{name} must be a positive integer, got {getattr(self, name)}")
@@ -68,8 +78,7 @@ class DictConfig:
                 f"apply_b_dec_to_input needs d_out == d_in, got {self.d_in} -> {self.d_out}; set it to False "
                 "for transcoders"
             )
-        if self.arch in ("topk", "batchtopk") and self.k > self.d_sae:
-            raise DictionaryError(f"k={self.k} exceeds d_sae={self.d_sae}; pick k <= d_sae")
+        cls.validate_config(self)
         if self.aux_k is None:
             self.aux_k = max(1, min(self.d_sae, int(self.d_out) // 2))
 
@@ -111,18 +120,72 @@ class TrainOutput:
     terms: dict[str, Tensor]  # detached scalars: mse, l1, aux, ...
 
 
-def fvu(target: Tensor, recon: Tensor) -> Tensor:
-    """Fraction of variance unexplained: sum |x - x_hat|^2 / sum |x - mean(x)|^2 over the batch."""
-    t = target.reshape(-1, target.shape[-1]).float()
-    r = recon.reshape(-1, recon.shape[-1]).float()
-    return (t - r).pow(2).sum() / (t - t.mean(0)).pow(2).sum().clamp_min(1e-12)
-
-
 class Dictionary(nn.Module):
-    """The shared interface: `encode`, `decode`, `forward` -> (reconstruction, latents), `decoder_directions`."""
+    """The shared interface: `encode`, `decode`, `forward` -> (reconstruction, latents), `decoder_directions`.
 
-    arch: ClassVar[str]
+    A subclass is one architecture. Besides `activation` and `training_loss` it must declare (`register`
+    refuses it otherwise) the class attributes in `REQUIRED_KNOWLEDGE` and the classmethod `default_lr`;
+    `extra_tensor_shapes`, `validate_config`, `to_saelens` and `from_saelens` have defaults to override.
+    """
+
+    arch: ClassVar[str]  # set by `register`
     unit_norm_decoder: ClassVar[bool] = True  # renormalise decoder rows after each step (all but relu)
+    # ---- per-architecture knowledge, declared by every registered subclass
+    sparsity_param: ClassVar[str]  # the DictConfig field a sweep varies ("k", "l1_coeff", ...)
+    run_tag: ClassVar[str]  # run-name part, a format string over DictConfig fields ("k{k}", "l1_{l1_coeff:g}")
+    loss_terms: ClassVar[tuple[str, ...]]  # the keys of TrainOutput.terms ("mse", "aux", ...)
+    saelens_arch: ClassVar[str | None]  # the SAELens architecture it exports as (None: it cannot be exported)
+    saelens_imports: ClassVar[tuple[str, ...]]  # SAELens architecture names loaded as this architecture
+    REQUIRED_KNOWLEDGE: ClassVar[tuple[str, ...]] = (
+        "sparsity_param", "run_tag", "loss_terms", "saelens_arch", "saelens_imports"
+    )  # fmt: skip
+
+    # ------------------------------------------------------------------ per-architecture knowledge
+    @classmethod
+    def default_lr(cls, cfg: DictConfig) -> float:
+        """The peak learning rate used when a run does not give one (every architecture overrides this)."""
+        raise NotImplementedError
+
+    @classmethod
+    def run_name_tag(cls, cfg: DictConfig) -> str:
+        """The part of a run's default name that tells its sparsity setting apart, e.g. `k32` or `l1_5`."""
+        return cls.run_tag.format_map(vars(cfg))
+
+    @classmethod
+    def extra_tensor_shapes(cls, cfg: DictConfig) -> dict[str, tuple[int, ...]]:
+        """File tensors beyond W_enc, b_enc, W_dec, b_dec (attributes of the module), with their shapes."""
+        return {}
+
+    @classmethod
+    def tensor_shapes(cls, cfg: DictConfig) -> dict[str, tuple[int, ...]]:
+        """Every tensor a file of this architecture holds, with its shape (SAELens names)."""
+        d_out = int(cfg.d_out or cfg.d_in)
+        shapes: dict[str, tuple[int, ...]] = {
+            "W_enc": (cfg.d_in, cfg.d_sae),
+            "b_enc": (cfg.d_sae,),
+            "W_dec": (cfg.d_sae, d_out),
+            "b_dec": (d_out,),
+        }
+        return {**shapes, **cls.extra_tensor_shapes(cfg)}
+
+    @classmethod
+    def validate_config(cls, cfg: DictConfig) -> None:
+        """Raise DictionaryError when `cfg` cannot describe a dictionary of this architecture."""
+
+    def to_saelens(self, tensors: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        """(tensors, extra cfg.json keys) of a SAELens export of this dictionary, from its file tensors."""
+        return tensors, {}
+
+    @classmethod
+    def from_saelens(
+        cls, tensors: dict[str, Tensor], k: int | None, src: str, restored: bool
+    ) -> tuple[dict[str, Tensor], int | None]:
+        """Check and adapt a SAELens file's tensors and k; raise FormatError when it cannot run as this architecture.
+
+        `restored` is True when the file is an lmscope export of this architecture under another SAELens name
+        (`saelens_arch`), to be turned back into it.
+        """
+        return tensors, k
 
     def __init__(self, cfg: DictConfig) -> None:
         super().__init__()
@@ -171,7 +234,7 @@ class Dictionary(nn.Module):
     def decode(self, z: Tensor) -> Tensor:
         return z @ self.W_dec + self.b_dec
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         z = self.encode(x)
         return self.decode(z), z
 
@@ -222,10 +285,55 @@ class Dictionary(nn.Module):
 _REGISTRY: dict[str, type[Dictionary]] = {}
 
 
+_CONFIG_FIELDS = frozenset(f.name for f in dataclasses.fields(DictConfig))
+
+
+def _declares(cls: type[Dictionary], name: str) -> bool:
+    """Whether `cls` or a base below Dictionary defines `name` (Dictionary's own annotation or stub does not count)."""
+    return any(name in vars(k) for k in cls.__mro__ if k is not Dictionary and issubclass(k, Dictionary))
+
+
+def _check_knowledge(name: str, cls: type[Dictionary]) -> None:
+    """Refuse an architecture class that leaves out something the trainer, the CLI or the file formats need."""
+    if not (isinstance(cls, type) and issubclass(cls, Dictionary)):
+        raise DictionaryError(f"architecture {name!r}: {cls!r} is not a Dictionary subclass")
+    missing = [a for a in Dictionary.REQUIRED_KNOWLEDGE if not _declares(cls, a)]
+    missing += [m for m in ("default_lr", "activation", "training_loss") if not _declares(cls, m)]
+    if missing:
+        raise DictionaryError(
+            f"architecture {name!r} ({cls.__name__}) does not declare {', '.join(missing)}; every architecture "
+            "states its own sparsity hyperparameter, run-name tag, loss terms, SAELens names and default LR "
+            "(see lmscope.dictionaries.base.Dictionary)"
+        )
+    if cls.sparsity_param not in _CONFIG_FIELDS:
+        raise DictionaryError(f"architecture {name!r}: sparsity_param {cls.sparsity_param!r} is not a DictConfig field")
+    fields = {f for _text, f, _spec, _conv in string.Formatter().parse(cls.run_tag) if f is not None}
+    if not fields <= _CONFIG_FIELDS:
+        raise DictionaryError(f"architecture {name!r}: run_tag {cls.run_tag!r} names fields DictConfig lacks")
+    if "mse" not in cls.loss_terms:
+        raise DictionaryError(f"architecture {name!r}: loss_terms {cls.loss_terms!r} must include 'mse'")
+    for alias in cls.saelens_imports:
+        owner = next((a for a, c in _REGISTRY.items() if alias in c.saelens_imports), None)
+        if owner is not None:
+            raise DictionaryError(
+                f"architecture {name!r}: SAELens architecture {alias!r} already loads as {owner!r}; one name, one owner"
+            )
+
+
 def register(name: str) -> Callable[[type[Dictionary]], type[Dictionary]]:
-    """Class decorator: make an architecture available to `build` and to the file formats."""
+    """Class decorator: make an architecture available to `build`, the trainer, the CLI and the file formats.
+
+    Raises DictionaryError when `name` is taken, or when the class does not declare its per-architecture
+    knowledge (see `Dictionary`).
+    """
 
     def deco(cls: type[Dictionary]) -> type[Dictionary]:
+        if name in _REGISTRY:
+            raise DictionaryError(
+                f"dictionary architecture {name!r} is already registered (by {_REGISTRY[name].__module__}."
+                f"{_REGISTRY[name].__qualname__}); register {cls.__qualname__} under another name"
+            )
+        _check_knowledge(name, cls)
         cls.arch = name
         _REGISTRY[name] = cls
         return cls
@@ -237,10 +345,19 @@ def architectures() -> list[str]:
     return list(_REGISTRY)
 
 
+def architecture(name: str) -> type[Dictionary]:
+    """The registered class of an architecture."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        choices = ", ".join(_REGISTRY)
+        raise DictionaryError(f"unknown dictionary architecture {name!r}; choose one of {choices}") from None
+
+
 def build(cfg: DictConfig, seed: int | None = None) -> Dictionary:
     """A freshly initialised dictionary of the config's architecture (deterministic given `seed`)."""
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
-    d = _REGISTRY[cfg.arch](cfg)
+    d = architecture(cfg.arch)(cfg)
     if gen is not None:
         d.reset_parameters(gen)
     return d

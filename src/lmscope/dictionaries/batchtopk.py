@@ -5,27 +5,63 @@ uses one saved threshold: a latent is active when its pre-activation exceeds it.
 average of the smallest activation kept in each training batch (a plain running mean over the first 100
 batches, then an exponential moving average with momentum 0.99), stored as a buffer (`threshold`) and saved
 with the weights; it is NaN until estimated, and inference refuses to run then.
+
+SAELens has no BatchTopK at inference: an export is a JumpReLU SAE whose per-latent thresholds all equal the
+saved one (what SAELens itself does), marked in its metadata so that an import restores BatchTopK.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from lmscope.dictionaries.base import Dictionary, DictionaryError, LossState, TrainOutput, register
-from lmscope.dictionaries.topk import aux_k_loss
+from lmscope.dictionaries.base import DictConfig, DictionaryError, FormatError, LossState, TrainOutput, register
+from lmscope.dictionaries.topk import KSparse, aux_k_loss
 
 THRESHOLD_MOMENTUM = 0.99
 
 
 @register("batchtopk")
-class BatchTopKDictionary(Dictionary):
+class BatchTopKDictionary(KSparse):
+    saelens_arch = "jumprelu"
+    saelens_imports = ("batchtopk",)
     threshold: Tensor
+    threshold_updates: Tensor
 
-    def __init__(self, cfg: object) -> None:
-        super().__init__(cfg)  # type: ignore[arg-type]
+    @classmethod
+    def extra_tensor_shapes(cls, cfg: DictConfig) -> dict[str, tuple[int, ...]]:
+        return {"threshold": ()}
+
+    def to_saelens(self, tensors: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        theta = float(tensors["threshold"])
+        if theta != theta:  # NaN
+            raise FormatError("this BatchTopK dictionary has no threshold yet; train it before exporting")
+        return {**tensors, "threshold": torch.full((self.cfg.d_sae,), max(theta, 0.0))}, {}
+
+    @classmethod
+    def from_saelens(
+        cls, tensors: dict[str, Tensor], k: int | None, src: str, restored: bool
+    ) -> tuple[dict[str, Tensor], int | None]:
+        theta = tensors.get("threshold")
+        if restored:  # an lmscope export: a JumpReLU SAE whose thresholds all equal the BatchTopK one
+            if theta is None or not bool((theta == theta[0]).all()):
+                raise FormatError(f"{src}: marked as an lmscope BatchTopK export, but its thresholds are not all equal")
+            return {**tensors, "threshold": theta[0].clone()}, k
+        if theta is None:
+            raise FormatError(
+                f"{src}: a BatchTopK SAE without its inference threshold (`threshold` in sae_weights.safetensors); "
+                "it would silently run as a plain ReLU SAE. Re-save it from SAELens as a JumpReLU SAE (with the "
+                "threshold)"
+            )
+        if theta.ndim == 1:
+            raise FormatError(f"{src}: a batchtopk SAE has one threshold, got a vector; load it as jumprelu instead")
+        return tensors, k
+
+    def __init__(self, cfg: DictConfig) -> None:
+        super().__init__(cfg)
         self.register_buffer("threshold", torch.tensor(float("nan")))
         self.register_buffer("threshold_updates", torch.tensor(0, dtype=torch.long))
 

@@ -2,12 +2,14 @@
 
 lmscope format, a directory:
     dictionary.safetensors   W_enc [d_in, d_sae], b_enc [d_sae], W_dec [d_sae, d_out], b_dec [d_out],
-                             plus `threshold` ([d_sae] for jumprelu, a scalar for batchtopk)
+                             plus the architecture's own (`Dictionary.extra_tensor_shapes`: `threshold`,
+                             [d_sae] for jumprelu, a scalar for batchtopk)
     config.json              {"format": "lmscope.dictionary", "version": 1, "config": DictConfig,
                               "normalization": {...}, "training": {...}}
 
 SAELens format: `cfg.json` + `sae_weights.safetensors` with the same four tensors (+ `threshold` [d_sae] for
-jumprelu). sparsify format: a folder per hook with `cfg.json` + `sae.safetensors` holding
+jumprelu); each architecture names its SAELens counterpart and converts its own tensors (`Dictionary.saelens_arch`,
+`to_saelens`, `from_saelens`). sparsify format: a folder per hook with `cfg.json` + `sae.safetensors` holding
 `encoder.weight` [d_sae, d_in], `encoder.bias`, `W_dec` [d_sae, d_in], `b_dec`.
 
 Every conversion is checked: tensor names, shapes, the activation function, its k or threshold. Anything
@@ -25,8 +27,8 @@ from safetensors.torch import load_file
 from safetensors.torch import save as st_save
 from torch import Tensor
 
-from lmscope.atomic import atomic_write_bytes
-from lmscope.dictionaries.base import DictConfig, Dictionary, DictionaryError, build
+from lmscope.core.atomic import atomic_write_bytes
+from lmscope.dictionaries.base import DictConfig, Dictionary, FormatError, architecture, architectures, build
 
 FORMAT = "lmscope.dictionary"
 VERSION = 1
@@ -35,10 +37,6 @@ CONFIG = "config.json"
 SAELENS_WEIGHTS = "sae_weights.safetensors"
 SAELENS_CFG = "cfg.json"
 SPARSIFY_WEIGHTS = "sae.safetensors"
-
-
-class FormatError(DictionaryError):
-    """A dictionary file is missing, malformed, or cannot be converted without loss."""
 
 
 def _save_tensors(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str] | None = None) -> None:
@@ -70,35 +68,19 @@ def _load_tensors(path: Path) -> dict[str, Tensor]:
 # ---------------------------------------------------------------------- tensors <-> modules
 def dictionary_tensors(d: Dictionary) -> dict[str, Tensor]:
     """The file tensors of a dictionary (SAELens names)."""
-    out = {"W_enc": d.W_enc, "b_enc": d.b_enc, "W_dec": d.W_dec, "b_dec": d.b_dec}
-    if d.arch in ("jumprelu", "batchtopk"):
-        out["threshold"] = d.threshold  # type: ignore[assignment]
-    return {k: v.detach() for k, v in out.items()}
-
-
-def _expected_shapes(cfg: DictConfig) -> dict[str, tuple[int, ...]]:
-    d_out = int(cfg.d_out or cfg.d_in)
-    shapes: dict[str, tuple[int, ...]] = {
-        "W_enc": (cfg.d_in, cfg.d_sae),
-        "b_enc": (cfg.d_sae,),
-        "W_dec": (cfg.d_sae, d_out),
-        "b_dec": (d_out,),
-    }
-    if cfg.arch == "jumprelu":
-        shapes["threshold"] = (cfg.d_sae,)
-    elif cfg.arch == "batchtopk":
-        shapes["threshold"] = ()
-    return shapes
+    return {name: getattr(d, name).detach() for name in d.tensor_shapes(d.cfg)}
 
 
 def from_tensors(cfg: DictConfig, tensors: dict[str, Tensor], source: str) -> Dictionary:
     """Build a dictionary and fill it, checking that the tensor names and shapes are exactly the expected ones."""
-    expected = _expected_shapes(cfg)
+    cls = architecture(cfg.arch)
+    expected = cls.tensor_shapes(cfg)
     missing = sorted(set(expected) - set(tensors))
     if missing:
         hint = ""
-        if "threshold" in missing:
-            hint = f" A {cfg.arch} dictionary cannot run without its threshold; re-export it with the threshold."
+        own = ", ".join(sorted(set(missing) & set(cls.extra_tensor_shapes(cfg))))
+        if own:
+            hint = f" A {cfg.arch} dictionary cannot run without its {own}; re-export it with the {own}."
         raise FormatError(f"{source}: missing tensors {missing} for a {cfg.arch} dictionary.{hint}")
     extra = sorted(set(tensors) - set(expected))
     if extra:
@@ -170,28 +152,27 @@ def load_dictionary(path: str | Path, device: str | torch.device = "cpu") -> Dic
 
 
 # ---------------------------------------------------------------------- SAELens
-_SAELENS_ARCH = {"relu": "standard", "topk": "topk", "jumprelu": "jumprelu", "batchtopk": "jumprelu"}
+def _saelens_names() -> dict[str, str]:
+    """SAELens architecture name -> the lmscope architecture it loads as."""
+    return {alias: arch for arch in architectures() for alias in architecture(arch).saelens_imports}
 
 
 def export_saelens(d: Dictionary, path: str | Path) -> Path:
     """Write `cfg.json` + `sae_weights.safetensors` for SAELens.
 
-    BatchTopK becomes a SAELens JumpReLU SAE whose per-latent thresholds all equal the saved threshold (what
-    SAELens itself does), and `metadata.lmscope` records the original so an import restores BatchTopK.
+    The architecture converts its own tensors (`Dictionary.to_saelens`); `metadata.lmscope` records the
+    original architecture, so an import restores one SAELens lacks (BatchTopK, exported as JumpReLU).
     """
     path = Path(path)
     cfg = d.cfg
     norm = getattr(d, "metadata", {}).get("normalization", {"kind": "none"})
     if norm.get("kind", "none") != "none" and not norm.get("folded", False):
         raise FormatError("fold the input normalisation into the weights (Dictionary.fold_scale) before exporting")
-    tensors = dictionary_tensors(d)
-    if d.arch == "batchtopk":
-        theta = float(tensors["threshold"])
-        if theta != theta:  # NaN
-            raise FormatError("this BatchTopK dictionary has no threshold yet; train it before exporting")
-        tensors["threshold"] = torch.full((cfg.d_sae,), max(theta, 0.0))
+    if d.saelens_arch is None:
+        raise FormatError(f"a {d.arch} dictionary has no SAELens counterpart; save it in lmscope's format instead")
+    tensors, extra_cfg = d.to_saelens(dictionary_tensors(d))
     saelens_cfg: dict[str, Any] = {
-        "architecture": _SAELENS_ARCH[d.arch],
+        "architecture": d.saelens_arch,
         "d_in": cfg.d_in,
         "d_sae": cfg.d_sae,
         "dtype": "float32",
@@ -205,9 +186,7 @@ def export_saelens(d: Dictionary, path: str | Path) -> Path:
             "lmscope": {"arch": d.arch, "k": cfg.k, "hook_out": cfg.hook_out},
         },
     }
-    if d.arch == "topk":
-        saelens_cfg["k"] = cfg.k
-        saelens_cfg["rescale_acts_by_decoder_norm"] = False
+    saelens_cfg.update(extra_cfg)
     if cfg.d_out != cfg.d_in or cfg.hook_out:
         saelens_cfg["d_out"] = cfg.d_out
         saelens_cfg["metadata"]["hook_name_out"] = cfg.hook_out
@@ -243,26 +222,19 @@ def load_saelens(path: str | Path, device: str | torch.device = "cpu") -> Dictio
     for key in ("d_in", "d_sae"):
         if key not in raw:
             raise FormatError(f"{src}/{SAELENS_CFG} lacks {key!r}; this is not a SAELens config")
-    mapping = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu", "batchtopk": "batchtopk"}
+    mapping = _saelens_names()
     if arch_name not in mapping:
         raise FormatError(f"{src}: SAELens architecture {arch_name!r} is not supported ({', '.join(mapping)} are)")
     arch = mapping[arch_name]
     k = raw.get("k", act_kwargs.get("k"))
-    if arch == "topk" and k is None:
-        raise FormatError(f'{src}: a TopK SAE without k in its config; add "k" to cfg.json')
     lm = meta.get("lmscope") or {}
-    if arch == "jumprelu" and lm.get("arch") == "batchtopk":
-        theta = tensors.get("threshold")
-        if theta is None or not bool((theta == theta[0]).all()):
-            raise FormatError(f"{src}: marked as an lmscope BatchTopK export, but its thresholds are not all equal")
-        arch = "batchtopk"
-        tensors = {**tensors, "threshold": theta[0].clone()}
+    marked = lm.get("arch")
+    # an lmscope export of an architecture SAELens lacks (its saelens_arch is another's name): restore it
+    restored = marked in architectures() and marked != arch and architecture(marked).saelens_arch == arch_name
+    if restored:
+        arch = str(marked)
         k = lm.get("k", k)
-    if arch == "batchtopk" and "threshold" not in tensors:
-        raise FormatError(
-            f"{src}: a BatchTopK SAE without its inference threshold (`threshold` in {SAELENS_WEIGHTS}); it would "
-            "silently run as a plain ReLU SAE. Re-save it from SAELens as a JumpReLU SAE (with the threshold)"
-        )
+    tensors, k = architecture(arch).from_saelens(tensors, k, src, restored)
     cfg = DictConfig(
         arch=arch,
         d_in=int(raw["d_in"]),
@@ -274,8 +246,6 @@ def load_saelens(path: str | Path, device: str | torch.device = "cpu") -> Dictio
         hook_out=meta.get("hook_name_out", raw.get("hook_name_out")) or lm.get("hook_out"),
         model=meta.get("model_name", raw.get("model_name")),
     )
-    if arch == "batchtopk" and tensors["threshold"].ndim == 1:
-        raise FormatError(f"{src}: a batchtopk SAE has one threshold, got a vector; load it as jumprelu instead")
     d = from_tensors(cfg, {k_: v for k_, v in tensors.items()}, src).to(device)
     d.metadata = {"normalization": {"kind": "none"}, "training": {"imported_from": "saelens", "path": src}}  # type: ignore[assignment]
     return d

@@ -30,7 +30,7 @@ class _JumpReLU(torch.autograd.Function):
         return x * (x > theta)
 
     @staticmethod
-    def backward(ctx: Any, g: Tensor) -> tuple[Tensor, Tensor, None]:  # type: ignore[override]
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor, Tensor, None]:
         x, theta = ctx.saved_tensors
         eps = ctx.bandwidth
         grad_x = g * (x > theta)
@@ -46,7 +46,7 @@ class _Step(torch.autograd.Function):
         return (x > theta).to(x.dtype)
 
     @staticmethod
-    def backward(ctx: Any, g: Tensor) -> tuple[Tensor, Tensor, None]:  # type: ignore[override]
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor, Tensor, None]:
         x, theta = ctx.saved_tensors
         eps = ctx.bandwidth
         grad_theta = (-(1.0 / eps) * _kernel((x - theta) / eps) * g).sum(0)
@@ -55,6 +55,20 @@ class _Step(torch.autograd.Function):
 
 @register("jumprelu")
 class JumpReLUDictionary(Dictionary):
+    sparsity_param = "l0_coeff"
+    run_tag = "l0_{l0_coeff:g}"
+    loss_terms = ("mse", "l0")
+    saelens_arch = "jumprelu"
+    saelens_imports = ("jumprelu",)
+
+    @classmethod
+    def default_lr(cls, cfg: DictConfig) -> float:
+        return 7e-5
+
+    @classmethod
+    def extra_tensor_shapes(cls, cfg: DictConfig) -> dict[str, tuple[int, ...]]:
+        return {"threshold": (cfg.d_sae,)}
+
     def __init__(self, cfg: DictConfig) -> None:
         super().__init__(cfg)
         self.threshold = nn.Parameter(torch.full((cfg.d_sae,), float(cfg.jumprelu_init_threshold)))

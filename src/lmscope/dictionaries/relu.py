@@ -9,12 +9,21 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lmscope.dictionaries.base import Dictionary, LossState, TrainOutput, register
+from lmscope.dictionaries.base import DictConfig, Dictionary, LossState, TrainOutput, register
 
 
 @register("relu")
 class ReLUDictionary(Dictionary):
     unit_norm_decoder = False
+    sparsity_param = "l1_coeff"
+    run_tag = "l1_{l1_coeff:g}"
+    loss_terms = ("mse", "l1")
+    saelens_arch = "standard"
+    saelens_imports = ("standard",)
+
+    @classmethod
+    def default_lr(cls, cfg: DictConfig) -> float:
+        return 5e-5
 
     def initial_decoder_norm(self) -> float:
         return 0.1

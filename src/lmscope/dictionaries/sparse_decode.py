@@ -25,7 +25,7 @@ class SparseDecode(torch.autograd.Function):
         return F.embedding_bag(idx, weight, per_sample_weights=vals, mode="sum")
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, Tensor | None]:  # type: ignore[override]
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, Tensor | None]:
         vals, idx, weight = ctx.saved_tensors
         grad = grad.contiguous()
         grad_vals = grad_weight = None
@@ -53,7 +53,7 @@ def value_grads(grad: Tensor, weight: Tensor, idx: Tensor) -> Tensor:
 
 def sparse_decode(vals: Tensor, idx: Tensor, weight: Tensor) -> Tensor:
     """[N, k] values at [N, k] latent indices through `weight` [d_sae, d_out] -> [N, d_out] (no bias)."""
-    return SparseDecode.apply(vals, idx, weight)  # type: ignore[no-any-return]
+    return SparseDecode.apply(vals, idx, weight)
 
 
 def dense_decode(vals: Tensor, idx: Tensor, weight: Tensor) -> Tensor:
@@ -80,7 +80,7 @@ class FusedTopK(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any, x: Tensor, w_enc: Tensor, b_enc: Tensor, w_dec: Tensor, b_dec: Tensor, k: int, center: bool
     ) -> tuple[Tensor, Tensor, Tensor]:
         bias = b_enc - b_dec @ w_enc if center else b_enc
@@ -95,7 +95,7 @@ class FusedTopK(torch.autograd.Function):
         return recon, vals, idx
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor, _gv: Tensor, _gi: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+    def backward(ctx: Any, grad: Tensor, _gv: Tensor, _gi: Tensor) -> tuple[Tensor | None, ...]:
         x, w_enc, w_dec, b_dec, vals, idx = ctx.saved_tensors
         grad = grad.contiguous()
         m = w_dec.shape[0]
@@ -126,4 +126,4 @@ def fused_topk(
     x: Tensor, w_enc: Tensor, b_enc: Tensor, w_dec: Tensor, b_dec: Tensor, k: int, center: bool
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(reconstruction [N, d_out], values [N, k], indices [N, k]) with the sparse backward of FusedTopK."""
-    return FusedTopK.apply(x, w_enc, b_enc, w_dec, b_dec, k, center)  # type: ignore[no-any-return]
+    return FusedTopK.apply(x, w_enc, b_enc, w_dec, b_dec, k, center)

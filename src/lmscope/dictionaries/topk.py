@@ -6,10 +6,21 @@ the dead latents only; that loss (weighted by `aux_coeff`) gives dead latents a 
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
 import torch
 from torch import Tensor
 
-from lmscope.dictionaries.base import Dictionary, LossState, TrainOutput, register
+from lmscope.dictionaries.base import (
+    DictConfig,
+    Dictionary,
+    DictionaryError,
+    FormatError,
+    LossState,
+    TrainOutput,
+    register,
+)
 from lmscope.dictionaries.sparse_decode import fused_topk, sparse_decode
 
 
@@ -32,8 +43,40 @@ def aux_k_loss(dictionary: Dictionary, x: Tensor, residual: Tensor, dead_mask: T
     return scale * (e_hat - residual).pow(2).sum(-1).mean()
 
 
+class KSparse(Dictionary):
+    """What TopK and BatchTopK share: k active latents per token (on average), the AuxK loss, Gao et al.'s LR."""
+
+    sparsity_param = "k"
+    run_tag = "k{k}"
+    loss_terms = ("mse", "aux")
+
+    @classmethod
+    def default_lr(cls, cfg: DictConfig) -> float:
+        """2e-4 / sqrt(d_sae / 2^14) (Gao et al. 2024)."""
+        return 2e-4 / math.sqrt(cfg.d_sae / 2**14)
+
+    @classmethod
+    def validate_config(cls, cfg: DictConfig) -> None:
+        if cfg.k > cfg.d_sae:
+            raise DictionaryError(f"k={cfg.k} exceeds d_sae={cfg.d_sae}; pick k <= d_sae")
+
+
 @register("topk")
-class TopKDictionary(Dictionary):
+class TopKDictionary(KSparse):
+    saelens_arch = "topk"
+    saelens_imports = ("topk",)
+
+    def to_saelens(self, tensors: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        return tensors, {"k": self.cfg.k, "rescale_acts_by_decoder_norm": False}
+
+    @classmethod
+    def from_saelens(
+        cls, tensors: dict[str, Tensor], k: int | None, src: str, restored: bool
+    ) -> tuple[dict[str, Tensor], int | None]:
+        if k is None:
+            raise FormatError(f'{src}: a TopK SAE without k in its config; add "k" to cfg.json')
+        return tensors, k
+
     def select(self, pre: Tensor) -> tuple[Tensor, Tensor]:
         vals, idx = pre.topk(self.cfg.k, dim=-1, sorted=False)
         return torch.relu(vals), idx

@@ -248,7 +248,7 @@ class LocalBackend:
 
     def lm(self) -> Any:
         if self._model is None:
-            from lmscope.loading import load_model
+            from lmscope.model.loading import load_model
 
             self._model = load_model(self.model, device=self.device, dtype=self.dtype)
         return self._model

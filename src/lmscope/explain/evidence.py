@@ -10,11 +10,13 @@ dense ones it makes every score a lower bound (docs/explain.md).
 
 from __future__ import annotations
 
-import sqlite3
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+from lmscope.atlas.db import read
+from lmscope.atlas.db.schema import Connection
 
 
 @dataclass
@@ -55,10 +57,10 @@ class FeatureEvidence:
 class AtlasEvidence:
     """Reads examples and contexts from an open atlas connection (read-only use; one thread at a time)."""
 
-    def __init__(self, conn: sqlite3.Connection) -> None:
+    def __init__(self, conn: Connection) -> None:
         self.conn = conn
-        self.vocab: list[str] = [t for (t,) in conn.execute("SELECT text FROM vocab ORDER BY id")]
-        self.context_ids: list[int] = [int(r[0]) for r in conn.execute("SELECT id FROM contexts ORDER BY id")]
+        self.vocab: list[str] = read.vocab_texts(conn)
+        self.context_ids: list[int] = read.context_ids(conn)
         self._ctx: dict[int, np.ndarray] = {}
         self._freq: np.ndarray | None = None
         self._kinds: dict[int, list[str]] = {}
@@ -68,8 +70,8 @@ class AtlasEvidence:
 
     def context(self, cid: int) -> np.ndarray:
         if cid not in self._ctx:
-            row = self.conn.execute("SELECT tokens FROM contexts WHERE id = ?", (cid,)).fetchone()
-            self._ctx[cid] = np.frombuffer(row[0], dtype="<i4").astype(np.int64) if row else np.zeros(0, np.int64)
+            toks = read.context_tokens(self.conn, cid)
+            self._ctx[cid] = toks.astype(np.int64) if toks is not None else np.zeros(0, np.int64)
         return self._ctx[cid]
 
     def kinds(self, w: Window) -> list[str]:
@@ -84,24 +86,19 @@ class AtlasEvidence:
         """Relative frequency of each token id over every context stored in the atlas (position 0 excluded)."""
         if self._freq is None:
             counts = np.zeros(max(1, len(self.vocab)), dtype=np.float64)
-            for (blob,) in self.conn.execute("SELECT tokens FROM contexts"):
-                ids = np.frombuffer(blob, dtype="<i4")[1:]
+            for _cid, toks in read.iter_contexts(self.conn):
+                ids = toks[1:]
                 ids = ids[(ids >= 0) & (ids < len(counts))]
                 counts += np.bincount(ids, minlength=len(counts))
             self._freq = counts / max(1.0, counts.sum())
         return self._freq
 
     def live_features(self) -> list[int]:
-        return [int(r[0]) for r in self.conn.execute("SELECT id FROM features WHERE dead = 0 ORDER BY id")]
+        return read.live_feature_ids(self.conn)
 
     def windows(self, feature: int) -> list[Window]:
-        rows = self.conn.execute(
-            "SELECT kind, bin, rank, context, pos, start, acts FROM examples WHERE feature = ? "
-            "ORDER BY kind DESC, bin DESC, rank",
-            (int(feature),),
-        ).fetchall()
         out = []
-        for kind, b, _rank, ctx, pos, start, blob in rows:
+        for kind, b, _rank, ctx, pos, start, blob in read.example_windows(self.conn, feature):
             acts = np.frombuffer(blob, dtype="<f4").copy()
             ids = self.context(int(ctx))[start : start + len(acts)].tolist()
             out.append(Window(int(ctx), int(start), ids, [self.text(t) for t in ids], acts, kind, int(b),
@@ -130,7 +127,7 @@ class AtlasEvidence:
 
     def evidence(self, feature: int, negatives_per_positive: float = 2.0, min_negatives: int = 10,
                  seed: int = 0) -> FeatureEvidence:  # fmt: skip
-        row = self.conn.execute("SELECT max_act, density FROM features WHERE id = ?", (int(feature),)).fetchone()
+        row = read.feature_max_density(self.conn, feature)
         if row is None:
             from lmscope.explain.ops import ExplainError
 
@@ -147,7 +144,7 @@ class AtlasEvidence:
         return FeatureEvidence(int(feature), float(row[0]), float(row[1]), explain, held, negs[0::2], negs[1::2])
 
     def n_features(self) -> int:
-        return int(self.conn.execute("SELECT count(*) FROM features").fetchone()[0])
+        return read.count_features(self.conn)
 
 
 def evidence_summary(ev: FeatureEvidence) -> dict[str, Any]:

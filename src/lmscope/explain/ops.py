@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from lmscope.atomic import atomic_write_json
+from lmscope.core.atomic import atomic_write_json
 from lmscope.errors import LmscopeError
 
 T = TypeVar("T")
@@ -155,18 +155,20 @@ def run_limited(fn: Callable[[T], R], items: Iterable[T], concurrency: int) -> I
     items = list(items)
     if concurrency <= 1:
         for it in items:
+            outcome: Any
             try:
-                yield it, fn(it)
+                outcome = fn(it)
             except Exception as exc:  # reported per item by the caller
-                yield it, exc
+                outcome = exc
+            yield it, outcome
         return
     from concurrent.futures import as_completed
 
     with ThreadPoolExecutor(max_workers=concurrency) as pool:
         futs = {pool.submit(fn, it): it for it in items}
         for fut in as_completed(futs):
-            exc = fut.exception()
-            yield futs[fut], (exc if isinstance(exc, Exception) else fut.result())
+            error = fut.exception()
+            yield futs[fut], (error if isinstance(error, Exception) else fut.result())
 
 
 def prompt_key(explainer: str, model: str, prompt: Any) -> str:

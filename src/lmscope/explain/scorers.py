@@ -12,6 +12,7 @@ offline reader that runs the label as a rule (rules.parse):
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -125,9 +126,9 @@ def rule_score(scorer: str, label: str | Rule, ev: FeatureEvidence, kinds: Kinds
         wins = simulation_windows(ev, cfg)
         if not wins:
             return Score(name, None, 0, {"why": "no held-out windows"})
-        pred = np.concatenate([hits(w).astype(float) for w in wins])
+        sim = np.concatenate([hits(w).astype(float) for w in wins])
         true = np.concatenate([w.acts.astype(float) for w in wins])
-        return Score(name, correlation(pred, true), len(true))
+        return Score(name, correlation(sim, true), len(true))
     raise ValueError(f"unknown scorer {scorer!r}; choose one of {', '.join(SCORERS)}")
 
 
@@ -150,7 +151,7 @@ def lm_score(scorer: str, label: str, ev: FeatureEvidence, caller: Caller, cfg: 
             chunk = [t for t, _ in texts_y[i : i + cfg.batch]]
             msgs = with_prefill(batch_messages(system, label, chunk), "[", pre)
             budget = 2 * len(chunk) + 4 if pre else 20 + 6 * len(chunk)  # a prefilled "[" needs only the digits
-            pred += caller.call(msgs, lambda r, n=len(chunk): parse_binary(r, n), max_tokens=budget)
+            pred += caller.call(msgs, functools.partial(parse_binary, n=len(chunk)), max_tokens=budget)
         y = [t for _, t in texts_y]
         return Score(scorer, balanced_accuracy(y, pred), len(y), {"positives": sum(y)})
     if scorer == "simulation":
@@ -161,7 +162,7 @@ def lm_score(scorer: str, label: str, ev: FeatureEvidence, caller: Caller, cfg: 
         for w in wins:
             n = len(w.tokens)
             msgs = with_prefill(simulate_messages(label, w.tokens), "0\t", pre)
-            preds.append(caller.call(msgs, lambda r, n=n: parse_simulation(r, n), max_tokens=8 * n + 20))
+            preds.append(caller.call(msgs, functools.partial(parse_simulation, n=n), max_tokens=8 * n + 20))
             trues.append(scaled(w.acts, ev.max_act).astype(float))
         true = np.concatenate(trues)
         return Score(scorer, correlation(np.concatenate(preds), true), len(true))

@@ -105,8 +105,10 @@ def _hedge(f1: float) -> str:
 
 
 def _firing(pos: _Positions) -> tuple[Counter[str], Counter[str], Counter[str], list[int]]:
-    tok, prev, kind = Counter(), Counter(), Counter()
-    where = []
+    tok: Counter[str] = Counter()
+    prev: Counter[str] = Counter()
+    kind: Counter[str] = Counter()
+    where: list[int] = []
     for toks, kinds, start, y in zip(pos.tokens, pos.kinds, pos.starts, pos.y, strict=True):
         for i in np.nonzero(y == 1)[0]:
             tok[toks[i]] += 1
@@ -175,7 +177,7 @@ def explain_stats(ev: FeatureEvidence, freq: np.ndarray | None = None, vocab: li
     """
     cfg = cfg or StatsConfig()
     length = np.mean([len(w.tokens) for w in ev.explain_negatives]) if ev.explain_negatives else 0.0
-    use_negatives = ev.density * length < cfg.max_negative_firings
+    use_negatives = bool(ev.density * length < cfg.max_negative_firings)
     pos = _positions(ev, kinds, cfg.active_frac, use_negatives)
     text_freq: dict[str, float] = {}
     tok_all = _firing(pos)[0]

@@ -19,7 +19,7 @@ class MetricsLog:
             path.parent.mkdir(parents=True, exist_ok=True)
         if wandb_project:
             try:
-                import wandb  # type: ignore[import-not-found]
+                import wandb
             except ImportError as exc:
                 raise LmscopeError(
                     "wandb logging was asked for but wandb is not installed; `pip install wandb` or drop --wandb"
@@ -31,7 +31,7 @@ class MetricsLog:
         if self.path is None or not self.path.exists():
             return
         keep = [r for r in read_log(self.path) if r.get("step", 0) <= step]
-        from lmscope.atomic import atomic_write_bytes
+        from lmscope.core.atomic import atomic_write_bytes
 
         atomic_write_bytes(self.path, "".join(json.dumps(r) + "\n" for r in keep).encode())
 

@@ -9,6 +9,9 @@ Recipe: Adam, linear LR warmup and decay, b_dec from the geometric median (or me
 decoder initialised as the encoder's transpose with unit-norm rows (constrained after each step for TopK,
 BatchTopK and JumpReLU; free for ReLU, whose L1 is weighted by decoder norm), gradient clipping, dead latents
 tracked over a window of tokens.
+
+Progress goes to a callback (`fit(..., progress=...)`, see lmscope.core.progress): one task per run, counted
+in steps, with the run's latest figures; the library draws nothing itself.
 """
 
 from __future__ import annotations
@@ -23,11 +26,12 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import torch
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import Tensor, nn
 
-from lmscope.dictionaries.base import DictConfig, Dictionary, DictionaryError, LossState, build, fvu
+from lmscope.core.progress import ProgressCallback, ProgressEvent, emit, resolve
+from lmscope.dictionaries.base import DictConfig, Dictionary, DictionaryError, LossState, architecture, build
 from lmscope.dictionaries.formats import save_dictionary
+from lmscope.dictionaries.metrics import fvu
 from lmscope.training import distributed as ddp
 from lmscope.training.checkpoint import (
     CHECKPOINT,
@@ -52,7 +56,8 @@ class BatchSource(Protocol):
     `iter_from(step)` to resume at batch `step` cheaply; otherwise the trainer skips batches on resume.
     """
 
-    mean_norm: float | Mapping[str, float]
+    @property
+    def mean_norm(self) -> float | Mapping[str, float]: ...
 
     def __iter__(self) -> Iterator[Batch]: ...
 
@@ -91,13 +96,7 @@ class RunSpec:
         if self.name:
             return self.name
         c = self.dict_cfg
-        parts = [c.hook or "", c.arch, f"m{c.d_sae}"]
-        if c.arch in ("topk", "batchtopk"):
-            parts.append(f"k{c.k}")
-        elif c.arch == "relu":
-            parts.append(f"l1_{c.l1_coeff:g}")
-        else:
-            parts.append(f"l0_{c.l0_coeff:g}")
+        parts = [c.hook or "", c.arch, f"m{c.d_sae}", architecture(c.arch).run_name_tag(c)]
         return "-".join(p for p in parts if p)
 
 
@@ -115,16 +114,23 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 50
     checkpoint_every: int = 0  # steps between checkpoints; 0: only at the end
-    progress_bar: bool = True
+    progress_bar: bool | None = None  # deprecated and ignored (saved configs still load): pass fit(progress=...)
     wandb_project: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        if self.progress_bar:
+            warnings.warn(
+                "TrainConfig.progress_bar is deprecated and ignored: the trainer no longer draws a bar; pass a "
+                "callback to Trainer.fit(progress=...), e.g. lmscope.cli.progress.RichProgress()",
+                DeprecationWarning,
+                stacklevel=3,
+            )
+
 
 def default_lr(cfg: DictConfig) -> float:
-    """Published defaults: TopK scales as 2e-4 / sqrt(d_sae / 2^14) (Gao et al.), ReLU 5e-5, JumpReLU 7e-5."""
-    if cfg.arch in ("topk", "batchtopk"):
-        return 2e-4 / math.sqrt(cfg.d_sae / 2**14)
-    return 5e-5 if cfg.arch == "relu" else 7e-5
+    """The architecture's published default (`Dictionary.default_lr`): e.g. TopK 2e-4 / sqrt(d_sae / 2^14)."""
+    return architecture(cfg.arch).default_lr(cfg)
 
 
 class _LossModule(nn.Module):
@@ -134,7 +140,7 @@ class _LossModule(nn.Module):
         super().__init__()
         self.dictionary = dictionary
 
-    def forward(self, x: Tensor, y: Tensor, progress: float, dead: Tensor) -> tuple[Any, ...]:  # type: ignore[override]
+    def forward(self, x: Tensor, y: Tensor, progress: float, dead: Tensor) -> tuple[Any, ...]:
         out = self.dictionary.training_loss(x, y, LossState(progress=progress, dead_mask=dead))
         return out.loss, out.recon, out.fired, out.l0, out.terms
 
@@ -151,6 +157,8 @@ class _Run:
     module: nn.Module | None = None
     opt: torch.optim.Optimizer | None = None
     meter: Meter = field(default_factory=Meter)
+    stats: str = ""  # the latest log line's figures, for progress events
+    record: dict[str, Any] = field(default_factory=dict)  # the latest metrics record
 
 
 def _flat(t: Tensor) -> Tensor:
@@ -224,6 +232,7 @@ class Trainer:
         if not c.is_transcoder:
             s = norm_scale(float(mean_in), c.d_in)
             return s, s
+        mean_out: float | None
         if isinstance(mn, Mapping):
             mean_out = mn[c.hook_out]  # type: ignore[index]
         else:
@@ -347,8 +356,13 @@ class Trainer:
         source: BatchSource,
         resume: bool = True,
         on_step: Callable[[Trainer], None] | None = None,
+        progress: ProgressCallback | bool | None = None,
     ) -> dict[str, Dictionary]:
-        """Train every run on `source` until `total_tokens`; returns the dictionaries (normalisation folded)."""
+        """Train every run on `source` until `total_tokens`; returns the dictionaries (normalisation folded).
+
+        `progress` receives one task per run (its name; unit "steps", total the step count), on the main rank.
+        """
+        report = resolve(progress) if ddp.is_main() else None
         resumed = resume and self._resume(source)
         if self.out_dir is not None and ddp.is_main():
             self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -358,50 +372,37 @@ class Trainer:
             for run in self.runs:
                 run.scale_in, run.scale_out = self._scales(source, run)
         schedule: Schedule | None = None
-        show = self.cfg.progress_bar and ddp.is_main()
         t0, tok0 = time.perf_counter(), self.tokens
-        with Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[stats]}"),
-            TimeRemainingColumn(),
-            disable=not show,
-        ) as bar:
-            tasks = {r.name: bar.add_task(r.name, total=None, stats="") for r in self.runs}
-            for batch in self._iterate(source, self.step):
-                if self.tokens >= self.cfg.total_tokens:
-                    break
-                picked = [self._pick(batch, run) for run in self.runs]
-                n_tok = picked[0][0].shape[0]
-                if schedule is None:
-                    if not self.total_steps:
-                        self.total_steps = math.ceil(self.cfg.total_tokens / n_tok)
-                    schedule = Schedule(
-                        self.total_steps, self.cfg.warmup_steps, self.cfg.decay_frac, self.cfg.min_lr_frac
-                    )
-                    for run in self.runs:
-                        if run.module is None:
-                            torch.manual_seed(self.cfg.seed)
-                            self._setup(run, batch)
-                for run, (x, y) in zip(self.runs, picked, strict=True):
-                    run.meter.add(self._train_step(run, x, y, n_tok, schedule))
-                self.step += 1
-                self.tokens += n_tok
-                if show:
-                    for task in tasks.values():
-                        bar.update(task, completed=self.step, total=self.total_steps)
-                if self.step % self.cfg.log_every == 0 or self.tokens >= self.cfg.total_tokens:
-                    rate = (self.tokens - tok0) / max(1e-9, time.perf_counter() - t0)
-                    self._log(bar, tasks, rate)
-                if self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0:
-                    self.save_checkpoint()
-                if on_step is not None:
-                    on_step(self)
-            if self.step == 0:
-                raise DictionaryError("the activation source yielded no batches; check the --acts directory")
-            if any(run.meter.n for run in self.runs):  # the source ran out between two log lines
-                self._log(bar, tasks, (self.tokens - tok0) / max(1e-9, time.perf_counter() - t0))
+        self._report(report)
+        for batch in self._iterate(source, self.step):
+            if self.tokens >= self.cfg.total_tokens:
+                break
+            picked = [self._pick(batch, run) for run in self.runs]
+            n_tok = picked[0][0].shape[0]
+            if schedule is None:
+                if not self.total_steps:
+                    self.total_steps = math.ceil(self.cfg.total_tokens / n_tok)
+                schedule = Schedule(self.total_steps, self.cfg.warmup_steps, self.cfg.decay_frac, self.cfg.min_lr_frac)
+                for run in self.runs:
+                    if run.module is None:
+                        torch.manual_seed(self.cfg.seed)
+                        self._setup(run, batch)
+            for run, (x, y) in zip(self.runs, picked, strict=True):
+                run.meter.add(self._train_step(run, x, y, n_tok, schedule))
+            self.step += 1
+            self.tokens += n_tok
+            if self.step % self.cfg.log_every == 0 or self.tokens >= self.cfg.total_tokens:
+                self._log((self.tokens - tok0) / max(1e-9, time.perf_counter() - t0))
+            self._report(report)
+            if self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0:
+                self.save_checkpoint()
+            if on_step is not None:
+                on_step(self)
+        if self.step == 0:
+            raise DictionaryError("the activation source yielded no batches; check the --acts directory")
+        if any(run.meter.n for run in self.runs):  # the source ran out between two log lines
+            self._log((self.tokens - tok0) / max(1e-9, time.perf_counter() - t0))
+        self._report(report, finished=True)
         if self.tokens < self.cfg.total_tokens and ddp.is_main():
             warnings.warn(
                 f"the activation source ran out after {self.tokens:,} of {self.cfg.total_tokens:,} tokens, so the LR "
@@ -413,7 +414,18 @@ class Trainer:
             self.log.close()
         return self.finish()
 
-    def _log(self, bar: Progress, tasks: dict[str, Any], rate: float) -> None:
+    def _report(self, progress: ProgressCallback | None, finished: bool = False) -> None:
+        """One progress event per run: where it stands in steps, with its latest figures."""
+        if progress is None:
+            return
+        for run in self.runs:
+            event = ProgressEvent(
+                task=run.name, done=self.step, total=self.total_steps or None, unit="steps", stats=run.stats,
+                finished=finished, info=dict(run.record),
+            )  # fmt: skip
+            emit(progress, event)
+
+    def _log(self, rate: float) -> None:
         for run in self.runs:
             m = run.meter.mean()
             run.meter.reset()
@@ -421,8 +433,8 @@ class Trainer:
             record = {"step": self.step, "tokens": self.tokens, "run": run.name, **m, "dead_frac": dead, "tok_s": rate}
             if self.log is not None:
                 self.log.log(record)
-            stats = f"L0 {m.get('l0', 0):.1f}  FVU {m.get('fvu', 0):.3f}  dead {dead:.1%}  {rate:,.0f} tok/s"
-            bar.update(tasks[run.name], completed=self.step, total=self.total_steps, stats=stats)
+            run.record = record
+            run.stats = f"L0 {m.get('l0', 0):.1f}  FVU {m.get('fvu', 0):.3f}  dead {dead:.1%}  {rate:,.0f} tok/s"
 
     def finish(self) -> dict[str, Dictionary]:
         """Fold each run's normalisation into a copy of its weights, save it under out_dir/<run>, return them."""

@@ -7,7 +7,8 @@ from typing import Any, Literal
 from fastapi import APIRouter, HTTPException, Query, Request
 from pydantic import BaseModel, Field
 
-from lmscope.atlas.store import AtlasStore, FeatureQuery
+from lmscope.atlas.store import FeatureQuery
+from lmscope.web.state import MAX_INSPECT_CHARS, live_note, live_of, store_of
 
 router = APIRouter(prefix="/api", tags=["atlas"])
 
@@ -157,10 +158,6 @@ class InspectResponse(BaseModel):
     tokens: list[InspectToken]
 
 
-def store_of(request: Request) -> AtlasStore:
-    return request.app.state.store  # type: ignore[no-any-return]
-
-
 SortParam = Literal["id", "density", "max_act", "mean_act", "relevance"]
 
 
@@ -223,11 +220,9 @@ def feature(request: Request, fid: int) -> dict[str, Any]:
 )
 def inspect(request: Request, body: InspectRequest) -> dict[str, Any]:
     """Run the model and dictionary on `text`; per token, the features that fire (strongest first)."""
-    from lmscope.web.app import MAX_INSPECT_CHARS
-
-    live = request.app.state.live
+    live = live_of(request)
     if live is None:
-        raise HTTPException(503, f"the prompt inspector is not available: {request.app.state.live_note}")
+        raise HTTPException(503, f"the prompt inspector is not available: {live_note(request)}")
     if len(body.text) > MAX_INSPECT_CHARS:
         raise HTTPException(
             413, f"the text is {len(body.text):,} characters; the inspector accepts at most {MAX_INSPECT_CHARS:,}"

@@ -12,6 +12,16 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 from markupsafe import Markup
 
 from lmscope.atlas.store import FeatureQuery
+from lmscope.explain.labels import MAX_LABEL_CHARS
+from lmscope.web.state import (
+    MAX_INSPECT_CHARS,
+    MAX_STEER_CHARS,
+    MAX_STEER_TOKENS,
+    is_read_only,
+    live_note,
+    live_of,
+    store_of,
+)
 
 router = APIRouter(include_in_schema=False)
 TEMPLATES = Path(__file__).parent / "templates"
@@ -44,16 +54,15 @@ _env.filters.update(tok=show_token, fmt=fmt, pct=pct, tojson_safe=tojson_safe)
 
 
 def render(template: str, request: Request, **ctx: Any) -> str:
-    store = request.app.state.store
     return _env.get_template(template).render(
-        request=request, summary=store.summary, live=request.app.state.live is not None,
-        live_note=request.app.state.live_note, **ctx,
+        request=request, summary=store_of(request).summary, live=live_of(request) is not None,
+        live_note=live_note(request), **ctx,
     )  # fmt: skip
 
 
 @router.get("/", response_class=HTMLResponse)
 def overview_page(request: Request) -> str:
-    return render("overview.html", request, ov=request.app.state.store.overview())
+    return render("overview.html", request, ov=store_of(request).overview())
 
 
 @router.get("/features", response_class=HTMLResponse)
@@ -75,7 +84,7 @@ def features_page(
         sort=sort_, order=order, min_density=min_density, max_density=max_density, min_act=min_act, dead=dead,
         q=q or None, by=by, limit=per, offset=(page - 1) * per,
     )  # fmt: skip
-    res = request.app.state.store.list_features(fq)
+    res = store_of(request).list_features(fq)
     params = {"q": q, "by": by, "sort": sort_, "order": order, "dead": dead, "min_density": min_density,
               "max_density": max_density, "min_act": min_act}  # fmt: skip
     return render("features.html", request, res=res, p=params, page=page, pages=max(1, -(-res["total"] // per)))
@@ -83,21 +92,16 @@ def features_page(
 
 @router.get("/features/{fid}", response_class=HTMLResponse)
 def feature_page(request: Request, fid: int) -> str:
-    store = request.app.state.store
+    store = store_of(request)
     data = store.feature(fid)
     if data is None:
         raise HTTPException(404, f"feature {fid} does not exist; ids run from 0 to {store.n_features - 1}")
-    from lmscope.explain.labels import MAX_LABEL_CHARS
-    from lmscope.web.steer_api import MAX_STEER_CHARS, MAX_STEER_TOKENS
-
     return render(
         "feature.html", request, f=data, n_features=store.n_features, max_label=MAX_LABEL_CHARS,
-        read_only=request.app.state.read_only, steer={"max_chars": MAX_STEER_CHARS, "max_tokens": MAX_STEER_TOKENS},
+        read_only=is_read_only(request), steer={"max_chars": MAX_STEER_CHARS, "max_tokens": MAX_STEER_TOKENS},
     )  # fmt: skip
 
 
 @router.get("/inspect", response_class=HTMLResponse)
 def inspect_page(request: Request) -> str:
-    from lmscope.web.app import MAX_INSPECT_CHARS
-
     return render("inspect.html", request, max_chars=MAX_INSPECT_CHARS)

@@ -1,8 +1,8 @@
 """Steering from the feature page: POST /api/features/{id}/steer generates a baseline and a steered
-continuation of a prompt with one latent edit on the feature (error term kept, see lmscope.steering), and
+continuation of a prompt with one latent edit on the feature (error term kept, see lmscope.steer.edits), and
 measures the feature's activation on both continuations.
 
-It needs the live model and dictionary (`Live` in web/app.py); without them it answers 503 with the reason.
+It needs the live model and dictionary (`Live` in web/state.py); without them it answers 503 with the reason.
 Server work is capped: one steering request at a time (a second one while it runs answers 429), at most
 `MAX_STEER_TOKENS` new tokens, prompts of at most `MAX_STEER_CHARS` characters.
 """
@@ -17,12 +17,11 @@ from fastapi import APIRouter, HTTPException, Request
 from pydantic import BaseModel, Field
 
 from lmscope.errors import LmscopeError
+from lmscope.web.state import MAX_STEER_CHARS, MAX_STEER_TOKENS, MAX_STRENGTH, live_note, live_of, store_of
 
 router = APIRouter(prefix="/api", tags=["steering"])
 
-MAX_STEER_CHARS = 2000
-MAX_STEER_TOKENS = 64
-MAX_STRENGTH = 1e6
+__all__ = ["MAX_STEER_CHARS", "MAX_STEER_TOKENS", "MAX_STRENGTH", "SteerRequest", "SteerResponse", "router"]
 
 
 class SteerRequest(BaseModel):
@@ -73,16 +72,16 @@ def _finite(x: Any) -> float | None:
 def steer_feature(request: Request, fid: int, body: SteerRequest) -> dict[str, Any]:
     """Continue `prompt` with and without an edit on feature `fid` (same seed); the feature's activation read
     back on both continuations, the KL at the first new token and the perplexities."""
-    from lmscope.generation import SamplingConfig, prompt_ids
-    from lmscope.steering import Edit, check_dictionary, feature_readout, latent_edit_writer
-    from lmscope.steering_measure import run_steering
+    from lmscope.model.generation import SamplingConfig, prompt_ids
+    from lmscope.steer.edits import Edit, check_dictionary, feature_readout, latent_edit_writer
+    from lmscope.steer.measure import run_steering
 
-    store = request.app.state.store
+    store = store_of(request)
     if not 0 <= fid < store.n_features:
         raise HTTPException(404, f"feature {fid} does not exist; ids run from 0 to {store.n_features - 1}")
-    live = request.app.state.live
+    live = live_of(request)
     if live is None:
-        raise HTTPException(503, f"steering is not available: {request.app.state.live_note}")
+        raise HTTPException(503, f"steering is not available: {live_note(request)}")
     if not body.prompt.strip():
         raise HTTPException(422, "the prompt is empty; type some text for the model to continue")
     edit = Edit(fid, body.mode, 0.0 if body.mode == "ablate" else body.strength)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lmscope.atomic import atomic_write_json
+from lmscope.core.atomic import atomic_write_json
 from lmscope.errors import LmscopeError
 
 RECORD = "pipeline.json"

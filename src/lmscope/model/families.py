@@ -10,13 +10,21 @@ A *site* says which module carries the value and whether it is that module's inp
 `attn_out` and `mlp_out` are exactly what each sublayer adds to the residual stream, after any post-norm
 (Gemma 2 and 3, OLMo 2). Paths are relative to the model's base module (`hf_model.base_model`), except
 `logits`, which is relative to the top-level model.
+
+Families live in one registry: `register_family(name, model_types=...)` adds a builder (a function of the HF
+config returning the family's `FamilyMap`), refusing a family name or an HF `model_type` that is already taken;
+`family_for(config)` is the one look-up. Adding a family whose modules are named like an existing layout is one
+`register_family` line; otherwise one small builder.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
+
+from lmscope.errors import LmscopeError
 
 IO = Literal["in", "out"]
 
@@ -50,41 +58,92 @@ class FamilyMap:
     resid_mid_write_via: str | None = "attn_out"
 
 
-def _llama_like(name: str) -> FamilyMap:
-    return FamilyMap(
-        name=name,
-        blocks="layers",
-        embed=Site("embed_tokens", "out"),
-        final_norm=Site("norm", "out"),
-        logits=Site("lm_head", "out"),
-        block_sites={
-            "attn_out": Site("self_attn", "out"),
-            "resid_mid": Site("post_attention_layernorm", "in"),
-            "mlp_in": Site("mlp", "in"),
-            "mlp_hidden": Site("mlp.down_proj", "in"),
-            "mlp_out": Site("mlp", "out"),
-        },
-    )
+FamilyBuilder = Callable[[Any], FamilyMap]  # HF config -> FamilyMap
 
 
-def _gemma2_like(name: str) -> FamilyMap:
+class FamilyRegistryError(LmscopeError):
+    """A family name or HF model_type registered twice."""
+
+
+GENERIC = "generic"  # the fallback's name (see `generic_family`); never registered
+_BUILDERS: dict[str, FamilyBuilder] = {}  # family name -> builder
+_MODEL_TYPES: dict[str, str] = {}  # HF config.model_type -> family name
+
+
+def register_family(name: str, model_types: Iterable[str] | None = None) -> Callable[[FamilyBuilder], FamilyBuilder]:
+    """Decorator: make `builder(config) -> FamilyMap` the hook map of the HF configs whose `model_type` is one
+    of `model_types` (default: just `name`). A family name or model_type that is already registered is refused."""
+    types = [name] if model_types is None else list(model_types)
+
+    def deco(builder: FamilyBuilder) -> FamilyBuilder:
+        if name == GENERIC or name in _BUILDERS:
+            raise FamilyRegistryError(f"a model family named {name!r} is already registered; choose another name")
+        taken = {t: _MODEL_TYPES[t] for t in types if t in _MODEL_TYPES}
+        if taken:
+            owners = ", ".join(f"{t!r} (by {f!r})" for t, f in taken.items())
+            raise FamilyRegistryError(f"cannot register family {name!r}: model_type {owners} is already registered")
+        if len(set(types)) != len(types):
+            raise FamilyRegistryError(f"family {name!r} lists a model_type twice: {types}")
+        _BUILDERS[name] = builder
+        _MODEL_TYPES.update(dict.fromkeys(types, name))
+        return builder
+
+    return deco
+
+
+def families() -> dict[str, str]:
+    """Every registered HF model_type and the family that serves it."""
+    return dict(_MODEL_TYPES)
+
+
+def family_for(config: Any) -> FamilyMap | None:
+    """The family map for a transformers config, or None when the architecture is unknown."""
+    name = _MODEL_TYPES.get(getattr(config, "model_type", ""))
+    return _BUILDERS[name](config) if name is not None else None
+
+
+def _llama_like(name: str) -> FamilyBuilder:
+    def build(_: Any) -> FamilyMap:
+        return FamilyMap(
+            name=name,
+            blocks="layers",
+            embed=Site("embed_tokens", "out"),
+            final_norm=Site("norm", "out"),
+            logits=Site("lm_head", "out"),
+            block_sites={
+                "attn_out": Site("self_attn", "out"),
+                "resid_mid": Site("post_attention_layernorm", "in"),
+                "mlp_in": Site("mlp", "in"),
+                "mlp_hidden": Site("mlp.down_proj", "in"),
+                "mlp_out": Site("mlp", "out"),
+            },
+        )
+
+    return build
+
+
+def _gemma2_like(name: str) -> FamilyBuilder:
     # Post-norms: the sublayer's contribution is the *output of the post-norm*, not of the sublayer.
-    return FamilyMap(
-        name=name,
-        blocks="layers",
-        embed=Site("embed_tokens", "out"),
-        final_norm=Site("norm", "out"),
-        logits=Site("lm_head", "out"),
-        block_sites={
-            "attn_out": Site("post_attention_layernorm", "out"),
-            "resid_mid": Site("pre_feedforward_layernorm", "in"),
-            "mlp_in": Site("mlp", "in"),
-            "mlp_hidden": Site("mlp.down_proj", "in"),
-            "mlp_out": Site("post_feedforward_layernorm", "out"),
-        },
-    )
+    def build(_: Any) -> FamilyMap:
+        return FamilyMap(
+            name=name,
+            blocks="layers",
+            embed=Site("embed_tokens", "out"),
+            final_norm=Site("norm", "out"),
+            logits=Site("lm_head", "out"),
+            block_sites={
+                "attn_out": Site("post_attention_layernorm", "out"),
+                "resid_mid": Site("pre_feedforward_layernorm", "in"),
+                "mlp_in": Site("mlp", "in"),
+                "mlp_hidden": Site("mlp.down_proj", "in"),
+                "mlp_out": Site("post_feedforward_layernorm", "out"),
+            },
+        )
+
+    return build
 
 
+@register_family("olmo2")
 def _olmo2(_: Any) -> FamilyMap:
     # OLMo 2 has post-norms and no pre-norms: the MLP reads the residual stream directly.
     return FamilyMap(
@@ -103,6 +162,7 @@ def _olmo2(_: Any) -> FamilyMap:
     )
 
 
+@register_family("gpt2")
 def _gpt2(_: Any) -> FamilyMap:
     return FamilyMap(
         name="gpt2",
@@ -120,6 +180,7 @@ def _gpt2(_: Any) -> FamilyMap:
     )
 
 
+@register_family("gpt_neox")
 def _gpt_neox(config: Any) -> FamilyMap:
     parallel = bool(getattr(config, "use_parallel_residual", True))
     sites = {
@@ -156,7 +217,7 @@ _BERT_POST_LN = (
 )
 
 
-def _bert_like(name: str, logits_module: str) -> Callable[[Any], FamilyMap]:
+def _bert_like(name: str, logits_module: str) -> FamilyBuilder:
     def build(_: Any) -> FamilyMap:
         return FamilyMap(
             name=name,
@@ -181,39 +242,25 @@ def _bert_like(name: str, logits_module: str) -> Callable[[Any], FamilyMap]:
     return build
 
 
-# model_type (from the HF config) -> builder. Adding a family is one line here when its module names
-# match an existing layout, or one small builder above when they do not.
-FAMILIES: dict[str, Callable[[Any], FamilyMap]] = {
-    "gpt2": _gpt2,
-    "gpt_neox": _gpt_neox,
-    "llama": lambda _: _llama_like("llama"),
-    "mistral": lambda _: _llama_like("mistral"),
-    "qwen2": lambda _: _llama_like("qwen2"),
-    "qwen3": lambda _: _llama_like("qwen3"),
-    "smollm3": lambda _: _llama_like("smollm3"),
-    "gemma": lambda _: _llama_like("gemma"),
-    "gemma2": lambda _: _gemma2_like("gemma2"),
-    "gemma3_text": lambda _: _gemma2_like("gemma3"),
-    "olmo2": _olmo2,
-    "bert": _bert_like("bert", "cls"),
-    "roberta": _bert_like("roberta", "lm_head"),
-}
-
-
-def family_for(config: Any) -> FamilyMap | None:
-    """The family map for a transformers config, or None when the architecture is unknown."""
-    builder = FAMILIES.get(getattr(config, "model_type", ""))
-    return builder(config) if builder is not None else None
+# The families lmscope knows. Adding one is a line here when its module names match an existing layout, or one
+# small builder above (decorated with `register_family`) when they do not.
+for _name in ("llama", "mistral", "qwen2", "qwen3", "smollm3", "gemma"):
+    register_family(_name)(_llama_like(_name))
+del _name
+register_family("gemma2")(_gemma2_like("gemma2"))
+register_family("gemma3", model_types=["gemma3_text"])(_gemma2_like("gemma3"))
+register_family("bert")(_bert_like("bert", "cls"))
+register_family("roberta")(_bert_like("roberta", "lm_head"))
 
 
 def generic_family(blocks_path: str) -> FamilyMap:
     """Fallback for unknown architectures: only the block boundaries are known."""
     reason = (
         "this architecture has no lmscope hook map, so the generic fallback offers only resid_pre and "
-        "resid_post; add a FamilyMap in lmscope/hook_maps.py to get the rest"
+        "resid_post; register a FamilyMap in lmscope/model/families.py to get the rest"
     )
     return FamilyMap(
-        name="generic",
+        name=GENERIC,
         blocks=blocks_path,
         embed=None,
         final_norm=None,
@@ -223,3 +270,15 @@ def generic_family(blocks_path: str) -> FamilyMap:
         sequential=False,
         resid_mid_write_via=None,
     )
+
+
+def __getattr__(name: str) -> Any:
+    if name == "FAMILIES":  # lmscope 0.1's model_type -> builder dict; a snapshot now, not the registry itself
+        warnings.warn(
+            "lmscope.model.families.FAMILIES is deprecated and goes away in lmscope 0.3: look a family up with "
+            "family_for(config), list them with families(), add one with register_family(name)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return {t: _BUILDERS[f] for t, f in _MODEL_TYPES.items()}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -13,9 +13,9 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from lmscope.checksums import file_sha256
+from lmscope.core.checksums import file_sha256
 from lmscope.errors import LmscopeError
-from lmscope.model import Model
+from lmscope.model.adapter import Model
 
 FORMAT = "lmscope.activations"
 FORMAT_VERSION = 1

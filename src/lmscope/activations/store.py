@@ -19,25 +19,25 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
 
-from lmscope.corpora import ContextPacker, Corpus, PackingConfig, open_corpus
-from lmscope.harvest import (
+from lmscope.activations.format import (
     CorruptShardError,
     HarvestError,
     check_shard,
     file_sha256,
-    forward_batch,
     mean_norms,
     read_manifest,
     storage_dtype,
 )
-from lmscope.model import Model
+from lmscope.activations.harvest import forward_batch
+from lmscope.corpora import ContextBatch, ContextPacker, Corpus, PackingConfig, open_corpus
+from lmscope.model.adapter import Model
 
 Batch = dict[str, torch.Tensor]
 
@@ -116,8 +116,7 @@ class ActivationStore:
         self = cls()
         for h in hooks:
             model.resolve(h)
-        base = packing or PackingConfig()
-        cfg = PackingConfig(context=context, mode=base.mode, bos=base.bos, separator=base.separator)
+        cfg = replace(packing or PackingConfig(), context=context)  # its `context` is replaced by `context`
         self.hooks, self.exclude_special, self.dtype = list(hooks), exclude_special, model.dtype
         self._stream = {
             "model": model,
@@ -136,6 +135,16 @@ class ActivationStore:
     @property
     def d_model(self) -> int:
         return self.widths[self.hooks[0]]
+
+    @property
+    def packing(self) -> PackingConfig | None:
+        """How the tokens were packed: the streaming packer's config, or what a harvest's manifest recorded (its
+        tokenizer batching sizes are not recorded, so they read back as the defaults); None if not recorded."""
+        if self._stream is not None:
+            cfg: PackingConfig = self._stream["packer"].cfg
+            return cfg
+        recorded = self.manifest.get("packing")
+        return PackingConfig.from_dict(recorded) if recorded is not None else None
 
     @property
     def n_rows(self) -> int | None:
@@ -335,9 +344,7 @@ class ActivationStore:
 _FIX = "Run `lmscope verify {d}` to list bad shards; delete them and rerun the harvest command to recompute them"
 
 
-def _head(batch: Any, n: int) -> Any:
-    from lmscope.corpora import ContextBatch
-
+def _head(batch: ContextBatch, n: int) -> ContextBatch:
     return ContextBatch(batch.tokens[:n], batch.document[:n], batch.position[:n], batch.special[:n])
 
 

@@ -80,7 +80,7 @@ def atomic_write_json(path: str | os.PathLike[str], obj: Any, fsync: bool = True
 
 def remove_stale_temps(directory: str | os.PathLike[str]) -> list[Path]:
     """Delete temp files left in `directory` by a killed writer; returns what was removed."""
-    removed = []
+    removed: list[Path] = []
     d = Path(directory)
     if not d.is_dir():
         return removed

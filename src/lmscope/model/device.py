@@ -44,6 +44,4 @@ def resolve_dtype(dtype: str | torch.dtype = "auto", device: torch.device | None
     try:
         return DTYPES[dtype]
     except KeyError:
-        raise LmscopeError(
-            f"unknown dtype {dtype!r}: use one of auto, {', '.join(sorted(set(DTYPES)))}"
-        ) from None
+        raise LmscopeError(f"unknown dtype {dtype!r}: use one of auto, {', '.join(sorted(set(DTYPES)))}") from None

@@ -10,14 +10,14 @@ import difflib
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
 
 from lmscope.errors import HookError
-from lmscope.hook_maps import BLOCK_KINDS, IO, FamilyMap, Site, family_for, generic_family
-from lmscope.hooks import HookDispatcher, StopForward, Writer
+from lmscope.model.families import BLOCK_KINDS, IO, FamilyMap, Site, family_for, generic_family
+from lmscope.model.hooks import HookDispatcher, StopForward, Writer
 
 _BLOCK_NAME = re.compile(r"^blocks\.(\d+)\.(\w+)$")
 
@@ -71,7 +71,7 @@ class Model:
         self.hf = hf_model.eval()
         self.tokenizer = tokenizer
         self.spec = spec
-        self.config = hf_model.config
+        self.config: Any = hf_model.config  # a transformers PretrainedConfig
         self._dispatch = HookDispatcher(hf_model)
         base = getattr(hf_model, "base_model", hf_model)
         self._base_path = next((n for n, m in hf_model.named_modules() if m is base), "")
@@ -87,7 +87,7 @@ class Model:
                 f"{family.name} hook map expects blocks at {self._blocks_path!r}, which this "
                 f"{type(hf_model).__name__} lacks. Module paths seen: {', '.join(_module_paths(hf_model))}"
             ) from exc
-        self.n_layers = len(blocks)
+        self.n_layers = len(cast(nn.ModuleList, blocks))
         self.hook_points: dict[str, HookPoint] = self._build_hook_points()
 
     # ------------------------------------------------------------------ description
@@ -233,9 +233,7 @@ class Model:
         return (points[0].module, points[0].io) if points else None
 
     @contextlib.contextmanager
-    def capture(
-        self, hooks: Sequence[str], stop_early: bool = True, grad: bool = False
-    ) -> Iterator[Activations]:
+    def capture(self, hooks: Sequence[str], stop_early: bool = True, grad: bool = False) -> Iterator[Activations]:
         """Record activations at `hooks` during `model(...)` calls inside the block.
 
         With `stop_early`, the forward pass ends after the last hooked layer (model(...) then returns

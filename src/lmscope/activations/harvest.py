@@ -26,7 +26,7 @@ import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,9 +34,8 @@ import numpy as np
 import torch
 from safetensors.torch import save as st_save
 
-from lmscope.atomic import atomic_write_bytes, atomic_write_json, remove_stale_temps
-from lmscope.corpora import ContextBatch, ContextPacker, Corpus, CorpusError, PackingConfig, open_corpus
-from lmscope.harvest.format import (
+from lmscope._version import __version__
+from lmscope.activations.format import (
     DTYPE_NAMES,
     FORMAT,
     FORMAT_VERSION,
@@ -49,7 +48,10 @@ from lmscope.harvest.format import (
     read_manifest,
     storage_dtype,
 )
-from lmscope.model import Model
+from lmscope.core.atomic import atomic_write_bytes, atomic_write_json, remove_stale_temps
+from lmscope.core.progress import ProgressCallback, ProgressEvent, emit, resolve
+from lmscope.corpora import ContextBatch, ContextPacker, Corpus, CorpusError, PackingConfig, open_corpus
+from lmscope.model.adapter import Model
 
 
 @dataclass
@@ -71,11 +73,7 @@ class HarvestConfig:
         if self.tokens < 1 or self.batch_size < 1 or self.shard_tokens < 1:
             raise HarvestError("tokens, batch size and shard size must be positive")
         storage_dtype(self.dtype)
-        base = self.packing or PackingConfig()
-        self.packing = PackingConfig(
-            context=self.context, mode=base.mode, bos=base.bos, separator=base.separator,
-            tokenize_batch=base.tokenize_batch, tokenize_chars=base.tokenize_chars,
-        )  # fmt: skip
+        self.packing = replace(self.packing or PackingConfig(), context=self.context)
 
     @property
     def shard_contexts(self) -> int:
@@ -250,29 +248,6 @@ class _Writer:
         atomic_write_json(self.dir / MANIFEST, self.manifest)
 
 
-def _tokens_per_second_column() -> Any:
-    from rich.progress import ProgressColumn
-    from rich.text import Text
-
-    class TokensPerSecond(ProgressColumn):
-        def render(self, task: Any) -> Text:
-            speed = task.finished_speed or task.speed
-            return Text(f"{speed:,.0f} tok/s" if speed else "? tok/s", style="progress.data.speed")
-
-    return TokensPerSecond()
-
-
-def _progress(enabled: bool) -> Any:
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    return Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("tokens"),
-        _tokens_per_second_column(), TextColumn("ETA"), TimeRemainingColumn(),
-        console=Console(stderr=True), disable=not enabled,
-    )  # fmt: skip
-
-
 def _is_lmscope_file(p: Path) -> bool:
     return p.name == MANIFEST or (p.name.startswith("shard_") and p.suffix == ".safetensors")
 
@@ -312,18 +287,18 @@ def harvest(
     config: HarvestConfig,
     *,
     command: str | None = None,
-    progress: bool = True,
+    progress: ProgressCallback | bool | None = None,
     overwrite: bool = False,
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Harvest activations at `config.hooks` for `config.tokens` tokens of `corpus` into `out`.
 
     Resumes when `out` already holds a harvest with the same model, hooks, corpus, dtype and packing;
-    refuses (naming what differs) otherwise. Returns the final manifest.
+    refuses (naming what differs) otherwise. Returns the final manifest. `progress` receives task "harvest"
+    events in tokens; `done` counts what a resumed run had already harvested.
     """
-    from lmscope import __version__
-
     log = log or (lambda _msg: None)
+    report = resolve(progress)
     cfg = config
     assert cfg.packing is not None
     for h in cfg.hooks:
@@ -388,7 +363,7 @@ def harvest(
     manifest["tokens"] = done_rows
     atomic_write_json(out / MANIFEST, manifest)
     try:
-        _run(model, corpus, packer, cfg, out, manifest, sdtype, progress)
+        _run(model, corpus, packer, cfg, out, manifest, sdtype, report)
     except CorpusError:
         if not manifest["shards"]:
             (out / MANIFEST).unlink(missing_ok=True)  # leave no half-started store behind
@@ -448,7 +423,7 @@ def _run(
     out: Path,
     manifest: dict[str, Any],
     sdtype: torch.dtype,
-    progress: bool,
+    progress: ProgressCallback | None,
 ) -> None:
     hooks = list(cfg.hooks)
     c = cfg.context
@@ -458,10 +433,13 @@ def _run(
     writer = _Writer(out, manifest, hooks, cfg.queue_shards)
     shard: _Shard | None = None
     index, row = len(manifest["shards"]), done_rows
-    bar = _progress(progress)
+
+    def report(finished: bool = False) -> None:
+        emit(progress, ProgressEvent(task="harvest", done=row, total=total, unit="tokens", finished=finished))
+
+    report()
     try:
-        with bar, model.capture(hooks, stop_early=True) as acts:
-            task = bar.add_task("harvest", total=total, completed=done_rows)
+        with model.capture(hooks, stop_early=True) as acts:
             for batch, ends in _prefetch(_batches(packer, corpus, cfg, manifest["shards"]), 4):
                 forward_batch(model, acts, hooks, torch.from_numpy(batch.tokens))
                 n = len(batch) * c
@@ -479,19 +457,20 @@ def _run(
                 if ends:
                     writer.put(shard)
                     shard, index = None, index + 1
-                bar.update(task, advance=n)
+                report()
             if shard is not None:
                 writer.put(shard)
         writer.close()
+        report(finished=True)
     except BaseException:
         with contextlib.suppress(BaseException):
             writer.close()
         raise
     if row == 0:
-        s = corpus.stats
+        stats = corpus.stats
         raise CorpusError(
-            f"the corpus yielded no complete context of {c} tokens ({s.documents} document(s), "
-            f"{s.empty_documents} empty, {packer.tokens_read} tokens): it is empty or too small. "
+            f"the corpus yielded no complete context of {c} tokens ({stats.documents} document(s), "
+            f"{stats.empty_documents} empty, {packer.tokens_read} tokens): it is empty or too small. "
             "Use a larger corpus or a smaller --context"
         )
 

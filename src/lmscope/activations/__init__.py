@@ -1,6 +1,7 @@
-"""Activation harvesting into a resumable, verifiable on-disk store (see `job` for the layout)."""
+"""Activations: resumable, verifiable harvesting to disk (`harvest`, `format`), the `ActivationStore` that every
+later stage reads, and batch sources for the trainer (`sources`)."""
 
-from lmscope.harvest.format import (
+from lmscope.activations.format import (
     FORMAT,
     MANIFEST,
     SHARD_FMT,
@@ -16,15 +17,19 @@ from lmscope.harvest.format import (
     storage_dtype,
     verify,
 )
-from lmscope.harvest.job import HarvestConfig, forward_batch, harvest, identity_diff
+from lmscope.activations.harvest import HarvestConfig, forward_batch, harvest, identity_diff
+from lmscope.activations.sources import StoreSource
+from lmscope.activations.store import ActivationStore
 
 __all__ = [
     "FORMAT",
     "MANIFEST",
     "SHARD_FMT",
+    "ActivationStore",
     "CorruptShardError",
     "HarvestConfig",
     "HarvestError",
+    "StoreSource",
     "VerifyReport",
     "check_shard",
     "file_sha256",

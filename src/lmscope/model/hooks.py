@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from lmscope.errors import HookError
-from lmscope.hook_maps import IO
+from lmscope.model.families import IO
 
 Reader = Callable[[torch.Tensor], None]
 Writer = Callable[[torch.Tensor], torch.Tensor]

@@ -11,9 +11,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from lmscope.core.progress import ProgressCallback
 from lmscope.errors import LmscopeError
-from lmscope.model import Model
-from lmscope.pipeline import Pipeline, Stage
+from lmscope.model.adapter import Model
+from lmscope.workflows.pipeline import Pipeline, Stage
 
 ACTS, TRAIN, ATLAS, EVAL = "acts", "train", "atlas.db", "eval.json"
 
@@ -58,14 +59,22 @@ class DemoConfig:
 class Demo:
     """The demo's stages over one model, built lazily so that verified reruns load nothing they don't need."""
 
-    def __init__(self, cfg: DemoConfig, run_dir: str | Path, device: str = "auto", dtype: str = "auto") -> None:
+    def __init__(
+        self,
+        cfg: DemoConfig,
+        run_dir: str | Path,
+        device: str = "auto",
+        dtype: str = "auto",
+        progress: ProgressCallback | None = None,
+    ) -> None:
         self.cfg, self.run_dir, self.device, self.dtype = cfg, Path(run_dir), device, dtype
+        self.progress = progress  # the harvest, training and atlas stages report through it (None: silent)
         self._model: Model | None = None
 
     @property
     def model(self) -> Model:
         if self._model is None:
-            from lmscope.loading import load_model
+            from lmscope.model.loading import load_model
 
             self._model = load_model(self.cfg.model, device=self.device, dtype=self.dtype)
         return self._model
@@ -88,7 +97,7 @@ class Demo:
 
     # ------------------------------------------------------------------ stages
     def harvest(self, run: Path) -> dict[str, Any]:
-        from lmscope.harvest import HarvestConfig, harvest
+        from lmscope.activations import HarvestConfig, harvest
 
         manifest = harvest(
             self.model,
@@ -96,11 +105,12 @@ class Demo:
             run / ACTS,
             HarvestConfig(hooks=[self.hook], tokens=self.cfg.harvest_tokens, context=self.cfg.context),
             command="lmscope demo",
+            progress=self.progress,
         )
         return {"tokens": manifest.get("tokens"), "hook": self.hook, "shards": len(manifest.get("shards", []))}
 
     def verify_harvest(self, run: Path) -> None:
-        from lmscope.harvest import read_manifest, verify
+        from lmscope.activations import read_manifest, verify
 
         report = verify(run / ACTS)
         if not report.ok:
@@ -109,14 +119,14 @@ class Demo:
             raise LmscopeError("the harvest holds fewer tokens than asked for")
 
     def train(self, run: Path) -> dict[str, Any]:
-        from lmscope.cli.train_cmds import StoreSource
+        from lmscope.activations.sources import StoreSource
+        from lmscope.activations.store import ActivationStore
         from lmscope.dictionaries import DictConfig
-        from lmscope.store import ActivationStore
         from lmscope.training import RunSpec, TrainConfig, Trainer
 
         batch = 4096
         # Special tokens are excluded and the last partial batch of each epoch dropped: count real batches.
-        per_epoch = ActivationStore.open(run / ACTS, hooks=[self.hook]).n_rows // batch * batch
+        per_epoch = int(ActivationStore.open(run / ACTS, hooks=[self.hook]).n_rows or 0) // batch * batch
         if per_epoch == 0:
             raise LmscopeError(f"the harvest holds fewer than one batch ({batch}) of usable tokens; harvest more")
         epochs = -(-self.cfg.train_tokens // per_epoch)
@@ -133,7 +143,7 @@ class Demo:
             checkpoint_every=max(10, steps // 10),
             seed=self.cfg.seed,
         )
-        Trainer([RunSpec(dcfg)], tc, run / TRAIN, device=self.model.device).fit(source)
+        Trainer([RunSpec(dcfg)], tc, run / TRAIN, device=self.model.device).fit(source, progress=self.progress)
         return {"dictionary": str(self.dict_dir().relative_to(run)), "d_sae": dcfg.d_sae, "k": dcfg.k}
 
     def verify_train(self, run: Path) -> None:
@@ -144,9 +154,8 @@ class Demo:
             raise LmscopeError(f"the dictionary reads {d.cfg.hook}, not {self.hook}")
 
     def evaluate(self, run: Path) -> dict[str, Any]:
-        from lmscope.cli.eval_cmd import eval_contexts
         from lmscope.dictionaries.formats import load_dictionary
-        from lmscope.evaluate import evaluate, save_json
+        from lmscope.training.evaluate import eval_contexts, evaluate, save_json
 
         d = load_dictionary(self.dict_dir(), device=self.model.device)
         # Held out: the tokens right after those the dictionary was trained on.
@@ -177,10 +186,12 @@ class Demo:
             out=run / ATLAS,
             overwrite=True,
             command="lmscope demo",
+            progress=self.progress,
         )
+        from lmscope.atlas.db.read import feature_counts
+
         conn = self._open_atlas(run)
-        live = conn.execute("SELECT count(*) FROM features WHERE dead = 0").fetchone()[0]
-        total = conn.execute("SELECT count(*) FROM features").fetchone()[0]
+        total, live = feature_counts(conn)
         conn.close()
         return {"features": total, "live": live}
 
@@ -206,12 +217,13 @@ class Demo:
         }
 
     def verify_explain(self, run: Path) -> None:
+        from lmscope.atlas.db.labels import count_machine_labelled
+        from lmscope.atlas.db.read import feature_counts
+
         conn = self._open_atlas(run)
         try:
-            live = conn.execute("SELECT count(*) FROM features WHERE dead = 0").fetchone()[0]
-            labelled = conn.execute(
-                "SELECT count(DISTINCT feature) FROM labels WHERE source = 'machine' AND explainer LIKE 'stats%'"
-            ).fetchone()[0]
+            live = feature_counts(conn)[1]
+            labelled = count_machine_labelled(conn, "stats")
         finally:
             conn.close()
         expected = min(live, self.cfg.explain_limit or live)
@@ -237,15 +249,9 @@ STEER_PROMPT = "Here is a short example:"
 def _steer_candidates(conn: Any, n: int = 6) -> list[tuple[int, float, set[int]]]:
     """Live, not-too-dense features with a high max activation (well-scored labels first), with their token
     set: the tokens their decoder direction promotes most and the tokens they fire on most."""
-    rows = conn.execute(
-        """SELECT f.id, f.max_act, f.logits,
-                  (SELECT group_concat(e.peak_token) FROM examples e WHERE e.feature = f.id AND e.kind = 'top')
-           FROM features f
-           LEFT JOIN labels l ON l.feature = f.id AND l.source = 'machine'
-           WHERE f.dead = 0 AND f.density BETWEEN 1e-4 AND 0.05 AND f.logits IS NOT NULL
-           ORDER BY coalesce(l.score, 0) DESC, f.max_act DESC LIMIT ?""",
-        (n,),
-    ).fetchall()
+    from lmscope.atlas.db.read import strong_features
+
+    rows = strong_features(conn, n, min_density=1e-4, max_density=0.05)
     out = []
     for fid, max_act, logits, peaks in rows:
         tokens = {int(t) for t, _ in json.loads(logits)["positive"][:10]}
@@ -257,9 +263,9 @@ def _steer_candidates(conn: Any, n: int = 6) -> list[tuple[int, float, set[int]]
 def check_steering(job: Demo, feature: int, value: float, promoted: set[int]) -> dict[str, Any]:
     """Clamp the feature on a neutral prompt (greedy): how often its token set appears, the KL at the first
     generated token, and both continuations."""
-    from lmscope.generation import SamplingConfig, prompt_ids
-    from lmscope.steering import Edit, check_dictionary, latent_edit_writer
-    from lmscope.steering_measure import first_position_kl, run_steering, token_rate
+    from lmscope.model.generation import SamplingConfig, prompt_ids
+    from lmscope.steer.edits import Edit, check_dictionary, latent_edit_writer
+    from lmscope.steer.measure import first_position_kl, run_steering, token_rate
 
     d = job.dictionary()
     hook = check_dictionary(job.model, d)
@@ -283,18 +289,14 @@ def demo_summary(job: Demo) -> dict[str, Any]:
     """Metrics, the most clearly labelled features and a steering command checked to work."""
     run = job.run_dir
     metrics = json.loads((run / EVAL).read_text())
+    from lmscope.atlas.db.labels import best_scored_machine_labels
+    from lmscope.atlas.db.read import feature_counts
+
     conn = job._open_atlas(run)
     try:
-        total, live = conn.execute("SELECT count(*), coalesce(sum(1 - dead), 0) FROM features").fetchone()
+        total, live = feature_counts(conn)
         labels: list[dict[str, Any]] = []
-        rows = conn.execute(
-            """SELECT l.feature, l.text, d.score, z.score, f.max_act FROM labels l
-               JOIN features f ON f.id = l.feature
-               JOIN scores d ON d.label_id = l.id AND d.scorer = 'rule-detection'
-               LEFT JOIN scores z ON z.label_id = l.id AND z.scorer = 'rule-fuzzing'
-               WHERE l.source = 'machine' ORDER BY d.score DESC, coalesce(z.score, 0) DESC, f.density DESC
-               LIMIT 500"""
-        )
+        rows = best_scored_machine_labels(conn, "rule-detection", "rule-fuzzing", limit=500)
         for feature, text, detection, fuzzing, max_act in rows:  # the best-scored feature of each distinct label
             if len(labels) < 8 and all(x["text"] != text for x in labels):
                 labels.append({"feature": feature, "text": text, "detection": detection, "fuzzing": fuzzing,

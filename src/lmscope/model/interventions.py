@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import torch
 
 from lmscope.errors import HookError
-from lmscope.hooks import Writer
+from lmscope.model.hooks import Writer
 
 Positions = int | slice | Sequence[int] | None
 

@@ -19,9 +19,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lmscope.generation import SamplingConfig, generate
-from lmscope.hooks import Writer
-from lmscope.model import Model
+from lmscope.model.adapter import Model
+from lmscope.model.generation import SamplingConfig, generate
+from lmscope.model.hooks import Writer
 
 # Reads the steered target's value per token from a clean forward pass: ids [1, T] -> {name: values [T]}
 Readout = Callable[[Model, Tensor], dict[str, Tensor]]

@@ -25,8 +25,8 @@ from torch import Tensor
 
 from lmscope.dictionaries.base import Dictionary
 from lmscope.errors import LmscopeError
-from lmscope.hooks import Writer
-from lmscope.model import Model
+from lmscope.model.adapter import Model
+from lmscope.model.hooks import Writer
 
 Mode = Literal["add", "clamp", "ablate"]
 MODES: tuple[str, ...] = ("add", "clamp", "ablate")

@@ -4,12 +4,13 @@ random numbers and differ only by the model's (edited) logits."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from lmscope.errors import LmscopeError
-from lmscope.model import Model
+from lmscope.model.adapter import Model
 
 
 @dataclass(frozen=True)
@@ -47,7 +48,8 @@ def generate(model: Model, ids: Tensor, cfg: SamplingConfig, seed: int) -> Tenso
         {"do_sample": False} if cfg.greedy else {"do_sample": True, "temperature": cfg.temperature, "top_k": cfg.top_k}
     )
     with torch.no_grad():
-        out = model.hf.generate(
+        hf: Any = model.hf  # a transformers PreTrainedModel: `generate` is not on nn.Module
+        out = hf.generate(
             input_ids=ids.to(model.device),
             attention_mask=torch.ones_like(ids).to(model.device),
             max_new_tokens=cfg.max_new_tokens,

@@ -1,7 +1,7 @@
 """Evaluating a dictionary: reconstruction metrics on activations, and the model's loss with it spliced in.
 
 Metrics on activations x (target y; y = x for autoencoders):
-  fvu            sum |y - y_hat|^2 / sum |y - mean(y)|^2
+  fvu            sum |y - y_hat|^2 / sum |y - mean(y)|^2   (lmscope.dictionaries.metrics, streamed in float64)
   mse            mean over tokens and dimensions of (y - y_hat)^2
   l0             mean number of active latents per token
   dead_frac      fraction of latents that never fired on the evaluation tokens
@@ -19,20 +19,23 @@ Special tokens (BOS/EOS/pad, when a `special` mask is given) keep their own acti
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
-from rich.table import Table
 from torch import Tensor
 
-from lmscope.atomic import atomic_write_bytes
+from lmscope.core.atomic import atomic_write_bytes
+from lmscope.corpora import ContextPacker, CorpusError, PackingConfig, open_corpus
 from lmscope.dictionaries.base import Dictionary, DictionaryError
-from lmscope.model import Model
+from lmscope.dictionaries.metrics import FVUAccumulator
+from lmscope.model.adapter import Model
 
 HIST_BINS = list(range(-8, 1))  # bin edges of log10 firing frequency
 
@@ -49,29 +52,27 @@ def activation_metrics(d: Dictionary, x: Tensor, y: Tensor | None = None, chunk:
         )
     dev = d.W_enc.device
     n = x.shape[0]
-    sq_err = sum_y = sum_y2 = cos = dot = rec2 = l0 = 0.0
+    err = FVUAccumulator()
+    cos = dot = rec2 = l0 = 0.0
     fired = torch.zeros(d.cfg.d_sae, dtype=torch.float64)
     for s in range(0, n, chunk):
         xb = x[s : s + chunk].to(dev, torch.float32)
         yb = xb if y is x else y[s : s + chunk].to(dev, torch.float32)
         recon, z = d(xb)
         active = z > 0
-        sq_err += float((yb - recon).double().pow(2).sum())
-        sum_y = sum_y + yb.double().sum(0)
-        sum_y2 += float(yb.double().pow(2).sum())
+        err.update(yb, recon)
         cos += float(F.cosine_similarity(recon, yb, dim=-1).double().sum())
         dot += float((recon.double() * yb.double()).sum())
         rec2 += float(recon.double().pow(2).sum())
         l0 += float(active.sum())
         fired += active.sum(0).double().cpu()
-    total_var = sum_y2 - float((sum_y * sum_y).sum()) / n  # type: ignore[operator]
     density = fired / n
     live = density[density > 0]
     hist = torch.histc(live.log10().float(), bins=len(HIST_BINS) - 1, min=HIST_BINS[0], max=HIST_BINS[-1])
     return {
         "tokens": n,
-        "fvu": sq_err / max(total_var, 1e-30),
-        "mse": sq_err / (n * y.shape[-1]),
+        "fvu": err.value(),
+        "mse": err.sse / (n * y.shape[-1]),
         "l0": l0 / n,
         "dead_frac": float((density == 0).double().mean()),
         "cosine": cos / n,
@@ -197,21 +198,20 @@ def evaluate(d: Dictionary, model: Model, ids: Tensor, batch: int = 8, special: 
     return results
 
 
-def results_table(results: dict[str, Any], title: str = "dictionary evaluation") -> Table:
-    table = Table("metric", "value", title=title)
-    for key, value in results.items():
-        if key == "density_hist":
-            edges = value["log10_bin_edges"]
-            bins = ", ".join(
-                f"1e{lo}..1e{hi}: {c}" for lo, hi, c in zip(edges, edges[1:], value["counts"], strict=False)
-            )
-            table.add_row("density histogram", f"{bins}; dead: {value['dead']}")
-        elif isinstance(value, float):
-            table.add_row(key, f"{value:.4f}")
-        else:
-            table.add_row(key, str(value))
-    return table
-
-
 def save_json(results: dict[str, Any], path: str | Path) -> None:
     atomic_write_bytes(Path(path), (json.dumps(results, indent=2) + "\n").encode())
+
+
+def eval_contexts(
+    model: Model, corpus: str, tokens: int, context: int = 128, skip_tokens: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, special) [n, context] for `tokens` tokens of the corpus after skipping `skip_tokens`."""
+    packer = ContextPacker(model.tokenizer, PackingConfig(context=context))
+    n_skip, n_take = skip_tokens // context, max(1, -(-tokens // context))
+    rows = list(itertools.islice(packer.rows(open_corpus(corpus).documents()), n_skip, n_skip + n_take))
+    if len(rows) < n_take:
+        raise CorpusError(
+            f"{corpus} has only {(n_skip + len(rows)) * context} tokens; ask for fewer --tokens or --skip-tokens"
+        )
+    batch = packer.stack(rows)
+    return torch.from_numpy(batch.tokens), torch.from_numpy(np.asarray(batch.special))

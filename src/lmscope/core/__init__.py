@@ -1,0 +1,1 @@
+"""The bottom layer: atomic file writes, checksums and progress callbacks, shared by every other layer."""

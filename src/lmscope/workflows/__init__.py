@@ -1,0 +1,1 @@
+"""Workflows: multi-stage jobs built from the layers below (the resumable stage `pipeline`, the `demo`)."""
