@@ -22,6 +22,7 @@ LAYERS: list[set[str]] = [
     {"lmscope.activations"},
     {"lmscope.dictionaries"},
     {"lmscope.training"},
+    {"lmscope.synthetic"},
     {"lmscope.atlas"},
     {"lmscope.explain", "lmscope.steer", "lmscope.circuits", "lmscope.diff", "lmscope.audit"},
     {"lmscope.workflows"},

@@ -5,7 +5,17 @@ from __future__ import annotations
 import typer
 
 from lmscope._version import __version__
-from lmscope.cli import atlas_cmds, demo_cmd, eval_cmd, explain_cmds, harvest_cmds, model_cmds, steer_cmds, train_cmds
+from lmscope.cli import (
+    atlas_cmds,
+    demo_cmd,
+    eval_cmd,
+    explain_cmds,
+    harvest_cmds,
+    model_cmds,
+    steer_cmds,
+    toy_cmd,
+    train_cmds,
+)
 
 app = typer.Typer(
     name="lmscope",
@@ -22,6 +32,7 @@ atlas_cmds.register(app)
 train_cmds.register(app)
 eval_cmd.register(app)
 explain_cmds.register(app)
+toy_cmd.register(app)
 
 
 @app.command(epilog="Examples:\n\n  lmscope version")
