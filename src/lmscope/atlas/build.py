@@ -140,6 +140,7 @@ def build_atlas(
                            "sha256": dictionary_hash(dictionary),
                            "training": getattr(dictionary, "metadata", {}).get("training", {})},
             "hook": hook,
+            "special_token_ids": packer.special_ids,  # left out of every statistic (the web greys them)
             "corpus": {"fingerprint": corpus.fingerprint(), "description": corpus.describe(),
                        "stats": vars(corpus.stats)},
             "config": cfg.to_dict(),

@@ -11,6 +11,7 @@ Every write is one transaction.
 
 from __future__ import annotations
 
+import unicodedata
 from pathlib import Path
 from typing import Any
 
@@ -47,8 +48,18 @@ def _check_feature(conn: Connection, feature: int) -> None:
         raise ExplainError(f"feature {feature} is not in this atlas; features run from 0 to {n - 1}")
 
 
+def _controls(text: str) -> list[str]:
+    return sorted({c for c in text if unicodedata.category(c) == "Cc"})
+
+
 def _check_text(text: str) -> str:
+    """The label with its whitespace collapsed; ExplainError if it is empty, too long, or holds a control
+    character (NUL and the like, which collapsing whitespace leaves in place)."""
     text = " ".join(text.split())
+    bad = _controls(text)
+    if bad:
+        names = ", ".join("NUL (\\x00)" if c == "\x00" else f"\\x{ord(c):02x}" for c in bad)
+        raise ExplainError(f"the label contains a control character: {names}; remove it")
     if not text:
         raise ExplainError("the label is empty; give a short description of what the feature fires on")
     if len(text) > MAX_LABEL_CHARS:
@@ -56,11 +67,21 @@ def _check_text(text: str) -> str:
     return text
 
 
+def _visible_controls(text: str) -> str:
+    """Control characters written as escapes (NUL as the four characters \\x00): a machine label quotes token
+    text, which may hold them, and one such token must not stop a labelling run."""
+    for c in _controls(text):
+        text = text.replace(c, f"\\x{ord(c):02x}")
+    return text
+
+
 def write_machine_label(conn: Connection, feature: int, text: str, explainer: str,
                         score: float | None = None, scorer: str | None = None) -> int:  # fmt: skip
-    """Replace `explainer`'s machine label of `feature`; returns the new label id."""
+    """Replace `explainer`'s machine label of `feature`; returns the new label id. Control characters in `text`
+    are written as visible escapes (a human label holding one is refused instead)."""
     _check_feature(conn, feature)
-    text = _check_text(text)
+    escaped = _visible_controls(" ".join(text.split()))
+    text = _check_text(escaped if escaped == " ".join(text.split()) else escaped[:MAX_LABEL_CHARS])
     return db_labels.replace_machine_label(conn, feature, text, explainer, score=score, scorer=scorer)
 
 

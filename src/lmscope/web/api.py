@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, HTTPException, Query, Request
 from pydantic import BaseModel, Field
 
 from lmscope.atlas.store import FeatureQuery
-from lmscope.web.state import MAX_INSPECT_CHARS, live_note, live_of, store_of
+from lmscope.web.state import (
+    MAX_FEATURES_PER_TOKEN,
+    MAX_INSPECT_CHARS,
+    OptionalNumber,
+    live_note,
+    live_of,
+    search_text,
+    store_of,
+)
 
 router = APIRouter(prefix="/api", tags=["atlas"])
 
@@ -38,9 +46,26 @@ class FeatureList(BaseModel):
     items: list[FeatureSummary]
 
 
-class SearchResult(FeatureList):
+class Snippet(BaseModel):
+    pre: str = Field(description="text before the match (an ellipsis first when cut)")
+    hit: str = Field(description="the matching text, as it is in the example")
+    post: str = Field(description="text after the match (an ellipsis last when cut)")
+
+
+class SearchItem(FeatureSummary):
+    snippet: Snippet | None = Field(
+        None, description="where a top example matches (by text: the text; by token: the peak token)"
+    )
+
+
+class SearchResult(BaseModel):
+    total: int = Field(description="features matching the search (all pages)")
+    limit: int
+    offset: int
+    items: list[SearchItem]
     query: str
     by: Literal["label", "text", "token"]
+    feature: int | None = Field(None, description='the feature whose id the query is ("787" or "#787"), if any')
 
 
 class Example(BaseModel):
@@ -52,6 +77,10 @@ class Example(BaseModel):
     tokens: list[str]
     token_ids: list[int]
     acts: list[float] = Field(description="the feature's activation on each token of the window")
+    special: list[bool] = Field(
+        default_factory=list, description="whether each token is a special token (BOS/EOS/pad): left out of the "
+        "feature's statistics, and of colour scales",
+    )  # fmt: skip
     text: str
 
 
@@ -149,6 +178,10 @@ class InspectFeature(BaseModel):
 class InspectToken(BaseModel):
     token: str
     token_id: int
+    special: bool = Field(False, description="a special token (BOS/EOS/pad), which the atlas leaves out of its "
+                          "statistics")  # fmt: skip
+    n_active: int = Field(0, description=f"features that fire on the token; `features` shows the strongest "
+                          f"{MAX_FEATURES_PER_TOKEN}")  # fmt: skip
     features: list[InspectFeature]
 
 
@@ -172,17 +205,18 @@ def list_features(
     request: Request,
     sort: SortParam | None = Query(None, description="default: relevance when q is given, else id"),
     order: Literal["asc", "desc"] = "asc",
-    min_density: float | None = None,
-    max_density: float | None = None,
-    min_act: float | None = Query(None, description="minimum max activation"),
-    max_act: float | None = Query(None, description="maximum max activation"),
+    min_density: Annotated[OptionalNumber, Query(description="minimum density (empty: not set)")] = None,
+    max_density: Annotated[OptionalNumber, Query(description="maximum density (empty: not set)")] = None,
+    min_act: Annotated[OptionalNumber, Query(description="minimum max activation (empty: not set)")] = None,
+    max_act: Annotated[OptionalNumber, Query(description="maximum max activation (empty: not set)")] = None,
     dead: bool = Query(True, description="include dead features"),
-    q: str | None = Query(None, max_length=200, description="search text (see `by`)"),
+    q: str | None = Query(None, max_length=200, description="search text (see `by`); blank: no search"),
     by: Literal["label", "text", "token"] = "text",
     limit: int = Query(50, ge=1, le=500),
     offset: int = Query(0, ge=0),
 ) -> dict[str, Any]:
     """Features, filtered, sorted and paged; with `q`, only those matching the search."""
+    q = search_text(q)
     fq = FeatureQuery(
         sort=sort or ("relevance" if q else "id"), order=order, min_density=min_density, max_density=max_density,
         min_act=min_act, max_act=max_act, dead=dead, q=q, by=by, limit=limit, offset=offset,
@@ -198,16 +232,21 @@ def search(
     limit: int = Query(50, ge=1, le=500),
     offset: int = Query(0, ge=0),
 ) -> dict[str, Any]:
-    """Features whose labels or top-example text contain `q` (an exact phrase), or whose top examples peak on
-    the token `q`; most relevant first."""
-    res = store_of(request).list_features(FeatureQuery(sort="relevance", q=q, by=by, limit=limit, offset=offset))
-    return {**res, "query": q, "by": by}
+    """Features whose labels contain `q` (a phrase of words), whose top-example text contains `q` (any text,
+    punctuation included, case-insensitive), or whose top examples peak on the token `q`; most relevant first,
+    each with a snippet of where it matched. A query that is a feature id also names that feature (`feature`).
+    A blank query is refused (422)."""
+    text = search_text(q, required=True)
+    store = store_of(request)
+    res = store.list_features(FeatureQuery(sort="relevance", q=text, by=by, limit=limit, offset=offset))
+    return {**res, "query": q, "by": by, "feature": store.feature_id(q)}
 
 
 @router.get("/features/{fid}", response_model=Feature, responses={404: {"description": "no such feature"}})
 def feature(request: Request, fid: int) -> dict[str, Any]:
     """Everything the atlas knows about one feature."""
-    data = store_of(request).feature(fid)
+    store = store_of(request)
+    data = store.feature(fid) if 0 <= fid < store.n_features else None
     if data is None:
         raise HTTPException(404, f"feature {fid} does not exist; ids run from 0 to {store_of(request).n_features - 1}")
     return data

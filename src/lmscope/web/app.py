@@ -25,6 +25,7 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lmscope._version import __version__
 from lmscope.atlas.store import AtlasStore
@@ -45,6 +46,11 @@ def _json_safe(obj: Any) -> Any:
     if isinstance(obj, list | tuple):
         return [_json_safe(v) for v in obj]
     return obj
+
+
+def _is_api(request: Request) -> bool:
+    """Whether a request is for the JSON API (which answers errors in JSON; the pages answer styled pages)."""
+    return request.url.path.startswith("/api/")
 
 
 def plotly_js() -> Path | None:
@@ -80,21 +86,32 @@ def create_app(
             raise HTTPException(404, "plotly is not installed (pip install plotly); histograms are drawn without it")
         return FileResponse(p, media_type="application/javascript", headers={"Cache-Control": "max-age=86400"})
 
+    @app.get("/favicon.ico", include_in_schema=False)
+    def favicon() -> FileResponse:  # the pages link /static/favicon.svg; this is for what asks for the default
+        return FileResponse(
+            STATIC / "favicon.svg", media_type="image/svg+xml", headers={"Cache-Control": "max-age=86400"}
+        )
+
     app.include_router(api.router)
     app.include_router(labels_api.router)
     app.include_router(steer_api.router)
     app.include_router(pages.router)
 
     @app.exception_handler(RequestValidationError)
-    async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+    async def invalid_request(request: Request, exc: RequestValidationError) -> Any:
         # FastAPI's own handler echoes the input, and a non-finite number (1e999) cannot be written as JSON
-        return JSONResponse({"detail": _json_safe(jsonable_encoder(exc.errors()))}, status_code=422)
+        errors = _json_safe(jsonable_encoder(exc.errors()))
+        if _is_api(request):
+            return JSONResponse({"detail": errors}, status_code=422)
+        return HTMLResponse(pages.error_page(request, 422, errors), status_code=422)
 
-    @app.exception_handler(404)
-    async def not_found(request: Request, exc: Exception) -> Any:
-        detail = getattr(exc, "detail", "not found")
-        if request.url.path.startswith("/api/"):
-            return JSONResponse({"detail": detail}, status_code=404)
-        return HTMLResponse(pages.render("404.html", request, detail=detail), status_code=404)
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Any:
+        if _is_api(request):
+            return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+        if exc.status_code == 404:
+            return HTMLResponse(pages.render("404.html", request, detail=exc.detail), status_code=404)
+        return HTMLResponse(pages.error_page(request, exc.status_code, exc.detail), status_code=exc.status_code,
+                            headers=exc.headers)  # fmt: skip
 
     return app

@@ -4,22 +4,26 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, HTTPException, Query, Request
-from fastapi.responses import HTMLResponse
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from markupsafe import Markup
 
 from lmscope.atlas.store import FeatureQuery
 from lmscope.explain.labels import MAX_LABEL_CHARS
 from lmscope.web.state import (
+    MAX_FEATURES_PER_TOKEN,
     MAX_INSPECT_CHARS,
     MAX_STEER_CHARS,
     MAX_STEER_TOKENS,
+    MAX_STRENGTH,
+    OptionalNumber,
     is_read_only,
     live_note,
     live_of,
+    search_text,
     store_of,
 )
 
@@ -60,48 +64,136 @@ def render(template: str, request: Request, **ctx: Any) -> str:
     )  # fmt: skip
 
 
+def error_page(request: Request, status: int, detail: Any) -> str:
+    """A styled page for an error on an HTML page (the JSON API answers JSON): `detail` is a message, or the list
+    of validation errors of a request (each said in words, with the value given). It links back to the page
+    without the offending query parameters, to the feature list and to the overview."""
+    problems: list[dict[str, Any]] = []
+    bad_params: list[str] = []
+    if isinstance(detail, list):
+        for e in detail:
+            loc = [str(x) for x in e.get("loc", [])]
+            where, name = (loc[0], loc[-1]) if loc else ("", "")
+            if where == "query":
+                bad_params.append(name)
+            given = e.get("input")
+            shown = None if isinstance(given, dict | list) or given is None else str(given)
+            problems.append({"param": name, "where": where, "msg": e.get("msg", "invalid"), "given": shown})
+        message = "Some of this page's parameters are not valid."
+    else:
+        message = str(detail)
+    retry = str(request.url.remove_query_params(bad_params)) if bad_params else None
+    return render("error.html", request, status=status, message=message, problems=problems, retry=retry)
+
+
+# What each metric on the overview means: those of the atlas build (meta.metrics.atlas), then those of an
+# evaluation saved next to the dictionary (eval.json, written by `lmscope eval` on its own tokens).
+ATLAS_METRICS = {
+    "tokens": "text tokens the atlas build scanned (special tokens left out)",
+    "contexts": "contexts of the corpus the atlas build ran on",
+    "fvu": "fraction of variance unexplained on the atlas build's tokens: Σ‖y − ŷ‖² / Σ‖y − mean y‖²",
+    "mse": "mean squared error per token, summed over the d_in dimensions (d_in × the per-element MSE of eval)",
+    "l0": "mean number of features that fire per token",
+    "dead": "features that never fired on the atlas build's tokens (the “dead” card above)",
+    "dead_fraction": "dead features / all features, on the atlas build's tokens",
+    "dense": "features that fire on more than 10% of the atlas build's tokens",
+}
+SAVED_METRICS = {
+    "tokens": "tokens the evaluation ran on (not the atlas build's)",
+    "fvu": "fraction of variance unexplained on the evaluation's tokens",
+    "mse": "mean squared error per element: averaged over tokens and the d_in dimensions (the atlas build's "
+    "MSE is per token, d_in times larger)",
+    "l0": "mean number of features that fire per token, on the evaluation's tokens",
+    "dead_frac": "fraction of features that never fired on the evaluation's tokens (eval, not the atlas build)",
+    "dead": "features that never fired on the evaluation's tokens (eval; the atlas build's count is above)",
+    "density_hist": "features per log10 firing-frequency bin on the evaluation's tokens",
+    "cosine": "mean cosine similarity of the reconstruction and the activation, per token",
+    "rel_bias": "E‖ŷ‖² / E[ŷ · y]: 1 is unbiased, below 1 the reconstruction shrinks",
+    "ce_clean": "the model's next-token cross-entropy (nats), without the dictionary",
+    "ce_spliced": "cross-entropy with the reconstruction spliced in at the hook",
+    "ce_spliced_with_error": "cross-entropy with the reconstruction plus its error term (≈ ce_clean)",
+    "ce_zero_ablate": "cross-entropy with the hook's activation set to zero",
+    "ce_recovered": "(ce_zero_ablate − ce_spliced) / (ce_zero_ablate − ce_clean): 1 is the clean model",
+    "kl_spliced": "mean KL(clean ‖ spliced) of the next-token distributions",
+    "kl_spliced_with_error": "the same with the error term added back (≈ 0)",
+    "hook": "the hook the dictionary reads",
+    "hook_out": "the hook a transcoder writes",
+}
+
+
+def _metric_value(v: Any) -> str:
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        return ", ".join(_metric_value(x) for x in v) if isinstance(v, list) else str(v)
+    return f"{v:,}" if isinstance(v, int) else fmt(v, 4)
+
+
+def metric_rows(metrics: dict[str, Any], notes: dict[str, str], source: str) -> list[tuple[str, str, str]]:
+    """(name, value, what it means) for each metric; a saved density histogram gives its dead count its own row."""
+    rows = []
+    for k, v in metrics.items():
+        if isinstance(v, dict):
+            if "dead" in v:
+                rows.append(("dead", _metric_value(v["dead"]), notes.get("dead", f"from {source}")))
+            if "counts" in v:
+                rows.append((k, _metric_value(v["counts"]), notes.get(k, f"from {source}")))
+            continue
+        rows.append((k, _metric_value(v), notes.get(k, f"as recorded in {source}")))
+    return rows
+
+
 @router.get("/", response_class=HTMLResponse)
 def overview_page(request: Request) -> str:
-    return render("overview.html", request, ov=store_of(request).overview())
+    ov = store_of(request).overview()
+    saved = {name: metric_rows(m, SAVED_METRICS, name) for name, m in (ov["metrics"].get("saved") or {}).items()
+             if isinstance(m, dict)}  # fmt: skip
+    return render("overview.html", request, ov=ov, atlas_metrics=metric_rows(ov["metrics"].get("atlas") or {},
+                  ATLAS_METRICS, "the atlas build"), saved_metrics=saved)  # fmt: skip
 
 
-@router.get("/features", response_class=HTMLResponse)
+@router.get("/features", response_class=HTMLResponse, response_model=None)
 def features_page(
     request: Request,
     q: str = Query("", max_length=200),
     by: Literal["label", "text", "token"] = "text",
     sort: Literal["id", "density", "max_act", "mean_act", "relevance", ""] = "",
     order: Literal["asc", "desc"] = "desc",
-    min_density: float | None = None,
-    max_density: float | None = None,
-    min_act: float | None = None,
+    min_density: Annotated[OptionalNumber, Query()] = None,
+    max_density: Annotated[OptionalNumber, Query()] = None,
+    min_act: Annotated[OptionalNumber, Query()] = None,
     dead: bool = False,
     page: int = Query(1, ge=1, le=100_000),
-) -> str:
+) -> str | Response:
     per = 50
-    sort_ = sort or ("relevance" if q.strip() else "density")
+    store = store_of(request)
+    text = search_text(q)  # None when blank: no query
+    goto = store.feature_id(text)
+    if goto is not None and text is not None and text.strip().startswith("#"):
+        return RedirectResponse(f"/features/{goto}", status_code=303)
+    sort_ = sort or ("relevance" if text else "density")
     fq = FeatureQuery(
         sort=sort_, order=order, min_density=min_density, max_density=max_density, min_act=min_act, dead=dead,
-        q=q or None, by=by, limit=per, offset=(page - 1) * per,
+        q=text, by=by, limit=per, offset=(page - 1) * per,
     )  # fmt: skip
-    res = store_of(request).list_features(fq)
-    params = {"q": q, "by": by, "sort": sort_, "order": order, "dead": dead, "min_density": min_density,
+    res = store.list_features(fq)
+    params = {"q": text or "", "by": by, "sort": sort_, "order": order, "dead": dead, "min_density": min_density,
               "max_density": max_density, "min_act": min_act}  # fmt: skip
-    return render("features.html", request, res=res, p=params, page=page, pages=max(1, -(-res["total"] // per)))
+    return render("features.html", request, res=res, p=params, page=page, pages=max(1, -(-res["total"] // per)),
+                  goto=goto)  # fmt: skip
 
 
 @router.get("/features/{fid}", response_class=HTMLResponse)
 def feature_page(request: Request, fid: int) -> str:
     store = store_of(request)
-    data = store.feature(fid)
+    data = store.feature(fid) if 0 <= fid < store.n_features else None
     if data is None:
         raise HTTPException(404, f"feature {fid} does not exist; ids run from 0 to {store.n_features - 1}")
     return render(
         "feature.html", request, f=data, n_features=store.n_features, max_label=MAX_LABEL_CHARS,
-        read_only=is_read_only(request), steer={"max_chars": MAX_STEER_CHARS, "max_tokens": MAX_STEER_TOKENS},
+        read_only=is_read_only(request),
+        steer={"max_chars": MAX_STEER_CHARS, "max_tokens": MAX_STEER_TOKENS, "max_strength": MAX_STRENGTH},
     )  # fmt: skip
 
 
 @router.get("/inspect", response_class=HTMLResponse)
 def inspect_page(request: Request) -> str:
-    return render("inspect.html", request, max_chars=MAX_INSPECT_CHARS)
+    return render("inspect.html", request, max_chars=MAX_INSPECT_CHARS, per_token=MAX_FEATURES_PER_TOKEN)

@@ -7,15 +7,18 @@ route modules (api, pages, labels_api, steer_api) read it through the accessors 
 
 from __future__ import annotations
 
+import math
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import torch
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, HTTPException, Request
+from pydantic import AfterValidator, BeforeValidator
 
 from lmscope.atlas.store import AtlasStore
+from lmscope.corpora import special_token_ids
 from lmscope.dictionaries.base import Dictionary
 from lmscope.errors import LmscopeError
 from lmscope.model.adapter import Model
@@ -25,6 +28,33 @@ MAX_FEATURES_PER_TOKEN = 8  # features the inspector shows per token
 MAX_STEER_CHARS = 2000  # characters of a prompt the steering panel accepts
 MAX_STEER_TOKENS = 64  # new tokens per steered generation
 MAX_STRENGTH = 1e6  # the largest steering strength, either sign
+
+
+def _blank_is_none(v: Any) -> Any:
+    return None if isinstance(v, str) and not v.strip() else v
+
+
+def _finite(v: float | None) -> float | None:
+    if v is not None and not math.isfinite(v):
+        raise ValueError("must be a finite number")
+    return v
+
+
+# A number in a query string that may be left empty: an empty box of a GET form is "not set" (None), not an error;
+# nan and inf are refused.
+OptionalNumber = Annotated[float | None, BeforeValidator(_blank_is_none), AfterValidator(_finite)]
+
+
+def search_text(q: str | None, required: bool = False) -> str | None:
+    """A search query as the routes take it: None when blank (no query; HTTP 422 instead when `required`), and
+    HTTP 422 when it holds a NUL character, which no text in an atlas does."""
+    if q is not None and "\x00" in q:
+        raise HTTPException(422, "the search text contains a NUL character (%00); remove it")
+    if q is None or not q.strip():
+        if required:
+            raise HTTPException(422, "the search text is blank; type a word, a phrase or some code to search for")
+        return None
+    return q
 
 
 @dataclass
@@ -46,23 +76,28 @@ class Live:
         self.dictionary = self.dictionary.to(self.model.device).float().eval()
 
     def inspect(self, text: str, top: int = MAX_FEATURES_PER_TOKEN) -> list[dict[str, Any]]:
-        """Per token of `text` (BOS first, as in the atlas contexts): the features that fire, strongest first."""
+        """Per token of `text` (BOS first, as in the atlas contexts): the `top` strongest features that fire,
+        strongest first; `n_active`, how many fire in all; `special`, whether it is a special token (BOS/EOS/pad),
+        which the atlas leaves out of its statistics."""
         hook = self.hook
         assert hook is not None  # __post_init__ set it
         tok = self.model.tokenizer
         ids = tok(text, add_special_tokens=False)["input_ids"]
         if tok.bos_token_id is not None:
             ids = [tok.bos_token_id, *ids]
+        special = set(special_token_ids(tok))
         with self.lock, self.model.capture([hook]) as acts, torch.inference_mode():
             self.model(torch.tensor([ids]))
             z = self.dictionary.encode(acts[hook].float())[0]
         k = min(top, z.shape[-1])
         vals, idx = z.topk(k, dim=-1)
+        n_active = (z > 0).sum(-1).tolist()
         out = []
         for i, t in enumerate(ids):
             feats = [{"id": int(f), "act": float(v)} for v, f in zip(vals[i].tolist(), idx[i].tolist(), strict=True)
                      if v > 0]  # fmt: skip
-            out.append({"token": tok.decode([t]), "token_id": int(t), "features": feats})
+            out.append({"token": tok.decode([t]), "token_id": int(t), "special": int(t) in special,
+                        "n_active": int(n_active[i]), "features": feats})  # fmt: skip
         return out
 
 

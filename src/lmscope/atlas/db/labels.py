@@ -144,9 +144,12 @@ def add_label(
     created: str | None = None,
 ) -> int:
     """Insert a label (the `search` index follows through a trigger); returns its id. A score with a scorer
-    is also recorded as that scorer's row in `scores` (schema v2)."""
+    is also recorded as that scorer's row in `scores` (schema v2). Text with a NUL character is refused (the
+    full-text index would cut it there, and no reader expects one)."""
     if source not in ("human", "machine"):
         raise AtlasError(f"label source must be 'human' or 'machine', got {source!r}")
+    if "\x00" in text:
+        raise AtlasError("the label contains a NUL character (\\x00); remove it")
     created = created or _now()
     cur = conn.execute(
         "INSERT INTO labels (feature, text, source, explainer, score, scorer, created) VALUES (?, ?, ?, ?, ?, ?, ?)",

@@ -1,22 +1,36 @@
 """Reading an atlas's features, examples, contexts, vocabulary and full-text index (labels: db/labels.py).
 
 Every value that comes from a user reaches SQL as a bound parameter. Sort columns come from a fixed whitelist;
-full-text queries are turned into one quoted FTS5 phrase, so FTS syntax in them is inert. Token blobs come back
-as little-endian int32 arrays (read-only views of the stored bytes).
+full-text queries are turned into one quoted FTS5 phrase, so FTS syntax in them is inert; NUL characters are
+dropped from them (FTS5 cannot parse one). Ids and offsets beyond SQLite's 64-bit integers match nothing instead
+of raising. Token blobs come back as little-endian int32 arrays (read-only views of the stored bytes).
+
+Example-text search is a case-insensitive substring search: through the trigram index (`search_trigram`, see
+schema.py) when the atlas has one and the text is at least 3 characters long, else, in an atlas built before that
+index, through the word index for text made of words, else by scanning the top examples' text.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from lmscope.atlas.db.schema import Connection, Row
+from lmscope.atlas.db.schema import TRIGRAM_RANK_BITS, TRIGRAM_TABLE, Connection, Row, has_table
 
 SORTS = {"id": "id", "density": "density", "max_act": "max_act", "mean_act": "mean_act"}
+INT64_MAX = 2**63 - 1
+TRIGRAM_MIN_CHARS = 3  # the trigram index cannot answer shorter text
+_WORDS = re.compile(r"[^\W_]+(\s+[^\W_]+)*")  # text the word (unicode61) index reads exactly as written
+
+
+def in_int64(x: int) -> bool:
+    """Whether `x` fits SQLite's integers (a larger one cannot be bound, and names no row)."""
+    return -INT64_MAX - 1 <= int(x) <= INT64_MAX
 
 
 @dataclass
@@ -37,8 +51,9 @@ class FeatureQuery:
 
 
 def fts_phrase(q: str) -> str:
-    """A user's text as one FTS5 phrase: quotes doubled, so operators and column filters mean nothing."""
-    return '"' + q.replace('"', '""') + '"'
+    """A user's text as one FTS5 phrase: quotes doubled, so operators and column filters mean nothing; NUL
+    characters dropped (FTS5 reads one as the end of the query)."""
+    return '"' + q.replace("\x00", "").replace('"', '""') + '"'
 
 
 def _tokens(blob: bytes) -> np.ndarray:
@@ -63,6 +78,8 @@ def feature_counts(conn: Connection) -> tuple[int, int]:
 
 
 def has_feature(conn: Connection, fid: int) -> bool:
+    if not in_int64(fid):
+        return False
     return conn.execute("SELECT 1 FROM features WHERE id = ?", (int(fid),)).fetchone() is not None
 
 
@@ -73,12 +90,16 @@ def live_feature_ids(conn: Connection) -> list[int]:
 
 def feature_row(conn: Connection, fid: int) -> Row | None:
     """Every column of one feature (see the DDL), or None if there is no such feature."""
+    if not in_int64(fid):
+        return None
     row: Row | None = conn.execute("SELECT * FROM features WHERE id = ?", (int(fid),)).fetchone()
     return row
 
 
 def feature_max_density(conn: Connection, fid: int) -> tuple[float, float] | None:
     """(max activation, density) of one feature, or None if there is no such feature."""
+    if not in_int64(fid):
+        return None
     row = conn.execute("SELECT max_act, density FROM features WHERE id = ?", (int(fid),)).fetchone()
     return None if row is None else (float(row[0]), float(row[1]))
 
@@ -126,7 +147,7 @@ def feature_page(conn: Connection, fq: FeatureQuery, candidates: list[int] | Non
     rows = conn.execute(
         f"SELECT id, density, n_fired, mean_act, max_act, dead FROM {source} {clause} ORDER BY {order_sql} "
         "LIMIT ? OFFSET ?",
-        [*head, *params, max(0, min(int(fq.limit), 500)), max(0, int(fq.offset))],
+        [*head, *params, max(0, min(int(fq.limit), 500)), max(0, min(int(fq.offset), INT64_MAX))],
     ).fetchall()
     return int(total), rows
 
@@ -169,6 +190,32 @@ def examples_with_contexts(conn: Connection, fid: int) -> list[Row]:
     ).fetchall()
 
 
+def top_example_rows(conn: Connection, fids: list[int]) -> list[Row]:
+    """The top examples of `fids`, by feature then rank: feature, pos, start, peak_token, text and the context's
+    token blob (`ctx`)."""
+    if not fids:
+        return []
+    return conn.execute(
+        "SELECT e.feature, e.pos, e.start, e.peak_token, e.text, c.tokens AS ctx FROM examples e "
+        "JOIN contexts c ON c.id = e.context WHERE e.kind = 'top' AND e.feature IN (SELECT value FROM json_each(?)) "
+        "ORDER BY e.feature, e.rank",
+        (json.dumps([int(f) for f in fids if in_int64(f)]),),
+    ).fetchall()
+
+
+def start_counts(conn: Connection, fids: list[int], max_pos: int = 1) -> dict[int, tuple[int, int]]:
+    """For each of `fids` with top examples: (how many of them are at context position <= `max_pos`, how many
+    there are)."""
+    if not fids:
+        return {}
+    rows = conn.execute(
+        "SELECT feature, sum(pos <= ?), count(*) FROM examples WHERE kind = 'top' AND feature IN "
+        "(SELECT value FROM json_each(?)) GROUP BY feature",
+        (int(max_pos), json.dumps([int(f) for f in fids if in_int64(f)])),
+    )
+    return {int(f): (int(k), int(n)) for f, k, n in rows}
+
+
 def quantile_bins(conn: Connection, fid: int) -> list[Row]:
     """A feature's quantile bins (feature, bin, lo, hi, count), highest first."""
     return conn.execute("SELECT * FROM quantile_bins WHERE feature = ? ORDER BY bin DESC", (int(fid),)).fetchall()
@@ -184,6 +231,12 @@ def context_tokens(conn: Connection, cid: int) -> np.ndarray | None:
     """The token ids of one context, or None if it is not stored."""
     row = conn.execute("SELECT tokens FROM contexts WHERE id = ?", (int(cid),)).fetchone()
     return None if row is None else _tokens(row[0])
+
+
+def first_context_tokens(conn: Connection, n: int = 64) -> set[int]:
+    """The distinct first tokens of (up to) `n` stored contexts."""
+    rows = conn.execute("SELECT tokens FROM contexts ORDER BY id LIMIT ?", (int(n),))
+    return {int(_tokens(blob)[0]) for (blob,) in rows if len(blob) >= 4}
 
 
 def iter_contexts(conn: Connection) -> Iterator[tuple[int, np.ndarray]]:
@@ -204,12 +257,47 @@ def features_peaking_on(conn: Connection, token_ids: list[int], limit: int) -> l
     return [r[0] for r in rows]
 
 
+def has_trigram_index(conn: Connection) -> bool:
+    """Whether the atlas has the trigram index of its top examples' text (atlases built since it exists)."""
+    return has_table(conn, TRIGRAM_TABLE)
+
+
 def features_matching(conn: Connection, text: str, kind: str, limit: int) -> list[int]:
-    """Features whose `kind` rows of the full-text index ('label', or 'example': top-example text) contain
-    `text` as a phrase; relevance first (how many of the feature's rows contain it), then by id."""
+    """Features whose `kind` rows match `text`, relevance first (how many of the feature's rows match), then by
+    id. 'label': labels containing `text` as a phrase of words (the word index). 'example': top examples whose
+    text contains `text`, case-insensitive, punctuation included (see the module's docstring)."""
+    text = text.replace("\x00", "")
+    if not text.strip():
+        return []
+    if kind == "example":
+        return _features_with_example_text(conn, text, limit)
+    return _word_matches(conn, text, kind, limit)
+
+
+def _word_matches(conn: Connection, text: str, kind: str, limit: int) -> list[int]:
     rows = conn.execute(
         "SELECT feature, count(*) AS n FROM search WHERE search MATCH ? AND kind = ? "
         "GROUP BY feature ORDER BY n DESC, feature LIMIT ?",
         (fts_phrase(text), kind, int(limit)),
+    )
+    return [int(r[0]) for r in rows]
+
+
+def _features_with_example_text(conn: Connection, text: str, limit: int) -> list[int]:
+    trigram = has_trigram_index(conn)
+    if trigram and len(text) >= TRIGRAM_MIN_CHARS:
+        rows = conn.execute(
+            f"SELECT rowid >> {TRIGRAM_RANK_BITS} AS feature, count(*) AS n FROM {TRIGRAM_TABLE} "
+            f"WHERE {TRIGRAM_TABLE} MATCH ? GROUP BY feature ORDER BY n DESC, feature LIMIT ?",
+            (fts_phrase(text), int(limit)),
+        )
+        return [int(r[0]) for r in rows]
+    if not trigram and _WORDS.fullmatch(text.strip()):
+        return _word_matches(conn, text, "example", limit)
+    # short text, or punctuation in an atlas without the trigram index: scan the top examples' text
+    rows = conn.execute(
+        "SELECT feature, count(*) AS n FROM examples WHERE kind = 'top' AND instr(lower(text), lower(?)) > 0 "
+        "GROUP BY feature ORDER BY n DESC, feature LIMIT ?",
+        (text, int(limit)),
     )
     return [int(r[0]) for r in rows]

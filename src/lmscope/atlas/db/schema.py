@@ -8,6 +8,11 @@ Version history: 1 the first release; 2 adds the `scores` table (several scorers
 version-1 file is migrated forward in place when it is opened read-write (`migrate_v1`); opened read-only it
 is read as it is (readers treat a missing `scores` table as empty).
 
+Optional, within version 2: `search_trigram`, a trigram index of the top examples' text (substring search that
+finds punctuation such as `>>>` or `==`), filled by a trigger as a build writes its examples. Atlases built
+before it, or with an SQLite without the trigram tokenizer (before 3.34), lack it; readers then fall back to the
+word index or a scan (lmscope.atlas.db.read), so its absence changes no version.
+
 This module holds the DDL and everything about connections: creating, opening, checking, migrating, `meta`.
 """
 
@@ -127,6 +132,20 @@ END""",
 )
 SCORES_DDL = "".join(f"{st};\n" for st in SCORES_STATEMENTS)
 
+# Optional: the trigram index of the top examples' text. Contentless (the text is in `examples`); the rowid
+# encodes the example, feature << TRIGRAM_RANK_BITS | rank, so a match names its feature without a join.
+TRIGRAM_TABLE = "search_trigram"
+TRIGRAM_RANK_BITS = 16
+TRIGRAM_STATEMENTS = (
+    f"""CREATE VIRTUAL TABLE IF NOT EXISTS {TRIGRAM_TABLE} USING fts5(
+    text, tokenize = 'trigram', content = '', columnsize = 0
+)""",
+    f"""CREATE TRIGGER IF NOT EXISTS examples_search_trigram AFTER INSERT ON examples
+WHEN new.kind = 'top' AND new.rank >= 0 AND new.rank < {1 << TRIGRAM_RANK_BITS} BEGIN
+    INSERT INTO {TRIGRAM_TABLE} (rowid, text) VALUES ((new.feature << {TRIGRAM_RANK_BITS}) | new.rank, new.text);
+END""",
+)
+
 
 def _connect(uri: str, readonly: bool) -> Connection:
     conn = sqlite3.connect(uri, uri=True, check_same_thread=False, isolation_level=None if readonly else "DEFERRED")
@@ -141,6 +160,11 @@ def create(path: str | Path) -> Connection:
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=NORMAL")
     conn.executescript(DDL + SCORES_DDL)
+    try:
+        for stmt in TRIGRAM_STATEMENTS:
+            conn.execute(stmt)
+    except sqlite3.OperationalError:  # no trigram tokenizer in this SQLite: search falls back (see the docstring)
+        conn.execute(f"DROP TABLE IF EXISTS {TRIGRAM_TABLE}")
     conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
     set_meta(conn, "format", FORMAT)
     set_meta(conn, "schema_version", SCHEMA_VERSION)

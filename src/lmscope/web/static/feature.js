@@ -86,6 +86,20 @@ function renderSteer(data) {
   }
 }
 
+// A strength as typed: a plain decimal number (no nan, no inf), within the server's limit, else why not.
+const NUMBER = /^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$/;
+
+function parseStrength(raw, max) {
+  const s = raw.trim();
+  if (!s) return { error: "type a strength (a number such as 4 or -2.5)" };
+  const x = NUMBER.test(s) ? Number(s) : NaN;
+  if (!Number.isFinite(x) || Math.abs(x) > max) {
+    return { error: `strength must be a finite number between -${max.toLocaleString("en-US")} and ` +
+      `${max.toLocaleString("en-US")}, not “${s}”` };
+  }
+  return { value: x };
+}
+
 function setupSteering() {
   const form = document.getElementById("steer-form");
   if (!form) return;
@@ -93,13 +107,34 @@ function setupSteering() {
   const status = document.getElementById("steer-status");
   const mode = document.getElementById("steer-mode");
   const strength = document.getElementById("steer-strength");
+  const prompt = document.getElementById("steer-prompt");
+  const maxStrength = Number(strength.dataset.max || "1e6");
+  const maxChars = parseInt(prompt.dataset.max || "2000", 10);
   mode.addEventListener("change", () => { strength.disabled = mode.value === "ablate"; });
+  strength.addEventListener("input", () => strength.removeAttribute("aria-invalid"));
   form.addEventListener("submit", async (ev) => {
     ev.preventDefault();
+    // checked here, as the API checks them: a strength that is not a finite number is never sent (as 0 or at all)
+    let value = 0;
+    if (mode.value !== "ablate") {
+      const st = parseStrength(strength.value, maxStrength);
+      if (st.error) {
+        strength.setAttribute("aria-invalid", "true");
+        setStatus(status, st.error, true);
+        strength.focus();
+        return;
+      }
+      value = st.value;
+    }
+    if (prompt.value.length > maxChars) {
+      setStatus(status, `the prompt is ${prompt.value.length.toLocaleString("en-US")} characters; steering accepts ` +
+        `at most ${maxChars.toLocaleString("en-US")}: shorten it`, true);
+      return;
+    }
     const body = {
-      prompt: document.getElementById("steer-prompt").value,
+      prompt: prompt.value,
       mode: mode.value,
-      strength: Number(strength.value || 0),
+      strength: value,
       max_new_tokens: parseInt(document.getElementById("steer-tokens").value, 10),
       seed: parseInt(document.getElementById("steer-seed").value || "0", 10),
     };

@@ -1,0 +1,213 @@
+"""The explorer fixes of tests/test_web_fixes.py that live in the page, checked in a real browser: the filter form
+with empty number boxes, steering strength validation, special tokens out of the colour scales, the inspector's
+limit and counts, numeric search, snippets, error pages and the favicon.
+
+Headless Debian Chromium driven by Playwright against a live local server (a live tiny model, a dictionary with
+k = 16 so that more features fire per token than the inspector shows). One browser for the module; any request
+off 127.0.0.1 fails the test.
+Outside CI, skipped with the reason when Playwright or Chromium is missing; in CI, failed (tests/browser_gate.py).
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import browser_gate
+from atlas_helpers import HOOK, make_tiny_atlas
+from lmscope.dictionaries import DictConfig, build
+from lmscope.web.app import Live, create_app
+
+# the same gate as tests/test_web_browser.py: skipped with the reason outside CI, failing in CI (browser_gate.py)
+from test_web_browser import ARGS, CHROMIUM, _browser_available, sync_api  # noqa: F401
+from test_web_fixes import _patch_atlas
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimpleNamespace]:
+    import uvicorn
+
+    root = tmp_path_factory.mktemp("browser-fixes")
+    model, _, _, out = make_tiny_atlas(root, labels=True)
+    ids = _patch_atlas(out, root / "patched.db")
+    d16 = build(DictConfig(arch="topk", d_in=32, d_sae=48, k=16, hook=HOOK, model="tiny-llama"), seed=1)
+    with torch.no_grad():
+        d16.b_enc.fill_(0.5)
+    app = create_app(root / "patched.db", live=Live(model, d16))
+    port = _free_port()
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 20
+    while not srv.started:
+        if time.time() > deadline or not thread.is_alive():
+            pytest.fail("the explorer server did not start within 20 s")
+        time.sleep(0.05)
+    yield SimpleNamespace(url=f"http://127.0.0.1:{port}", ids=ids)
+    srv.should_exit = True
+    thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def page(server: SimpleNamespace) -> Iterator[object]:
+    base = server.url
+    with sync_api.sync_playwright() as p:
+        try:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        except Exception as exc:  # a broken Chromium install: skip with the reason outside CI, fail in CI
+            browser_gate.enforce(browser_gate.launch_problem(CHROMIUM, exc))
+            raise
+        ctx = browser.new_context(viewport={"width": 1300, "height": 1000})
+        pg = ctx.new_page()
+        pg.set_default_timeout(15_000)
+        errors: list[str] = []
+        pg.on("pageerror", lambda e: errors.append(str(e)))
+        outside: list[str] = []
+        sent: list[str] = []  # every request the page made to this server, method and path
+        pg.on("request", lambda r: sent.append(f"{r.method} {r.url.removeprefix(base)}"))
+        pg.route(
+            "**/*",
+            lambda route: (
+                route.continue_() if route.request.url.startswith(base) else (outside.append(route.request.url),
+                                                                               route.abort())
+            ),
+        )  # fmt: skip
+        pg.errors = errors  # type: ignore[attr-defined]
+        pg.outside = outside  # type: ignore[attr-defined]
+        pg.sent = sent  # type: ignore[attr-defined]
+        yield pg
+        browser.close()
+    assert errors == [] and outside == []
+
+
+def _posts(page, path_part: str) -> int:
+    return sum(1 for s in page.sent if s.startswith("POST") and path_part in s)
+
+
+def test_filter_form_with_empty_number_boxes(server, page) -> None:
+    page.goto(server.url + "/features")
+    page.fill("#q", "Paris")
+    with page.expect_navigation() as nav:
+        page.click("#filters button[type=submit]")
+    assert nav.value.status == 200
+    assert "matching" in page.locator("#result-count").inner_text()
+    assert page.locator("#feature-table tbody tr a").count() > 0
+    # a box that is not a number: a styled page with a way back, not raw JSON
+    page.goto(server.url + "/features?page=0")
+    assert page.locator("#error-page").is_visible()
+    page.click("#error-page a[href='/features']")
+    page.wait_for_url("**/features")
+    assert page.locator("#feature-table").is_visible()
+
+
+def test_steering_refuses_a_strength_that_is_not_a_finite_number(server, page) -> None:
+    page.goto(server.url + "/features/1")
+    page.fill("#steer-prompt", "The capital of France is")
+    page.fill("#steer-tokens", "3")
+    for bad in ("nan", "1e999", "-1e999", "inf", "abc", "", "2e6"):
+        before = _posts(page, "/steer")
+        page.fill("#steer-strength", bad)
+        page.click("#steer-go")
+        status = page.locator("#steer-status")
+        page.wait_for_function("document.getElementById('steer-status').textContent.includes('strength')")
+        assert status.is_visible() and "warn" in (status.get_attribute("class") or ""), bad
+        page.wait_for_timeout(100)
+        assert _posts(page, "/steer") == before, f"strength {bad!r} was sent"
+        assert page.locator("#steer-measure tr").count() == 0
+    page.fill("#steer-strength", "8")
+    page.click("#steer-go")
+    page.wait_for_function("document.getElementById('steer-measure').rows.length === 4")
+    assert "1=add:8" in page.locator("#steer-measure").inner_text()
+    # ablate ignores the strength, whatever the box holds
+    page.fill("#steer-strength", "nan")
+    page.select_option("#steer-mode", "ablate")
+    page.click("#steer-go")
+    page.wait_for_function("document.getElementById('steer-measure').textContent.includes('1=ablate')")
+
+
+def _alpha(css: str) -> float:
+    """The alpha of a computed `rgb(...)` / `rgba(...)` colour."""
+    parts = css[css.index("(") + 1 : -1].split(",")
+    return float(parts[3]) if len(parts) == 4 else 1.0
+
+
+def test_special_tokens_are_out_of_the_colour_scale(server, page) -> None:
+    page.goto(server.url + f"/features/{server.ids['special']}")
+    special = page.locator("#top-examples .tok.special")
+    assert special.count() > 0
+    for i in range(special.count()):
+        assert _alpha(special.nth(i).evaluate("el => getComputedStyle(el).backgroundColor")) == 0
+    flag = page.locator("#position-flag")
+    assert flag.is_visible() and "special token" in flag.inner_text()
+    page.goto(server.url + f"/features/{server.ids['start']}")
+    assert "position 0/1" in page.locator("#position-flag").inner_text()
+
+    # the inspector: BOS greyed and out of the scale; the strongest text token sets it
+    page.goto(server.url + "/inspect")
+    page.fill("#inspect-text", "The capital of France is Paris.")
+    page.click("#inspect-go")
+    page.wait_for_selector("#inspect-tokens .tok")
+    toks = page.locator("#inspect-tokens .tok")
+    assert "special" in (toks.first.get_attribute("class") or "")
+    assert _alpha(toks.first.evaluate("el => getComputedStyle(el).backgroundColor")) == 0
+    colours = [toks.nth(i).evaluate("el => getComputedStyle(el).backgroundColor") for i in range(1, toks.count())]
+    alphas = [_alpha(c) for c in colours]
+    assert max(alphas) == pytest.approx(1.0)
+    # the detail says how many features fire when it shows only the strongest 8
+    status = page.locator("#inspect-status").inner_text()
+    assert "special" in status
+    toks.nth(1).click()
+    shown = re.search(r"showing 8 of (\d+) active features", page.locator("#inspect-detail").inner_text())
+    assert shown and int(shown.group(1)) > 8  # k = 16
+
+
+def test_inspector_says_when_a_prompt_is_too_long(server, page) -> None:
+    page.goto(server.url + "/inspect")
+    before = _posts(page, "/api/inspect")
+    page.fill("#inspect-text", "x" * 20_000)
+    assert page.eval_on_selector("#inspect-text", "el => el.value.length") == 20_000  # not cut silently
+    count = page.locator("#inspect-count")
+    assert count.is_visible() and "20,000" in count.inner_text() and "2,000" in count.inner_text()
+    assert "warn" in (count.get_attribute("class") or "")
+    page.click("#inspect-go")
+    page.wait_for_function("document.getElementById('inspect-status').textContent.includes('at most 2,000')")
+    assert _posts(page, "/api/inspect") == before
+    page.fill("#inspect-text", "short")
+    assert "warn" not in (count.get_attribute("class") or "")
+
+
+def test_numeric_search_snippets_and_favicon(server, page) -> None:
+    page.goto(server.url + "/")
+    icon = page.locator("link[rel=icon]")
+    assert icon.count() == 1
+    r = page.request.get(server.url + str(icon.get_attribute("href")))
+    assert r.status == 200 and r.headers["content-type"].startswith("image/svg+xml")
+    # a number offers its feature; "#N" goes there
+    page.fill("header input[name=q]", "7")
+    page.press("header input[name=q]", "Enter")
+    page.wait_for_url("**/features?*")
+    page.click("#goto-feature a")
+    page.wait_for_url("**/features/7")
+    page.fill("header input[name=q]", "#12")
+    page.press("header input[name=q]", "Enter")
+    page.wait_for_url("**/features/12")
+    assert page.locator("h1").inner_text() == "Feature #12"
+    # results show where the text matched
+    page.goto(server.url + "/features?q=paris")
+    marks = page.locator("#feature-table td.snippet mark")
+    assert marks.count() > 0 and marks.first.inner_text() == "Paris"
+    page.goto(server.url + "/features?q=(")
+    assert page.locator("#feature-table td.snippet mark").first.inner_text() == "("
