@@ -1,6 +1,19 @@
 """How true are the labels? Detection and fuzzing scores of each explainer on random live features of an atlas,
 against a shuffled-label control (each feature scored with another sampled feature's label).
 
+The stats labels are read by two offline readers, side by side:
+
+- "rule" (`lmscope.explain.scorers.rule_score`): parses the label back into a rule with `lmscope.explain.rules`,
+  which knows the stats explainer's own sentence templates ("the tokens ... after ...", "mostly ... in code").
+  It is NOT independent of the explainer: a stats label is scored by running the very rule it was written from.
+- "quoted_tokens" (defined here): reads only the literal strings quoted in the label ('x' or "x"), normalised
+  (whitespace stripped, case folded), and ignores every other word: no templates, classes, contexts or
+  qualifiers. Detection predicts "activates" when a window holds a token equal to one of them; fuzzing calls a
+  marking right when at least half the marked tokens are. A label that quotes nothing is left unscored
+  (`coverage` says how many could be scored). It reads a label from any explainer that names tokens the same
+  way, so it is a check independent of the stats explainer's phrasing. It is cruder than the rule: it drops
+  qualifiers, and reads the tokens of an "after ..." clause as firing tokens too.
+
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/explain_eval.py --atlas atlas.db            # stats only
     .venv/bin/python benchmarks/explain_eval.py --local --local-features 10                   # + SmolLM2
 
@@ -13,8 +26,10 @@ trained on them for a few epochs, and `build_atlas` over the same tokens. Nothin
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import platform
+import re
 import sys
 import time
 from pathlib import Path
@@ -28,10 +43,62 @@ from lmscope.explain.backends import Caller, LocalBackend
 from lmscope.explain.evidence import AtlasEvidence, FeatureEvidence
 from lmscope.explain.ops import BackendError, JsonCache, OpsConfig, Usage
 from lmscope.explain.prompts import explain_messages, parse_label, with_prefill
-from lmscope.explain.scorers import ScoreConfig, lm_score, rule_score
+from lmscope.explain.scorers import (
+    ScoreConfig,
+    balanced_accuracy,
+    detection_items,
+    fuzz_items,
+    lm_score,
+    rule_score,
+)
 from lmscope.explain.stats_explainer import explain_stats
 
 HOOK = "blocks.6.resid_post"
+RULE_READER = ("offline rule reader (lmscope.explain.rules.parse): parses the label with the stats explainer's own "
+               "sentence templates and runs it as a rule, so it reads the stats explainer's own wording; not an "
+               "independent judge of stats labels")  # fmt: skip
+QUOTED_READER = ("offline quoted-token reader (benchmarks/explain_eval.py): only the literal strings quoted in the "
+                 "label, stripped and case-folded; a window activates if one of its tokens equals one of them; no "
+                 "templates, classes, contexts or qualifiers")  # fmt: skip
+_QUOTED = re.compile(r"'(?:[^'\\]|\\.)*'" + r'|"(?:[^"\\]|\\.)*"')  # a '...' or "..." literal
+
+
+def _norm(t: str) -> str:
+    return t.strip().casefold() or t  # whitespace-only tokens ("\n", " ") compare as they are
+
+
+def quoted_strings(label: str) -> set[str]:
+    """The normalised string literals quoted in a label (Python-style escapes undone)."""
+    out = set()
+    for m in _QUOTED.finditer(label):
+        try:
+            text = ast.literal_eval(m.group(0))
+        except (ValueError, SyntaxError):
+            text = m.group(0)[1:-1]
+        if isinstance(text, str) and text:
+            out.add(_norm(text))
+    return out
+
+
+def quoted_token_score(scorer: str, label: str, ev: FeatureEvidence) -> float | None:
+    """Detection / fuzzing balanced accuracy of the quoted-token reader; None when the label quotes nothing."""
+    names = quoted_strings(label)
+    if not names:
+        return None
+    cfg = ScoreConfig()
+
+    def hits(w: Any) -> np.ndarray:
+        return np.array([_norm(t) in names for t in w.tokens], dtype=bool)
+
+    if scorer == "detection":
+        items = detection_items(ev, cfg)
+        if not items:
+            return None
+        return balanced_accuracy([y for _, y in items], [int(hits(w).any()) for w, _ in items])
+    fz = fuzz_items(ev, cfg)
+    if not fz:
+        return None
+    return balanced_accuracy([y for *_, y in fz], [int(hits(w)[marked].mean() >= 0.5) for w, marked, _ in fz])
 
 
 def build_demo_atlas(build_dir: Path, tokens: int, d_sae: int, k: int, epochs: int, context: int) -> dict[str, Any]:
@@ -161,11 +228,17 @@ def main() -> None:
     offline["confidence"] = distribution(conf.tolist())
     offline["confidence_vs_detection_r"] = round(float(np.corrcoef(conf, det)[0, 1]), 4) if conf.std() else None
     offline["seconds"] = round(time.time() - t1, 2)
+    quoted = evaluate({f: s.text for f, s in stats.items()}, evs, quoted_token_score)
+    quoted["coverage"] = round(sum(bool(quoted_strings(stats[f].text)) for f in feats) / max(1, len(feats)), 4)
     result: dict[str, Any] = {
         "benchmark": "explain_eval", "atlas": str(atlas), "build": build, "live_features": len(live),
         "sampled": len(feats), "seed": args.seed, "score_config": vars(ScoreConfig()),
         "negatives": "windows from atlas contexts that are not among the feature's examples (see docs/explain.md)",
-        "explainers": {"stats": {"reader": "offline rule (the label run as a rule)", **offline}},
+        "explainers": {"stats": {"reader": RULE_READER, **offline},
+                       "stats_read_by_quoted_tokens": {"reader": QUOTED_READER, **quoted}},
+        "readers_note": "the rule reader reads the stats explainer's own wording (it parses the templates the "
+                        "explainer writes); the quoted-token reader does not, and scores the same labels "
+                        "independently of those templates",
     }  # fmt: skip
     if args.local:
         t2 = time.time()
@@ -196,6 +269,8 @@ def main() -> None:
     result["seconds"] = round(time.time() - t0, 1)
     result["machine"] = {"platform": platform.platform(), "python": platform.python_version(),
                          "torch": torch.__version__, "threads": args.threads}  # fmt: skip
+    result["date"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    result["command"] = " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     brief = {k: v for k, v in result.items() if k != "explainers"}

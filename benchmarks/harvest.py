@@ -20,6 +20,10 @@ The three are interleaved round by round (the order rotates every round) so that
 them alike. Such load only ever adds time, so the primary figures are each side's best round; medians and the
 median of per-round paired ratios are reported too. The anchor runs in its own process but only while the
 others wait, so the processes never compete for the cores.
+
+Both compute the same activations: `tl_match` compares TL's fp32 `blocks.L.hook_resid_post` with lmscope's fp32
+`blocks.L.resid_post` on the first batch (max absolute difference, that over the largest magnitude, and the
+relative L2 error, over all positions and without position 0, whose norm is an outlier).
 """
 
 from __future__ import annotations
@@ -54,7 +58,7 @@ ANCHORS_PY = ROOT / ".venv-anchors" / "bin" / "python"
 
 def hf_model_dir(spec: str) -> Path | None:
     """The local HF directory lmscope loads `spec` from (for the anchors), or None."""
-    from lmscope import loading
+    from lmscope.model import loading
 
     kind, where = loading.resolve_spec(spec)
     if kind == "dir":
@@ -62,6 +66,20 @@ def hf_model_dir(spec: str) -> Path | None:
     if kind == "gguf":
         return loading._gguf_cache(Path(where), loading.file_sha256(Path(where)))
     return None
+
+
+def compare(ours: torch.Tensor, theirs: torch.Tensor) -> dict[str, Any]:
+    """How far two fp32 activations [batch, context, d] differ: over all positions and without position 0."""
+    out: dict[str, Any] = {"shape": list(ours.shape)}
+    for name, a, b in (("all_positions", ours, theirs), ("without_position_0", ours[:, 1:], theirs[:, 1:])):
+        diff = (a - b).abs()
+        out[name] = {
+            "max_abs_diff": float(diff.max()),
+            "max_abs_value": float(b.abs().max()),
+            "max_abs_diff_over_max_abs": float(diff.max() / b.abs().max()),
+            "rel_l2": float((a - b).norm() / b.norm()),
+        }
+    return out
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
@@ -74,11 +92,13 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
 class Anchor:
     """benchmarks/anchors/tl_run_with_cache.py --serve in the anchors venv: one timed pass per request."""
 
-    def __init__(self, python: Path, model_dir: Path, tokens: Path, layer: int, batch_size: int, log: Path) -> None:
+    def __init__(
+        self, python: Path, model_dir: Path, tokens: Path, layer: int, batch_size: int, log: Path, dump: Path
+    ) -> None:
         cmd = [
             str(python), "-W", "ignore::DeprecationWarning", str(ROOT / "anchors" / "tl_run_with_cache.py"),
             "--model-dir", str(model_dir), "--tokens", str(tokens), "--layer", str(layer),
-            "--batch-size", str(batch_size), "--serve",
+            "--batch-size", str(batch_size), "--serve", "--dump", str(dump),
         ]  # fmt: skip
         self.log = log
         self._err: IO[str] = log.open("w")
@@ -169,6 +189,7 @@ def main() -> None:
 
     anchor: Anchor | None = None
     anchor_status = "skipped (--no-anchor)"
+    tl_match: dict[str, Any] | None = None
     model_dir = hf_model_dir(args.model)
     if not args.no_anchor:
         if (problem := ensure_anchors(args.anchors_python)) is not None:
@@ -178,11 +199,16 @@ def main() -> None:
         else:
             tok_file = work / "tokens.safetensors"
             save_file({"tokens": tokens.contiguous()}, str(tok_file))
+            dump = work / "tl_first_batch.safetensors"
             try:
                 anchor = Anchor(
-                    args.anchors_python, model_dir, tok_file, args.layer, args.batch_size, work / "anchor.log"
+                    args.anchors_python, model_dir, tok_file, args.layer, args.batch_size, work / "anchor.log", dump
                 )
                 anchor_status = "ok"
+                with torch.inference_mode(), model.capture([hook]) as acts:
+                    model(batches[0])
+                    ours = acts[hook].to("cpu", torch.float32)
+                tl_match = compare(ours, load_file(str(dump))["acts"])
             except (RuntimeError, OSError, json.JSONDecodeError) as exc:
                 anchor_status = f"failed: {exc}"[:1500]
 
@@ -243,6 +269,7 @@ def main() -> None:
             round(best["transformer_lens"] / best["bare"], 3) if "transformer_lens" in best else None
         ),
         "anchor": anchor_info,
+        "tl_match": tl_match,
         "lmscope_version": lmscope.__version__,
         "python": sys.version.split()[0],
         "torch": torch.__version__,

@@ -22,9 +22,10 @@ TEXT = [
 ]
 
 
-def make_corpus(root: Path) -> Path:
+def make_corpus(root: Path, n_docs: int = 40) -> Path:
+    """`n_docs` small text files (40 hold about 2,500 tokens of the tiny tokenizer)."""
     root.mkdir(parents=True, exist_ok=True)
-    for i in range(40):
+    for i in range(n_docs):
         (root / f"doc{i:02d}.txt").write_text(" ".join(TEXT[(i + j) % 4] for j in range(1 + i % 3)))
     return root
 

@@ -234,3 +234,65 @@ def planted_atlas(path: Path, n_ctx: int = 200, context: int = 48, seed: int = 0
     legal = np.isin(np.array(vocab, dtype=object)[toks], [" court", " law"])
     acts[..., 2] = np.where(legal, 2.0 + rng.random(legal.shape), 0.0)
     return write_atlas(path, vocab, toks, acts)
+
+
+# ----------------------------------------------------------------------------------------- tiny local chat model
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}</s>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+def save_tiny_chat_model(path: Path, reply: str, after: str = "Label:") -> Path:
+    """A tiny Llama chat model with a known answer, for the `local` explainer, saved as a Hugging Face directory
+    (offline, about a second): a byte-level BPE tokenizer with a chat template, and a *bigram* model whose next token
+    depends only on the current one (attention and MLP outputs are zero, embeddings one-hot, the output layer a
+    successor table). Greedily, after the last token of `after` it writes `reply`, then the end-of-sequence token;
+    from any other token it ends at once. So the local backend's real generation path gives a predictable reply."""
+    import torch
+    import transformers as tf
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<pad>", "<s>", "</s>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
+    tok.train_from_iterator([f"{after}{reply}\n"] * 50, trainer)  # the reply's words become single tokens
+    fast = tf.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+    fast.chat_template = CHAT_TEMPLATE
+    n = -(-len(fast) // 8) * 8  # hidden size = vocabulary size (one-hot embeddings), a multiple of the 4 heads
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(vocab_size=n, hidden_size=n, intermediate_size=16, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=8192,
+                         tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)  # fmt: skip
+    model = tf.LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        model.model.embed_tokens.weight.copy_(torch.eye(n))
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+    set_bigram_reply(model, fast, reply, after)
+    model.save_pretrained(path)
+    fast.save_pretrained(path)
+    return path
+
+
+def set_bigram_reply(model: Any, tokenizer: Any, reply: str, after: str = "Label:") -> list[int]:
+    """Rewrite the bigram model's output layer so that after `after` it writes `reply` then stops; returns the
+    reply's token ids. The chain must be a function of the current token (no token followed by two others)."""
+    import torch
+
+    start = tokenizer(after, add_special_tokens=False)["input_ids"][-1]
+    ids = tokenizer(reply, add_special_tokens=False)["input_ids"]
+    nxt: dict[int, int] = {}
+    for a, b in zip([start, *ids], [*ids, tokenizer.eos_token_id], strict=True):
+        assert nxt.setdefault(a, b) == b, f"token {a} would need two successors in {reply!r}"
+    w = model.get_output_embeddings().weight
+    with torch.no_grad():
+        w.zero_()
+        w[tokenizer.eos_token_id, :] = 1.0  # by default: stop
+        for a, b in nxt.items():
+            w[:, a] = 0.0
+            w[b, a] = 1.0
+    return ids

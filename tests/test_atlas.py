@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 import json
+import os
+import signal
 import sqlite3
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -11,14 +17,16 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from atlas_helpers import CFG, HOOK, make_tiny_atlas
+import lmscope
+from atlas_helpers import CFG, HOOK, make_corpus, make_tiny_atlas
 from lmscope.atlas import AtlasConfig, AtlasError, add_label, build_atlas, open_atlas
 from lmscope.atlas.accumulate import FeatureAccumulator
 from lmscope.atlas.logits import direct_effects, logit_lens
-from lmscope.atlas.schema import SCHEMA_VERSION, create, set_meta
+from lmscope.atlas.schema import SCHEMA_VERSION, create, get_meta, set_meta
 from lmscope.corpora import ContextPacker, PackingConfig, TextCorpus
 from lmscope.dictionaries import DictConfig, build
 from lmscope.dictionaries.formats import save_dictionary
+from tiny_models import save_tiny_with_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -155,6 +163,62 @@ def test_logit_lens_linearises_the_final_norm(tiny) -> None:
     torch.testing.assert_close(moved - base, direct_effects(lens, direction[None])[0] * rms, rtol=1e-4, atol=1e-5)
 
 
+# family -> (final norm, unembedding), module paths written by hand from the HF modelling source
+FINAL_NORM_AND_HEAD = {
+    "gemma": ("model.norm", "lm_head"),  # RMSNorm with gain 1 + weight
+    "gemma2": ("model.norm", "lm_head"),  # the same, and logits soft-capped at 30
+    "gemma3": ("model.norm", "lm_head"),
+    "gpt2": ("transformer.ln_f", "lm_head"),  # LayerNorm
+    "gpt_neox": ("gpt_neox.final_layer_norm", "lm_head"),  # LayerNorm (`embed_out` before transformers 5)
+}
+
+
+@pytest.mark.parametrize("family", sorted(FINAL_NORM_AND_HEAD))
+def test_logit_effects_through_gemma_and_layernorm_final_norms(family: str, tmp_path: Path) -> None:
+    """The atlas's logit effects equal the decoder row pushed by hand through the model's own final norm (its
+    1/RMS or 1/std, which depends on the row, divided back out) and unembedding; the norm's weights are
+    randomised first, so a gain of w instead of 1 + w, or a LayerNorm not centred, would show."""
+    model = lmscope.load_model(save_tiny_with_tokenizer(family, str(tmp_path / "model")), device="cpu")
+    hf = model.hf
+    norm_path, head_path = FINAL_NORM_AND_HEAD[family]
+    norm, head = hf.get_submodule(norm_path), hf.get_submodule(head_path)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        centre = 0.0 if family.startswith("gemma") else 1.0  # Gemma stores the gain minus 1
+        norm.weight.copy_(torch.randn(norm.weight.shape, generator=g) * 0.5 + centre)
+        if getattr(norm, "bias", None) is not None:
+            norm.bias.copy_(torch.randn(norm.bias.shape, generator=g))
+    d = build(DictConfig(arch="topk", d_in=32, d_sae=16, k=4, hook="blocks.1.resid_post"), seed=0)
+    cfg = AtlasConfig(tokens=256, context=32, batch_size=4, top_k=2, bins=4, samples_per_bin=1, hist_bins=8)
+    out = build_atlas(model, d, str(make_corpus(tmp_path / "corpus")), out=tmp_path / "a.db", config=cfg,
+                      progress=False)  # fmt: skip
+    conn = open_atlas(out)
+    softcap = getattr(hf.config, "final_logit_softcapping", None)
+    assert (softcap is not None) == (family == "gemma2")
+    W_dec = d.W_dec.detach()
+    with torch.no_grad():
+        if isinstance(norm, torch.nn.LayerNorm):
+            scale = (W_dec.var(-1, unbiased=False, keepdim=True) + norm.eps).sqrt()
+            through_norm = (norm(W_dec) - norm.bias) * scale  # = (d - mean d) * weight
+        else:
+            eps = getattr(norm, "eps", getattr(norm, "variance_epsilon", None))
+            scale = (W_dec.pow(2).mean(-1, keepdim=True) + eps).sqrt()
+            through_norm = norm(W_dec) * scale  # = d * (1 + weight) for Gemma
+        by_hand = head(through_norm)  # [d_sae, vocab], before any soft-cap
+    # a lens that skipped the centring (LayerNorm) or used w instead of 1 + w (Gemma) would differ
+    assert not torch.allclose(through_norm, W_dec * norm.weight, atol=1e-3)
+    for f in range(16):
+        stored = json.loads(conn.execute("SELECT logits FROM features WHERE id = ?", (f,)).fetchone()[0])
+        top, bottom = by_hand[f].topk(cfg.logit_top), by_hand[f].topk(cfg.logit_top, largest=False)
+        assert [i for i, _ in stored["positive"]] == top.indices.tolist(), f
+        assert [v for _, v in stored["positive"]] == pytest.approx(top.values.tolist(), rel=1e-4, abs=1e-6)
+        assert [i for i, _ in stored["negative"]] == bottom.indices.tolist(), f
+        assert [v for _, v in stored["negative"]] == pytest.approx(bottom.values.tolist(), rel=1e-4, abs=1e-6)
+        if softcap is not None:  # the cap is monotonic: the capped logits rank the tokens the same way
+            capped = torch.tanh(by_hand[f] / softcap) * softcap
+            assert capped.topk(cfg.logit_top).indices.tolist() == top.indices.tolist()
+
+
 def test_neighbours_and_cofire(tiny) -> None:
     model, d, corpus, out, _ = tiny
     conn = open_atlas(out)
@@ -180,13 +244,41 @@ def test_neighbours_and_cofire(tiny) -> None:
             assert stored[0][1] == others.max()
 
 
+def test_build_metrics_equal_a_recomputation(tiny) -> None:
+    """The atlas's L0 and FVU are the dictionary's on the build's non-special tokens, recomputed here from the
+    activations one context at a time (dense encode and decode, not the build's sparse path)."""
+    model, d, corpus, out, _ = tiny
+    packer = ContextPacker(model.tokenizer, PackingConfig(context=CFG.context))
+    rows = [r for _, r in zip(range(CFG.tokens // CFG.context), packer.rows(TextCorpus(corpus).documents()),
+                              strict=False)]  # fmt: skip
+    batch = packer.stack(rows)
+    xs = []
+    with model.capture([HOOK]) as acts, torch.no_grad():
+        for i in range(len(batch)):
+            model(torch.from_numpy(batch.tokens[i : i + 1]))
+            xs.append(acts[HOOK][0].double())
+    keep = ~torch.from_numpy(batch.special)
+    x = torch.stack(xs)[keep]  # [non-special tokens, d_model]
+    dd = copy.deepcopy(d).double()
+    with torch.no_grad():
+        z = dd.encode(x)
+        recon = dd.decode(z)
+    l0 = float((z > 0).sum(-1).double().mean())
+    fvu = float((x - recon).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
+    assert int((~keep).sum()) > 0 and len(x) == int(keep.sum())  # the build has special tokens to leave out
+    metrics = get_meta(open_atlas(out), "metrics")["atlas"]
+    assert metrics["tokens"] == len(x) and metrics["contexts"] == len(batch)
+    assert metrics["l0"] == pytest.approx(l0, rel=1e-9)
+    assert metrics["fvu"] == pytest.approx(fvu, rel=1e-4)
+    assert metrics["dead"] == int(((z > 0).sum(0) == 0).sum())
+
+
 def test_metadata_labels_and_fts(tiny) -> None:
     *_, out, root = tiny
     conn = open_atlas(out)
     meta = {r["key"]: json.loads(r["value"]) for r in conn.execute("SELECT key, value FROM meta")}
     assert meta["complete"] == 1 and meta["schema_version"] == SCHEMA_VERSION
     assert meta["provenance"]["hook"] == HOOK and meta["provenance"]["dictionary"]["config"]["d_sae"] == 48
-    assert meta["metrics"]["atlas"]["fvu"] >= 0 and meta["metrics"]["atlas"]["l0"] <= 4
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     hits = conn.execute("SELECT DISTINCT feature FROM search WHERE search MATCH ? AND kind = 'example'", ('"Paris"',))
     assert hits.fetchall()
@@ -221,20 +313,18 @@ def test_newer_schema_and_unfinished_builds_are_refused(tmp_path: Path) -> None:
         open_atlas(tmp_path / "missing.db")
 
 
-def test_interrupted_build_restarts_and_existing_atlas_is_kept(tiny, tmp_path: Path) -> None:
+def test_existing_atlas_is_kept_and_an_interrupted_build_leaves_only_a_partial(tiny, tmp_path: Path) -> None:
     model, d, corpus, _out, _ = tiny
     small = AtlasConfig(tokens=256, context=32, batch_size=4, top_k=2, bins=4, samples_per_bin=1, hist_bins=8)
-    target = tmp_path / "x.db"
-    # a half-written build (as after kill -9): an incomplete .partial
-    create(tmp_path / "x.db.partial").close()
-    logs: list[str] = []
-    build_atlas(model, d, str(corpus), out=target, config=small, progress=False, log=logs.append)
-    assert any("unfinished" in m for m in logs)
-    assert not (tmp_path / "x.db.partial").exists()
+    target = build_atlas(model, d, str(corpus), out=tmp_path / "x.db", config=small, progress=False)
     open_atlas(target).close()
+    before = target.read_bytes()
     with pytest.raises(AtlasError, match="already exists"):
         build_atlas(model, d, str(corpus), out=target, config=small, progress=False)
-    # an interruption inside the pass leaves no file at `out` and an incomplete .partial
+    assert target.read_bytes() == before
+
+    # an exception at the end of the pass ("writing examples" is logged there) leaves no file at `out` and an
+    # unfinished .partial
     class Boom(Exception):
         pass
 
@@ -242,13 +332,77 @@ def test_interrupted_build_restarts_and_existing_atlas_is_kept(tiny, tmp_path: P
         raise Boom(msg)
 
     other = tmp_path / "y.db"
-    with pytest.raises(Boom):
+    with pytest.raises(Boom, match="writing examples"):
         build_atlas(model, d, str(corpus), out=other, config=small, progress=False, log=boom)
     assert not other.exists()
     partial = tmp_path / "y.db.partial"
-    if partial.exists():
-        with pytest.raises(AtlasError, match="unfinished"):
-            open_atlas(partial)
+    assert partial.is_file()
+    with pytest.raises(AtlasError, match="unfinished"):
+        open_atlas(partial)
+
+
+def _has_schema(path: Path) -> bool:
+    """Whether `path` is an atlas database whose schema is committed (read without disturbing its writer)."""
+    if not path.exists():
+        return False
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=0.1)
+        try:
+            return conn.execute("SELECT value FROM meta WHERE key = 'format'").fetchone() is not None
+        finally:
+            conn.close()
+    except sqlite3.Error:
+        return False
+
+
+def _table(conn: sqlite3.Connection, name: str) -> list[tuple]:
+    return [tuple(r) for r in conn.execute(f"SELECT * FROM {name} ORDER BY 1, 2")]
+
+
+def test_kill_9_mid_pass_then_rerun_equals_an_uninterrupted_build(tiny, tmp_path: Path) -> None:
+    """`lmscope atlas` SIGKILLed in the middle of its pass leaves no atlas and a refused .partial; the same
+    command run again removes it, starts over and writes what an uninterrupted build writes."""
+    *_, root = tiny
+    corpus = make_corpus(tmp_path / "corpus", n_docs=400)  # ~25k tokens: the pass takes a second or more
+    out = tmp_path / "killed.db"
+    partial = tmp_path / "killed.db.partial"
+    args = [sys.executable, "-m", "lmscope.cli.app", "atlas", str(root / "model"), "--dict", str(root / "dict"),
+            "--corpus", str(corpus), "--tokens", "20k", "--context", "32", "--out", str(out), "--device", "cpu",
+            "--no-progress"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not _has_schema(partial):
+        time.sleep(0.005)
+    # the .partial has its schema: the pass has started (it begins right after), and it takes a second or more
+    assert proc.poll() is None, f"the build ended before it could be killed: {proc.communicate()}"
+    os.kill(proc.pid, signal.SIGKILL)
+    _, err = proc.communicate()
+    assert proc.returncode == -signal.SIGKILL
+    assert "writing examples" not in err  # killed before the pass ended (this is logged right after it)
+    assert not out.exists()
+    assert partial.is_file()
+    with pytest.raises(AtlasError, match="unfinished"):
+        open_atlas(partial)
+    rerun = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    assert "removing the unfinished build" in rerun.stderr
+    assert not partial.exists() and not list(tmp_path.glob("killed.db.partial*"))
+    # the reference: the same build, uninterrupted, in this process (one thread, as in the subprocess)
+    ref_cfg = AtlasConfig(tokens=20_000, context=32, batch_size=8, top_k=16, samples_per_bin=4)  # the CLI's
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model = lmscope.load_model(str(root / "model"), device="cpu")
+        ref = build_atlas(model, root / "dict", str(corpus), out=tmp_path / "ref.db", config=ref_cfg, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    a, b = open_atlas(out), open_atlas(ref)
+    assert get_meta(a, "complete") == 1
+    assert a.execute("SELECT count(*) FROM features").fetchone()[0] == 48
+    for table in ("features", "examples", "quantile_bins", "contexts"):
+        assert _table(a, table) == _table(b, table), table
+    assert get_meta(a, "metrics") == get_meta(b, "metrics")
 
 
 def test_cli_atlas_writes_an_atlas(tiny, tmp_path: Path) -> None:

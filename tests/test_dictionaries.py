@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from lmscope.dictionaries import DictConfig, Dictionary, DictionaryError, LossState, architectures, build
 from lmscope.dictionaries.formats import (
@@ -184,6 +185,7 @@ def test_lmscope_saelens_lmscope_preserves_outputs_exactly(arch: str, tmp_path: 
     export_saelens(d, tmp_path / "sl")
     back = load_saelens(tmp_path / "sl")
     assert back.arch == arch  # BatchTopK survives as BatchTopK, with its threshold
+    assert back.cfg == d.cfg
     with torch.no_grad():
         assert torch.equal(back.encode(x), d.encode(x))
         z = d.encode(x)
@@ -192,131 +194,300 @@ def test_lmscope_saelens_lmscope_preserves_outputs_exactly(arch: str, tmp_path: 
     assert cfg["architecture"] == {"relu": "standard", "batchtopk": "jumprelu"}.get(arch, arch)
 
 
-def _saelens_fixture(path: Path, arch: str, d_in: int = 8, d_sae: int = 20, with_threshold: bool = True) -> dict:
-    """A SAELens directory written from the documented layout (not by lmscope's exporter)."""
-    g = torch.Generator().manual_seed(5)
-    t = {
-        "W_enc": torch.randn(d_in, d_sae, generator=g),
-        "W_dec": torch.randn(d_sae, d_in, generator=g),
-        "b_enc": torch.randn(d_sae, generator=g),
-        "b_dec": torch.randn(d_in, generator=g),
-    }
-    cfg = {
-        "architecture": arch,
-        "d_in": d_in,
-        "d_sae": d_sae,
-        "dtype": "float32",
-        "apply_b_dec_to_input": True,
-        "normalize_activations": "none",
-        "metadata": {"hook_name": "blocks.3.hook_resid_pre", "model_name": "gpt2"},
-    }
-    if arch == "jumprelu" and with_threshold:
-        t["threshold"] = torch.rand(d_sae, generator=g)
+# ---------------------------------------------------------------------- files written by the real libraries
+# tests/fixtures/interop holds files saved by real SAELens 6.54.12 / 5.11.0 and eai-sparsify 1.3.3 (their own save
+# APIs) with the outputs those libraries computed: benchmarks/anchors/make_interop_fixtures.py made them, and its
+# docstring says how to remake them. No test here needs either library.
+INTEROP = Path(__file__).resolve().parent / "fixtures" / "interop"
+VERSIONS = {
+    "saelens6": ("sae-lens", "6.54.12"),
+    "saelens5": ("sae-lens", "5.11.0"),
+    "sparsify": ("eai-sparsify", "1.3.3"),
+}
+HOOK, HOOK_OUT = "blocks.3.hook_resid_pre", "blocks.3.hook_mlp_out"
+
+# fixture -> (the lmscope architecture it loads as, d_out, the settings folded into its weights)
+SAELENS_LOADS = {
+    "saelens6/standard": ("relu", 8, None),
+    "saelens6/topk": ("topk", 8, None),
+    "saelens6/jumprelu": ("jumprelu", 8, None),
+    "saelens6/jumprelu_negative_thresholds": ("jumprelu", 8, None),
+    "saelens6/transcoder": ("relu", 12, None),
+    "saelens6/jumprelu_transcoder": ("jumprelu", 12, None),
+    "saelens6/topk_trained": ("topk", 8, ["rescale_acts_by_decoder_norm"]),
+    "saelens6/topk_checkpoint": ("topk", 8, ["rescale_acts_by_decoder_norm"]),
+    "saelens6/batchtopk_trained": ("jumprelu", 8, None),  # SAELens saves a trained BatchTopK SAE as JumpReLU
+    "saelens6/batchtopk_checkpoint": ("batchtopk", 8, ["rescale_acts_by_decoder_norm"]),
+    "saelens5/standard": ("relu", 8, None),
+    "saelens5/topk": ("topk", 8, None),
+    "saelens5/standard_topk": ("topk", 8, None),
+    "saelens5/jumprelu": ("jumprelu", 8, None),
+    "saelens5/finetuning_scaling_factor": ("relu", 8, ["finetuning_scaling_factor"]),
+}
+# fixture -> what the refusal must name
+SAELENS_REFUSES = {
+    "saelens6/gated": r"architecture 'gated': gated SAEs .* not supported",
+    "saelens5/gated": r"architecture 'gated': gated SAEs .* not supported",
+    "saelens6/skip_transcoder": r"'skip_transcoder' has a skip connection \(W_skip\)",
+    "saelens6/normalize_expected_average": r"normalize_activations='expected_average_only_in' .*"
+    r"fold_activation_norm_scaling_factor",
+    "saelens6/normalize_layer_norm": r"normalize_activations='layer_norm' is not supported: it layer-normalises",
+    "saelens6/hook_z": r"reshape_activations='hook_z' is not supported",
+    "saelens5/tanh_relu": r"activation function 'tanh-relu' for architecture 'standard' is not supported",
+}
+LMSCOPE_EXPORTS = {  # lmscope_export/<name> -> (lmscope arch, SAELens class name SAELens loaded it as, d_out)
+    "relu": ("relu", "standard", 8),
+    "topk": ("topk", "topk", 8),
+    "batchtopk": ("batchtopk", "jumprelu", 8),
+    "jumprelu": ("jumprelu", "jumprelu", 8),
+    "relu_transcoder": ("relu", "transcoder", 12),
+    "jumprelu_transcoder": ("jumprelu", "jumprelu_transcoder", 12),
+    "batchtopk_transcoder": ("batchtopk", "jumprelu_transcoder", 12),
+}
+
+
+def _expected(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path / "expected.safetensors"))
+
+
+def _library(path: Path) -> dict:
+    return json.loads((path / "library.json").read_text())
+
+
+def _close(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+
+
+def _matches_library(d: Dictionary, e: dict[str, torch.Tensor]) -> None:
+    """lmscope's encode / decode / forward equal what the real library computed on the same inputs."""
+    with torch.no_grad():
+        z = d.encode(e["x"])
+        _close(z, e["encode"])
+        assert torch.equal(z != 0, e["encode"] != 0)  # the same latents fire
+        _close(d.decode(e["encode"]), e["decode"])
+        recon, latents = d(e["x"])
+        _close(recon, e["forward"])
+        _close(latents, e["encode"])
+    assert int((e["encode"] != 0).sum()) > 0 and bool((e["encode"] == 0).any())  # a non-trivial case
+
+
+def test_interop_fixtures_are_what_the_real_libraries_wrote() -> None:
+    """Every fixture is listed below, each says which library and version wrote it, and together they stay small."""
+    dirs = {p.parent for p in INTEROP.rglob("library.json")}
+    listed = {INTEROP / name for name in [*SAELENS_LOADS, *SAELENS_REFUSES]}
+    listed |= {INTEROP / "lmscope_export" / name for name in LMSCOPE_EXPORTS}
+    assert {d for d in dirs if not d.is_relative_to(INTEROP / "sparsify")} == listed
+    for d in dirs:
+        lib = _library(d)
+        family = d.relative_to(INTEROP).parts[0]
+        want = VERSIONS.get(family, VERSIONS["saelens6"])
+        assert (lib["library"], lib["version"]) == want, d
+    assert sum(p.stat().st_size for p in INTEROP.rglob("*") if p.is_file()) < 400_000
+
+
+@pytest.mark.parametrize("name", sorted(SAELENS_LOADS))
+def test_saelens_files_compute_what_saelens_computed(name: str) -> None:
+    path = INTEROP / name
+    arch, d_out, folded = SAELENS_LOADS[name]
+    d = load_saelens(path)
+    assert (d.arch, d.cfg.d_in, d.cfg.d_sae, d.cfg.d_out) == (arch, 8, 24, d_out)
+    assert d.cfg.hook == HOOK and d.cfg.model == "gpt2"
+    assert d.cfg.hook_out == (HOOK_OUT if d_out != 8 else None)
+    assert d.cfg.is_transcoder == (d_out != 8)
     if arch == "topk":
-        cfg["k"] = 3
-    path.mkdir(parents=True)
-    save_file(t, str(path / "sae_weights.safetensors"))
-    (path / "cfg.json").write_text(json.dumps(cfg))
-    return t
+        assert d.cfg.k == 3
+    assert d.metadata["training"].get("folded") == folded
+    _matches_library(d, _expected(path))
 
 
-def test_saelens_fixture_loads_and_computes_the_documented_function(tmp_path: Path) -> None:
-    t = _saelens_fixture(tmp_path / "jr", "jumprelu")
-    d = load_saelens(tmp_path / "jr")
-    assert d.arch == "jumprelu" and d.cfg.hook == "blocks.3.hook_resid_pre" and d.cfg.model == "gpt2"
-    x = torch.randn(30, 8)
-    pre = (x - t["b_dec"]) @ t["W_enc"] + t["b_enc"]
-    expected = pre * (pre > t["threshold"])
-    with torch.no_grad():
-        torch.testing.assert_close(d.encode(x), expected, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(d.decode(expected), expected @ t["W_dec"] + t["b_dec"], rtol=1e-5, atol=1e-5)
-    t = _saelens_fixture(tmp_path / "tk", "topk")
-    d = load_saelens(tmp_path / "tk")
-    assert d.arch == "topk" and d.cfg.k == 3
-    with torch.no_grad():
-        assert int((d.encode(x) > 0).sum(-1).max()) <= 3
+def test_what_the_real_saelens_files_revealed() -> None:
+    """The SAELens layouts the interop code must handle, as the real library writes them."""
+    raw = {n: json.loads((INTEROP / n / "cfg.json").read_text()) for n in SAELENS_LOADS}
+    # a SAELens 6 training run ends with save_inference_model: decoder norms folded, but the flag still set
+    assert raw["saelens6/topk_trained"]["rescale_acts_by_decoder_norm"] is True
+    trained = load_file(str(INTEROP / "saelens6/topk_trained/sae_weights.safetensors"))
+    torch.testing.assert_close(trained["W_dec"].norm(dim=1), torch.ones(24))
+    checkpoint = load_file(str(INTEROP / "saelens6/topk_checkpoint/sae_weights.safetensors"))
+    assert (checkpoint["W_dec"].norm(dim=1) - 1).abs().max() > 0.1  # a checkpoint is not folded: lmscope folds it
+    torch.testing.assert_close(load_saelens(INTEROP / "saelens6/topk_checkpoint").W_dec.norm(dim=1), torch.ones(24))
+    # BatchTopK: a checkpoint holds a scalar topk_threshold; the trained file is a JumpReLU SAE with equal thresholds
+    assert raw["saelens6/batchtopk_checkpoint"]["architecture"] == "batchtopk"
+    assert load_file(str(INTEROP / "saelens6/batchtopk_checkpoint/sae_weights.safetensors"))["topk_threshold"].ndim == 0
+    assert raw["saelens6/batchtopk_trained"]["architecture"] == "jumprelu"
+    theta = load_file(str(INTEROP / "saelens6/batchtopk_trained/sae_weights.safetensors"))["threshold"]
+    assert bool((theta == theta[0]).all())
+    assert float(load_saelens(INTEROP / "saelens6/batchtopk_checkpoint").threshold) == pytest.approx(0.25)
+    # SAELens 5: TopK as architecture topk or standard + activation_fn_str, k in activation_fn_kwargs, top-level hook
+    for name in ("saelens5/topk", "saelens5/standard_topk"):
+        assert raw[name]["activation_fn_str"] == "topk" and raw[name]["activation_fn_kwargs"] == {"k": 3}
+        assert "k" not in raw[name] and "metadata" not in raw[name] and raw[name]["hook_name"] == HOOK
+    assert raw["saelens5/standard_topk"]["architecture"] == "standard"
+    # JumpReLU: SAELens computes relu(pre) * (pre > threshold), so a negative threshold loads as 0
+    negative = load_file(str(INTEROP / "saelens6/jumprelu_negative_thresholds/sae_weights.safetensors"))["threshold"]
+    assert bool((negative < 0).any())
+    loaded = load_saelens(INTEROP / "saelens6/jumprelu_negative_thresholds").threshold
+    assert torch.equal(loaded, negative.clamp_min(0))
+
+
+@pytest.mark.parametrize("name", sorted(SAELENS_REFUSES))
+def test_saelens_settings_lmscope_cannot_compute_are_refused_by_name(name: str) -> None:
+    with pytest.raises(FormatError, match=SAELENS_REFUSES[name]):
+        load_saelens(INTEROP / name)
+
+
+def _copy(name: str, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(INTEROP / name, tmp_path / name.replace("/", "-")))
 
 
 def test_saelens_conversions_are_never_silent(tmp_path: Path) -> None:
-    _saelens_fixture(tmp_path / "nothr", "jumprelu", with_threshold=False)
+    """Edited copies of real files: each damage is an error that says what is wrong."""
+    nothr = _copy("saelens6/jumprelu", tmp_path)
+    t = load_file(str(nothr / "sae_weights.safetensors"))
+    save_file({k: v for k, v in t.items() if k != "threshold"}, str(nothr / "sae_weights.safetensors"))
     with pytest.raises(FormatError, match="missing tensors \\['threshold'\\]"):
-        load_saelens(tmp_path / "nothr")
-    _saelens_fixture(tmp_path / "btk", "batchtopk")
+        load_saelens(nothr)
+    btk = _copy("saelens6/batchtopk_checkpoint", tmp_path)
+    cfg = json.loads((btk / "cfg.json").read_text())
+    (btk / "cfg.json").write_text(json.dumps({**cfg, "k": 2.5}))  # SAELens's BatchTopK k is a float
+    with pytest.raises(FormatError, match=r"k=2\.5 is not a whole number"):
+        load_saelens(btk)
+    (btk / "cfg.json").write_text(json.dumps(cfg))
+    t = load_file(str(btk / "sae_weights.safetensors"))
+    save_file({k: v for k, v in t.items() if k != "topk_threshold"}, str(btk / "sae_weights.safetensors"))
     with pytest.raises(FormatError, match="without its inference threshold"):
-        load_saelens(tmp_path / "btk")
-    _saelens_fixture(tmp_path / "norm", "standard")
-    cfg = json.loads((tmp_path / "norm" / "cfg.json").read_text())
-    (tmp_path / "norm" / "cfg.json").write_text(
-        json.dumps({**cfg, "normalize_activations": "expected_average_only_in"})
-    )
-    with pytest.raises(FormatError, match="fold_activation_norm_scaling_factor"):
-        load_saelens(tmp_path / "norm")
-    _saelens_fixture(tmp_path / "shape", "standard")
-    (tmp_path / "shape" / "cfg.json").write_text(json.dumps({**cfg, "d_sae": 21}))
-    with pytest.raises(FormatError, match="W_enc has shape \\[8, 20\\], expected \\[8, 21\\]"):
-        load_saelens(tmp_path / "shape")
+        load_saelens(btk)
+    shape = _copy("saelens6/standard", tmp_path)
+    cfg = json.loads((shape / "cfg.json").read_text())
+    (shape / "cfg.json").write_text(json.dumps({**cfg, "d_sae": 25}))
+    with pytest.raises(FormatError, match="W_enc has shape \\[8, 24\\], expected \\[8, 25\\]"):
+        load_saelens(shape)
+    (shape / "cfg.json").write_text(json.dumps({**cfg, "architecture": "matryoshka_batchtopk"}))
+    with pytest.raises(FormatError, match="SAELens architecture 'matryoshka_batchtopk' is not supported"):
+        load_saelens(shape)
+    v5 = _copy("saelens5/standard", tmp_path)
+    cfg = json.loads((v5 / "cfg.json").read_text())
+    (v5 / "cfg.json").write_text(json.dumps({**cfg, "normalize_activations": True}))  # v5 wrote booleans too
+    with pytest.raises(FormatError, match="normalize_activations='expected_average_only_in'"):
+        load_saelens(v5)
+    (v5 / "cfg.json").write_text(json.dumps({**cfg, "hook_name": "blocks.3.attn.hook_z"}))  # v5: hook_z by name
+    with pytest.raises(FormatError, match="reshape_activations='hook_z'"):
+        load_saelens(v5)
+    fsf = _copy("saelens5/finetuning_scaling_factor", tmp_path)
+    cfg = json.loads((fsf / "cfg.json").read_text())
+    (fsf / "cfg.json").write_text(json.dumps({**cfg, "finetuning_scaling_factor": False}))
+    with pytest.raises(FormatError, match="unexpected tensors \\['finetuning_scaling_factor'\\]"):
+        load_saelens(fsf)
     unestimated = build(DictConfig(arch="batchtopk", d_in=8, d_sae=16, k=2))
     with pytest.raises(FormatError, match="no threshold yet"):
         export_saelens(unestimated, tmp_path / "out")
     with pytest.raises(FormatError, match="SAELens dictionary; load it with"):
-        load_dictionary(tmp_path / "nothr")
+        load_dictionary(INTEROP / "saelens6/standard")
 
 
-def _sparsify_fixture(root: Path, hook: str, transcode: bool = False) -> dict:
-    g = torch.Generator().manual_seed(9)
-    m, d = 24, 8
-    t = {
-        "encoder.weight": torch.randn(m, d, generator=g),
-        "encoder.bias": torch.randn(m, generator=g),
-        "W_dec": torch.randn(m, d, generator=g),
-        "b_dec": torch.randn(d, generator=g),
-    }
-    (root / hook).mkdir(parents=True)
-    save_file(t, str(root / hook / "sae.safetensors"))
-    cfg = {
-        "expansion_factor": 3,
-        "normalize_decoder": True,
-        "num_latents": m,
-        "k": 4,
-        "multi_topk": False,
-        "skip_connection": False,
-        "transcode": transcode,
-        "d_in": d,
-    }
-    (root / hook / "cfg.json").write_text(json.dumps(cfg))
-    return t
+def test_saelens_v5_scaling_factor_under_the_name_its_loader_reads(tmp_path: Path) -> None:
+    """SAELens 5's loader reads the factor as `scaling_factor` (and drops one of all ones); lmscope does the same."""
+    path = _copy("saelens5/finetuning_scaling_factor", tmp_path)
+    t = load_file(str(path / "sae_weights.safetensors"))
+    t["scaling_factor"] = t.pop("finetuning_scaling_factor")
+    save_file(t, str(path / "sae_weights.safetensors"))
+    _matches_library(load_saelens(path), _expected(path))
+    cfg = json.loads((path / "cfg.json").read_text())
+    (path / "cfg.json").write_text(json.dumps({**cfg, "finetuning_scaling_factor": False}))
+    with pytest.raises(FormatError, match="scaling_factor but finetuning_scaling_factor is not set"):
+        load_saelens(path)
+    t["scaling_factor"] = torch.ones(24)
+    save_file(t, str(path / "sae_weights.safetensors"))
+    assert load_saelens(path).metadata["training"].get("folded") is None
 
 
-def test_sparsify_import(tmp_path: Path) -> None:
-    t = _sparsify_fixture(tmp_path, "layers.6")
-    _sparsify_fixture(tmp_path, "layers.7")
-    with pytest.raises(FormatError, match=r"pass hook= one of layers\.6, layers\.7"):
-        load_sparsify(tmp_path)
-    d = load_sparsify(tmp_path, hook="layers.6")
-    assert d.arch == "topk" and d.cfg.k == 4 and d.cfg.d_sae == 24 and d.cfg.hook == "layers.6"
-    x = torch.randn(11, 8)
-    pre = torch.relu((x - t["b_dec"]) @ t["encoder.weight"].T + t["encoder.bias"])
-    vals, idx = pre.topk(4)
-    expected = torch.zeros_like(pre).scatter(1, idx, vals) @ t["W_dec"] + t["b_dec"]
-    with torch.no_grad():
-        torch.testing.assert_close(d(x)[0], expected, rtol=1e-5, atol=1e-5)
-    tc = load_sparsify(tmp_path / "layers.7")
-    assert tc.cfg.apply_b_dec_to_input
-    bad = tmp_path / "skip"
-    _sparsify_fixture(bad, "h")
-    cfg = json.loads((bad / "h" / "cfg.json").read_text())
-    (bad / "h" / "cfg.json").write_text(json.dumps({**cfg, "skip_connection": True}))
-    with pytest.raises(FormatError, match="skip connections"):
-        load_sparsify(bad / "h")
+@pytest.mark.parametrize("name", sorted(LMSCOPE_EXPORTS))
+def test_lmscope_exports_load_in_real_saelens(name: str, tmp_path: Path) -> None:
+    """lmscope_export/ holds lmscope's export_saelens files; real SAELens 6 loaded them and computed `expected`.
+
+    lmscope must compute the same, SAELens must have read the hook names, and today's exporter must still write
+    exactly these files (otherwise re-run the fixture script so real SAELens checks the new ones).
+    """
+    path = INTEROP / "lmscope_export" / name
+    arch, saelens_class, d_out = LMSCOPE_EXPORTS[name]
+    seen = _library(path)["saelens_reads"]
+    assert seen["architecture"] == saelens_class and seen["hook_name"] == HOOK and seen["model_name"] == "gpt2"
+    assert seen["hook_name_out"] == (HOOK_OUT if d_out != 8 else None)
+    d = load_saelens(path)
+    assert (d.arch, d.cfg.d_out, d.cfg.hook, d.cfg.hook_out) == (arch, d_out, HOOK, seen["hook_name_out"])
+    _matches_library(d, _expected(path))
+    export_saelens(d, tmp_path / "again")
+    assert (tmp_path / "again" / "cfg.json").read_text() == (path / "cfg.json").read_text()
+    again = load_file(str(tmp_path / "again" / "sae_weights.safetensors"))
+    committed = load_file(str(path / "sae_weights.safetensors"))
+    assert again.keys() == committed.keys()
+    assert all(torch.equal(again[k], committed[k]) for k in committed)
 
 
-def test_transcoder_shapes_and_round_trip(tmp_path: Path) -> None:
+def test_a_topk_transcoder_has_no_saelens_export(tmp_path: Path) -> None:
     d = make("topk", d_in=16, d_out=12)
+    with pytest.raises(FormatError, match="TopK transcoder \\(16 -> 12\\) has no SAELens counterpart"):
+        export_saelens(d, tmp_path / "tc")
+    assert not (tmp_path / "tc").exists()
+
+
+# ---------------------------------------------------------------------- sparsify
+def test_sparsify_checkpoint_computes_what_sparsify_computed(tmp_path: Path) -> None:
+    root = INTEROP / "sparsify" / "sae"
+    with pytest.raises(FormatError, match=r"pass hook= one of layers\.3, layers\.4"):
+        load_sparsify(root)
+    with pytest.raises(FormatError, match=r"no SAE for hook 'layers\.9'; it has layers\.3, layers\.4"):
+        load_sparsify(root, hook="layers.9")
+    for hook in ("layers.3", "layers.4"):
+        cfg = json.loads((root / hook / "cfg.json").read_text())
+        assert cfg["num_latents"] == 0 and cfg["expansion_factor"] == 3  # the width comes from the weights
+        d = load_sparsify(root, hook=hook)
+        assert (d.arch, d.cfg.k, d.cfg.d_in, d.cfg.d_sae, d.cfg.hook) == ("topk", 4, 8, 24, hook)
+        assert d.cfg.apply_b_dec_to_input and not d.cfg.is_transcoder
+        e = _expected(root / hook)
+        _matches_library(d, e)
+        with torch.no_grad():
+            vals, idx = d.encode_sparse(e["x"])  # the compact form: sparsify's (top_acts, top_indices), as sets
+        order, want = idx.sort(-1), e["top_indices"].long().sort(-1)
+        assert torch.equal(order.values, want.values)
+        _close(vals.gather(-1, order.indices), e["top_acts"].gather(-1, want.indices))
+    with pytest.raises(FormatError, match="sparsify dictionary; load it with"):
+        load_dictionary(root)
+
+
+def test_sparsify_transcoder_does_not_subtract_b_dec() -> None:
+    """A real sparsify transcoder (transcode=True): its encoder sees the raw input, not x - b_dec."""
+    path = INTEROP / "sparsify" / "transcoder" / "layers.3.mlp"
+    assert json.loads((path / "cfg.json").read_text())["transcode"] is True
+    d = load_sparsify(path)
+    assert d.cfg.is_transcoder and not d.cfg.apply_b_dec_to_input and d.cfg.d_out == 8
+    assert d.cfg.hook == "layers.3.mlp"
+    e = _expected(path)
+    _matches_library(d, e)
+    with torch.no_grad():  # the two readings of the file give different latents: the check above can tell them apart
+        d.cfg.apply_b_dec_to_input = True
+        assert not torch.allclose(d.encode(e["x"]), e["encode"], atol=1e-3)
+
+
+def test_sparsify_settings_lmscope_cannot_compute_are_refused() -> None:
+    with pytest.raises(FormatError, match="skip connections \\(W_skip\\)"):
+        load_sparsify(INTEROP / "sparsify" / "skip" / "layers.3.mlp")
+    with pytest.raises(FormatError, match="sparsify activation 'groupmax' is not supported"):
+        load_sparsify(INTEROP / "sparsify" / "groupmax", hook="layers.3")
+
+
+# ---------------------------------------------------------------------- transcoders
+@pytest.mark.parametrize("arch", ["relu", "jumprelu", "batchtopk"])
+def test_transcoder_shapes_and_round_trip(arch: str, tmp_path: Path) -> None:
+    d = make(arch, d_in=16, d_out=12)
+    d.cfg.hook_out = "blocks.0.hook_mlp_out"
     assert not d.cfg.apply_b_dec_to_input and d.cfg.is_transcoder
     recon, _ = d(torch.randn(3, 16))
     assert recon.shape == (3, 12)
     export_saelens(d, tmp_path / "tc")
+    cfg = json.loads((tmp_path / "tc" / "cfg.json").read_text())
+    assert cfg["architecture"] == {"relu": "transcoder"}.get(arch, "jumprelu_transcoder") and cfg["d_out"] == 12
     back = load_saelens(tmp_path / "tc")
+    assert back.arch == arch and back.cfg.hook_out == "blocks.0.hook_mlp_out"
     x = torch.randn(9, 16)
     with torch.no_grad():
         assert torch.equal(back(x)[0], d(x)[0])

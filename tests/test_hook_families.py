@@ -111,27 +111,87 @@ def test_adding_zero_changes_nothing_at_every_hook(tiny):
             assert torch.equal(model(ids), plain), name
 
 
+def _first(out: object) -> torch.Tensor:
+    return out[0] if isinstance(out, tuple) else out  # type: ignore[return-value]
+
+
 def test_zero_ablating_mlp_out_matches_plain_pytorch(tiny):
+    """lmscope's mlp_out (or, for post-LN families, mlp_hidden) against a module named by hand in tiny_models.py,
+    not taken from lmscope's own hook map: a wrong map gives different logits."""
     spec, hf, model = tiny
     ids = tiny_ids()
     plain = hf_logits(hf, ids)
     if spec.mlp_contribution is None:
-        # Post-LN families have no additive mlp_out; ablate the MLP neurons instead.
-        hook, module, side = "blocks.0.mlp_hidden", model.hook_points["blocks.0.mlp_hidden"].module, "out"
+        # Post-LN families have no additive mlp_out; ablate the MLP neurons: the down projection's input.
+        hook = "blocks.0.mlp_hidden"
+        handle = hf.get_submodule(spec.mlp_down).register_forward_pre_hook(
+            lambda _m, args: (torch.zeros_like(args[0]), *args[1:])
+        )
     else:
-        hook, module, side = "blocks.0.mlp_out", spec.mlp_contribution, "out"
-    with model.intervene({hook: iv.zero_ablate()}):
-        ours = model(ids)
-    assert not torch.allclose(ours, plain)
-    handle = hf.get_submodule(module).register_forward_hook(
-        lambda _m, _a, out: torch.zeros_like(out[0] if isinstance(out, tuple) else out)
-    )
-    assert side == "out"
+        hook = "blocks.0.mlp_out"
+        handle = hf.get_submodule(spec.mlp_contribution).register_forward_hook(
+            lambda _m, _a, out: torch.zeros_like(_first(out))
+        )
     try:
         by_hand = hf_logits(hf, ids)
     finally:
         handle.remove()
+    with model.intervene({hook: iv.zero_ablate()}):
+        ours = model(ids)
+    assert not torch.allclose(ours, plain)
     assert torch.equal(ours, by_hand)
+
+
+def test_mlp_hidden_is_the_input_of_the_down_projection(tiny):
+    """blocks.{i}.mlp_hidden, captured and edited, is the input of the MLP's down projection (named by hand)."""
+    spec, hf, model = tiny
+    ids = tiny_ids()
+    seen: list[torch.Tensor] = []
+    down = hf.get_submodule(spec.mlp_down)
+    handle = down.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach().clone()))
+    try:
+        with model.capture(["blocks.0.mlp_hidden"], stop_early=False) as acts:
+            model(ids)
+    finally:
+        handle.remove()
+    (neurons,) = seen
+    assert torch.equal(acts["blocks.0.mlp_hidden"], neurons)
+    # an edit: doubling the neurons is doubling the down projection's input
+    handle = down.register_forward_pre_hook(lambda _m, args: (2 * args[0], *args[1:]))
+    try:
+        by_hand = hf_logits(hf, ids)
+    finally:
+        handle.remove()
+    with model.intervene({"blocks.0.mlp_hidden": iv.scale(2.0)}):
+        ours = model(ids)
+    assert not torch.allclose(ours, hf_logits(hf, ids))
+    assert torch.equal(ours, by_hand)
+
+
+@pytest.mark.parametrize("family", ADDITIVE)
+def test_mlp_out_capture_is_the_hand_named_module_output(family):
+    spec, hf, model = built(family)
+    assert spec.mlp_contribution is not None
+    seen: list[torch.Tensor] = []
+    handle = hf.get_submodule(spec.mlp_contribution).register_forward_hook(
+        lambda _m, _a, out: seen.append(_first(out).detach().clone())
+    )
+    try:
+        with model.capture(["blocks.0.mlp_out"], stop_early=False) as acts:
+            model(tiny_ids())
+    finally:
+        handle.remove()
+    (contribution,) = seen
+    assert torch.equal(acts["blocks.0.mlp_out"], contribution)
+
+
+def test_every_supported_family_has_a_tiny_model():
+    from lmscope.model.families import families
+
+    # gemma3_text is served by the gemma3 family; the tiny gpt_neox_sequential is gpt_neox without parallel residual
+    assert set(families().values()) <= {f.removesuffix("_sequential") for f in FAMILIES}
+    for family in FAMILIES:
+        assert built(family)[2].family.name == family.removesuffix("_sequential")
 
 
 @pytest.mark.parametrize("family", POST_LN)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import tempfile
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -93,18 +96,79 @@ def test_mean_norm_and_multi_hook_batches(harvested) -> None:
         ActivationStore.open(acts, hooks=["blocks.0.attn_out"])
 
 
-def test_streaming_matches_the_disk_store(harvested, tmp_path: Path) -> None:
+def _tree(root: Path) -> dict[str, tuple[int, int]]:
+    """Every path under `root` with its size and mtime: a change anywhere shows up as a difference."""
+    return {str(q.relative_to(root)): (q.stat().st_size, q.stat().st_mtime_ns) for q in root.rglob("*")}
+
+
+@contextlib.contextmanager
+def _no_writes(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Fail at once on any attempt to open a file for writing, however it is made (open, io.open, Path.open,
+    os.open, safetensors, torch.save all go through these)."""
+    import builtins
+    import io
+    import os
+
+    real_open, real_os_open = builtins.open, os.open
+    write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
+
+    def guarded_open(file, mode="r", *args, **kwargs):  # type: ignore[no-untyped-def]
+        if any(c in mode for c in "wax+"):
+            raise AssertionError(f"the streaming store opened {file!r} for writing (mode {mode!r})")
+        return real_open(file, mode, *args, **kwargs)
+
+    def guarded_os_open(path, flags, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if flags & write_flags:
+            raise AssertionError(f"the streaming store opened {path!r} for writing")
+        return real_os_open(path, flags, *args, **kwargs)
+
+    def refuse(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise AssertionError(f"the streaming store tried to write {args[:2]!r}")
+
+    import safetensors.torch
+
+    with monkeypatch.context() as m:
+        m.setattr(builtins, "open", guarded_open)
+        m.setattr(io, "open", guarded_open)
+        m.setattr(os, "open", guarded_os_open)
+        for name in ("replace", "rename", "mkdir", "makedirs"):
+            m.setattr(os, name, refuse)
+        m.setattr(safetensors.torch, "save_file", refuse)
+        m.setattr(torch, "save", refuse)
+        yield
+
+
+def test_streaming_matches_the_disk_store(harvested, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     model, corpus, acts = harvested
     disk = ActivationStore.open(acts, exclude_special=False)
-    stream = ActivationStore.streaming(
-        model, str(corpus), HOOKS, tokens=4096, context=16, batch_contexts=8, exclude_special=False
-    )
-    assert not list(tmp_path.iterdir())  # nothing written
-    assert stream.n_rows is None and stream.widths == disk.widths
-    got = list(stream.batches(batch_size=128, shuffle=False, buffer_mb=1))
+    disk_norms = ActivationStore.open(acts).mean_norms()  # the harvest's own norms, read before the guard
+    expected = {h: all_rows(disk, h) for h in HOOKS}
+    # every place a stray write could land: the harvest's folders, the cwd, $HOME, lmscope's cache, the temp dir
+    sandbox = tmp_path / "sandbox"
+    for d in ("cwd", "home", "cache", "tmp"):
+        (sandbox / d).mkdir(parents=True)
+    monkeypatch.chdir(sandbox / "cwd")
+    monkeypatch.setenv("HOME", str(sandbox / "home"))
+    monkeypatch.setenv("LMSCOPE_CACHE", str(sandbox / "cache"))
+    monkeypatch.setenv("TMPDIR", str(sandbox / "tmp"))
+    monkeypatch.setattr(tempfile, "tempdir", str(sandbox / "tmp"))
+    watched = [acts, corpus, acts.parent / "model", tmp_path]
+    before = {str(w): _tree(w) for w in watched}
+    with _no_writes(monkeypatch):
+        stream = ActivationStore.streaming(
+            model, str(corpus), HOOKS, tokens=4096, context=16, batch_contexts=8, exclude_special=False
+        )
+        assert stream.n_rows is None and stream.widths == disk.widths
+        got = list(stream.batches(batch_size=128, shuffle=False, buffer_mb=1))
+        shuffled = torch.cat([b["blocks.1.mlp_out"] for b in stream.batches(batch_size=128, buffer_mb=0.5)])
+        excl = ActivationStore.streaming(model, str(corpus), HOOKS, tokens=4096, context=16)
+        excl_norms = excl.mean_norms()
+    assert {str(w): _tree(w) for w in watched} == before  # nothing written, changed or created anywhere
     for h in HOOKS:
-        torch.testing.assert_close(torch.cat([b[h] for b in got]), all_rows(disk, h), rtol=1e-5, atol=1e-6)
-    shuffled = torch.cat([b["blocks.1.mlp_out"] for b in stream.batches(batch_size=128, buffer_mb=0.5)])
-    assert len(shuffled) == 4096
-    excl = ActivationStore.streaming(model, str(corpus), HOOKS, tokens=4096, context=16)
-    assert excl.mean_norm("blocks.0.resid_post") == pytest.approx(disk.mean_norm("blocks.0.resid_post"), rel=0.05)
+        torch.testing.assert_close(torch.cat([b[h] for b in got]), expected[h], rtol=1e-5, atol=1e-6)
+    assert row_keys(shuffled) == row_keys(expected["blocks.1.mlp_out"])  # every row once, shuffled
+    # the same 4096 tokens (norm_sample_tokens=16384 covers all of them), special tokens excluded by both: the
+    # same mean, up to float summation order
+    assert set(excl_norms) == set(HOOKS)
+    for h in HOOKS:
+        assert excl_norms[h] == pytest.approx(disk_norms[h], rel=1e-6), h

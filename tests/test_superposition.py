@@ -11,13 +11,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lmscope.dictionaries import DictConfig, Dictionary, fvu
+from lmscope.dictionaries import DictConfig, Dictionary, build, fvu
 from lmscope.training import RunSpec, TensorSource, TrainConfig, Trainer
 
 D_IN, N_FEATURES, ACTIVE = 64, 512, 5
 
 
-def planted(n_tokens: int = 60_000, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+PLANTED_SEED = 9_177  # not the trainer's init seed: with seed 0 the initial decoder WAS the planted directions
+
+
+def planted(n_tokens: int = 60_000, seed: int = PLANTED_SEED) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     directions = torch.randn(N_FEATURES, D_IN, generator=g)
     directions = directions / directions.norm(dim=1, keepdim=True)
@@ -35,34 +38,39 @@ def mean_max_cosine(directions: torch.Tensor, d: Dictionary) -> float:
 
 def train(cfg: DictConfig, x: torch.Tensor, steps: int, lr: float) -> Dictionary:
     tc = TrainConfig(total_tokens=steps * 1024, warmup_steps=20, dead_window_tokens=20_000, progress_bar=False, seed=0)
-    out = Trainer([RunSpec(cfg, lr=lr)], tc).fit(TensorSource(x, batch_size=1024, epochs=10))
+    out = Trainer([RunSpec(cfg, lr=lr)], tc).fit(TensorSource(x, batch_size=1024, epochs=20))
     return next(iter(out.values()))
 
 
 CASES = {
-    "topk": (DictConfig(arch="topk", d_in=D_IN, d_sae=N_FEATURES, k=ACTIVE), 100, 4e-3, 0.95),
-    "batchtopk": (DictConfig(arch="batchtopk", d_in=D_IN, d_sae=N_FEATURES, k=ACTIVE), 120, 4e-3, 0.9),
-    "relu": (DictConfig(arch="relu", d_in=D_IN, d_sae=N_FEATURES, l1_coeff=2.0), 150, 4e-3, 0.9),
+    "topk": (DictConfig(arch="topk", d_in=D_IN, d_sae=N_FEATURES, k=ACTIVE), 1000, 4e-3, 0.95),
+    "batchtopk": (DictConfig(arch="batchtopk", d_in=D_IN, d_sae=N_FEATURES, k=ACTIVE), 1000, 4e-3, 0.9),
+    "relu": (DictConfig(arch="relu", d_in=D_IN, d_sae=N_FEATURES, l1_coeff=2.0), 1000, 4e-3, 0.9),
     "jumprelu": (
         DictConfig(
             arch="jumprelu",
             d_in=D_IN,
             d_sae=N_FEATURES,
-            l0_coeff=3.0,
-            jumprelu_bandwidth=0.2,
-            jumprelu_init_threshold=0.2,
+            l0_coeff=1.0,
+            jumprelu_bandwidth=0.1,
+            jumprelu_init_threshold=0.1,
         ),
-        150,
+        1000,
         4e-3,
         0.9,
     ),
 }
+# Steps: 1M tokens each. Measured with planted seed 9177 (quiet machine): TopK 0.968, BatchTopK 0.944, ReLU 0.970,
+# JumpReLU 0.936 (FVU 0.269; with l0_coeff 3 and bandwidth 0.2 it reached FVU 0.34). 100 steps gave TopK 0.535,
+# barely above the untrained 0.5: the old test's 0.996 came from an initial decoder equal to the planted directions.
 
 
 @pytest.mark.parametrize("arch", list(CASES))
 def test_recovers_planted_directions(arch: str) -> None:
     directions, x = planted()
     cfg, steps, lr, bar = CASES[arch]
+    start = mean_max_cosine(directions, build(cfg, seed=0))  # the trainer's initial weights (TrainConfig seed 0)
+    assert start < 0.6, f"{arch}: the initial dictionary already scores {start:.3f}: the test would not need training"
     d = train(cfg, x, steps, lr)
     score = mean_max_cosine(directions, d)
     assert score >= bar, f"{arch}: mean max cosine {score:.3f} < {bar}"

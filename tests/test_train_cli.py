@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from harvest_helpers import load_tiny, make_corpus_dir, make_tiny_model_dir
@@ -14,6 +15,8 @@ from lmscope.cli.common import parse_count
 from lmscope.cli.train_cmds import parse_list
 from lmscope.dictionaries.formats import load_dictionary
 from lmscope.errors import LmscopeError
+from lmscope.training import Trainer
+from lmscope.training.checkpoint import CHECKPOINT, load_checkpoint
 from lmscope.training.metrics import read_log
 
 HOOKS = ["blocks.0.resid_post", "blocks.1.mlp_out"]
@@ -45,10 +48,104 @@ def test_train_sweep_from_a_harvest(acts: Path, tmp_path: Path) -> None:
         d = load_dictionary(tmp_path / "sweep" / f"{HOOKS[0]}-topk-m64-k{k}")
         assert d.cfg.hook == HOOKS[0] and d.cfg.d_sae == 64 and d.cfg.k == k
         assert d.metadata["normalization"]["kind"] == "mean_norm"
-    steps = [r["step"] for r in read_log(tmp_path / "sweep" / "metrics.jsonl")]
-    assert max(steps) == 8  # 2048 tokens / 256
-    again = CliRunner().invoke(app, args)  # finished checkpoint: resumes and stops at once
+    log = read_log(tmp_path / "sweep" / "metrics.jsonl")
+    assert sorted((r["run"], r["step"]) for r in log) == [(f"{HOOKS[0]}-topk-m64-k{k}", 8) for k in (4, 8)]  # 2048/256
+    before = _outputs(tmp_path / "sweep")
+    _, meta = load_checkpoint(tmp_path / "sweep" / CHECKPOINT)
+    assert (meta["step"], meta["tokens"]) == (8, 2048)
+    trained: list[int] = []
+    real_step = Trainer._train_step
+
+    def counting_step(self, run, *a, **kw):  # type: ignore[no-untyped-def]
+        trained.append(self.step)
+        return real_step(self, run, *a, **kw)
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(Trainer, "_train_step", counting_step)
+        again = CliRunner().invoke(app, args)  # finished checkpoint: resumes and stops at once
     assert again.exit_code == 0, again.output
+    assert trained == []  # not one step redone
+    # the log has no new or duplicated step, and the checkpoint and dictionaries are what the first run wrote
+    assert _same(_outputs(tmp_path / "sweep"), before)
+
+
+def _outputs(out: Path) -> dict[str, object]:
+    """What a training run leaves: the metrics log, the checkpoint's tensors and step, and every dictionary."""
+    tensors, meta = load_checkpoint(out / CHECKPOINT)
+    got: dict[str, object] = {
+        "log": (out / "metrics.jsonl").read_bytes(),
+        "meta": (meta["step"], meta["tokens"], meta["total_steps"]),
+        "checkpoint": {k: v.clone() for k, v in tensors.items()},
+    }
+    for d in sorted(out.glob("*/dictionary.safetensors")):
+        got[d.parent.name] = (d.read_bytes(), (d.parent / "config.json").read_bytes())
+    return got
+
+
+def _same(a: dict[str, object], b: dict[str, object]) -> bool:
+    if a.keys() != b.keys():
+        return False
+    for key in a:
+        x, y = a[key], b[key]
+        if isinstance(x, dict):
+            assert isinstance(y, dict)
+            if x.keys() != y.keys() or not all(torch.equal(x[k], y[k]) for k in x):
+                return False
+        elif x != y:
+            return False
+    return True
+
+
+def test_train_cli_resumes_an_interrupted_run_without_redoing_a_step(acts: Path, tmp_path: Path) -> None:
+    """Interrupted right after its step-4 checkpoint, a rerun of the same command trains steps 5-8 only and
+    ends bit-identical to an uninterrupted run."""
+
+    def args(out: Path) -> list[str]:
+        return ["train", "--acts", str(acts), "--out", str(out), "--hook", HOOKS[0], "--k", "4",
+                "--expansion", "2", "--tokens", "2k", "--batch-size", "256", "--warmup-steps", "2",
+                "--checkpoint-every", "4", "--no-progress"]  # fmt: skip
+
+    straight = CliRunner().invoke(app, args(tmp_path / "straight"))
+    assert straight.exit_code == 0, straight.output
+    real_save, real_step = Trainer.save_checkpoint, Trainer._train_step
+
+    def save_then_die(self):  # type: ignore[no-untyped-def]
+        real_save(self)
+        if self.step == 4:
+            raise KeyboardInterrupt("killed after the step-4 checkpoint")
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(Trainer, "save_checkpoint", save_then_die)
+        killed = CliRunner().invoke(app, args(tmp_path / "resumed"))
+    assert killed.exit_code == 130, killed.output  # the CLI turns Ctrl-C into exit status 130
+    assert load_checkpoint(tmp_path / "resumed" / CHECKPOINT)[1]["step"] == 4
+    assert not list((tmp_path / "resumed").glob("*/dictionary.safetensors"))  # nothing final yet
+    # another batch size would skip the wrong rows and follow another schedule: refused, the checkpoint kept
+    checkpoint = (tmp_path / "resumed" / CHECKPOINT).read_bytes()
+    other = [*args(tmp_path / "resumed")]
+    other[other.index("--batch-size") + 1] = "128"
+    refused = CliRunner().invoke(app, other)
+    assert refused.exit_code != 0 and "trained on batches of 256 tokens but this run's are 128" in refused.output
+    assert "Traceback" not in refused.output
+    assert (tmp_path / "resumed" / CHECKPOINT).read_bytes() == checkpoint
+    trained: list[int] = []
+
+    def counting_step(self, run, *a, **kw):  # type: ignore[no-untyped-def]
+        trained.append(self.step)
+        return real_step(self, run, *a, **kw)
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(Trainer, "_train_step", counting_step)
+        resumed = CliRunner().invoke(app, args(tmp_path / "resumed"))
+    assert resumed.exit_code == 0, resumed.output
+    assert trained == [4, 5, 6, 7]  # the steps after the checkpoint (0-based), each once
+    a, b = _outputs(tmp_path / "straight"), _outputs(tmp_path / "resumed")
+    log_a, log_b = read_log(tmp_path / "straight" / "metrics.jsonl"), read_log(tmp_path / "resumed" / "metrics.jsonl")
+    assert [(r["run"], r["step"]) for r in log_b] == [(r["run"], r["step"]) for r in log_a]  # no duplicated step
+    # (the logged means cover the steps since the last log line, which the resumed run did not all take, and
+    # tok_s differs: the log is compared by its steps above, the weights bit for bit here)
+    a.pop("log"), b.pop("log")
+    assert _same(a, b)
 
 
 def test_train_transcoder_and_clean_errors(acts: Path, tmp_path: Path) -> None:

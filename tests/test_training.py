@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+from dataclasses import replace
 from pathlib import Path
 from typing import ClassVar
 
@@ -14,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lmscope.dictionaries import DictConfig, DictionaryError
+from lmscope.dictionaries import DictConfig, DictionaryError, build
 from lmscope.dictionaries.formats import load_dictionary
 from lmscope.training import RunSpec, Schedule, TensorSource, TrainConfig, Trainer
 from lmscope.training.dead import DeadTracker
@@ -67,13 +68,22 @@ def test_sweep_logs_metrics_and_saves_every_run(tmp_path: Path) -> None:
         assert torch.equal(saved.W_enc, d.W_enc)
 
 
+def _fvu(d: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    with torch.no_grad():
+        recon = d(x)[0]
+    return float((y - recon).pow(2).sum() / (y - y.mean(0)).pow(2).sum())
+
+
 def test_transcoder_and_multi_hook_batches(tmp_path: Path) -> None:
-    x = torch.randn(2048, 16)
-    y = torch.relu(x @ torch.randn(16, 12))
-    cfg = DictConfig(arch="topk", d_in=16, d_sae=64, d_out=12, k=4, hook="blocks.0.mlp_in", hook_out="blocks.0.mlp_out")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2048, 16, generator=g)
+    # the target has the input's width, so an SAE fed the wrong hook would train without error: only its
+    # weights can tell
+    y = torch.relu(x @ torch.randn(16, 16, generator=g))
+    cfg = DictConfig(arch="topk", d_in=16, d_sae=64, d_out=16, k=4, hook="blocks.0.mlp_in", hook_out="blocks.0.mlp_out")
     tc = TrainConfig(total_tokens=1024, warmup_steps=1, progress_bar=False)
     d = next(iter(Trainer([cfg], tc).fit(TensorSource(x, y, batch_size=256)).values()))
-    assert d(x[:5])[0].shape == (5, 12)
+    assert d(x[:5])[0].shape == (5, 16)
 
     class Hooks:
         mean_norm: ClassVar[dict[str, float]] = {
@@ -81,13 +91,32 @@ def test_transcoder_and_multi_hook_batches(tmp_path: Path) -> None:
             "blocks.0.mlp_out": float(y.norm(dim=1).mean()),
         }
 
-        def __iter__(self):
-            for s in range(0, 2048, 256):
-                yield {"blocks.0.mlp_in": x[s : s + 256], "blocks.0.mlp_out": y[s : s + 256]}
+        def __init__(self, epochs: int = 1) -> None:
+            self.epochs = epochs
 
+        def __iter__(self):
+            for _ in range(self.epochs):
+                for s in range(0, 2048, 256):
+                    yield {"blocks.0.mlp_in": x[s : s + 256], "blocks.0.mlp_out": y[s : s + 256]}
+
+    # a transcoder and an SAE in one pass: each is exactly what it would be trained alone on its own hooks'
+    # tensors (run i is built with seed + i, hence seed=1 for the SAE alone), and each learned
     sae = DictConfig(arch="topk", d_in=16, d_sae=32, k=4, hook="blocks.0.mlp_in")
-    out = Trainer([cfg, sae], tc).fit(Hooks())
-    assert len(out) == 2
+    multi = TrainConfig(total_tokens=24 * 256, warmup_steps=1)
+    out = Trainer([RunSpec(cfg, lr=0.03), RunSpec(sae, lr=0.03)], multi).fit(Hooks(epochs=3))
+    assert list(out) == ["blocks.0.mlp_in-topk-m64-k4", "blocks.0.mlp_in-topk-m32-k4"]
+    tcoder, ae = out.values()
+    assert tcoder.cfg.is_transcoder and tcoder.cfg.d_out == 16
+    assert (tcoder.cfg.hook, tcoder.cfg.hook_out) == ("blocks.0.mlp_in", "blocks.0.mlp_out")
+    assert not ae.cfg.is_transcoder and ae.cfg.hook == "blocks.0.mlp_in" and ae.cfg.d_sae == 32
+    (tcoder_alone,) = Trainer([RunSpec(cfg, lr=0.03)], multi).fit(TensorSource(x, y, 256, epochs=3)).values()
+    (ae_alone,) = Trainer([RunSpec(sae, lr=0.03)], replace(multi, seed=1)).fit(TensorSource(x, None, 256, 3)).values()
+    for together, alone in ((tcoder, tcoder_alone), (ae, ae_alone)):
+        a, b = together.state_dict(), alone.state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # both learned: the transcoder from 1.7 (untrained) to ~0.36, the SAE (k=4 of 16 Gaussian dims) from 0.67 to ~0.38
+    assert _fvu(tcoder, x, y) < 0.45 < 1.5 < _fvu(build(cfg, seed=0), x, y)
+    assert _fvu(ae, x, x) < 0.45 < 0.6 < _fvu(build(sae, seed=1), x, x)
     with pytest.warns(UserWarning, match="ran out after 2,048 of 4,096 tokens"):
         Trainer([sae], TrainConfig(total_tokens=4096, progress_bar=False)).fit(Hooks())
     with pytest.raises(DictionaryError, match="must report mean_norm_out"):

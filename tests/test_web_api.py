@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -308,20 +319,130 @@ def test_read_only_server_refuses_label_writes(env, tmp_path: Path) -> None:
     assert hashlib.sha256(atlas.read_bytes()).hexdigest() == before
 
 
-def test_serve_read_only_flag(env, monkeypatch: pytest.MonkeyPatch) -> None:
-    import uvicorn
-    from typer.testing import CliRunner
+class Served:
+    """A real `lmscope serve` subprocess on 127.0.0.1 (see `_serve`); HTTP through urllib, never a proxy."""
 
-    from lmscope.cli.app import app as cli
+    def __init__(self, proc: subprocess.Popen[bytes], url: str, out: Path, err: Path) -> None:
+        self.proc, self.url, self.out, self.err = proc, url, out, err
+        self.opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback only, no proxy
+
+    def request(self, method: str, path: str, body: object = None) -> tuple[int, str, str]:
+        """(status, content type, body text); HTTP errors are answers too."""
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(self.url + path, data=data, method=method,
+                                     headers={"Content-Type": "application/json"} if data else {})  # fmt: skip
+        try:
+            with self.opener.open(req, timeout=10) as r:
+                return r.status, r.headers.get("Content-Type", ""), r.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.headers.get("Content-Type", ""), exc.read().decode()
+
+    def json(self, method: str, path: str, body: object = None) -> tuple[int, Any]:
+        status, ctype, text = self.request(method, path, body)
+        assert ctype.startswith("application/json"), (method, path, status, ctype, text[:200])
+        return status, json.loads(text)
+
+    def output(self) -> tuple[str, str]:
+        """The server's stdout (whitespace collapsed: rich wraps lines) and stderr, so far."""
+        return " ".join(self.out.read_text().split()), self.err.read_text()
+
+
+@contextlib.contextmanager
+def _serve(atlas: Path, *flags: str, logs: Path, startup_s: float = 90.0) -> Iterator[Served]:
+    """Run `python -m lmscope.cli.app serve ATLAS --no-live FLAGS` on a free loopback port until it answers
+    /api/overview (at most `startup_s`), yield it, then stop it with SIGTERM (as a process manager would) and wait
+    for it to exit (at most 30 s, then it is killed and the test fails). A port taken between choosing and binding
+    is retried on another port (three tries)."""
+    logs.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200", "NO_COLOR": "1"}
+    for attempt in range(3):
+        port = _free_port()
+        out, err = logs / f"serve{attempt}.out", logs / f"serve{attempt}.err"
+        cmd = [sys.executable, "-m", "lmscope.cli.app", "serve", str(atlas), "--host", "127.0.0.1", "--port",
+               str(port), "--no-live", *flags]  # fmt: skip
+        with out.open("wb") as fo, err.open("wb") as fe:
+            proc = subprocess.Popen(cmd, stdout=fo, stderr=fe, stdin=subprocess.DEVNULL, env=env)
+        served = Served(proc, f"http://127.0.0.1:{port}", out, err)
+        try:
+            deadline = time.monotonic() + startup_s
+            while True:
+                if proc.poll() is not None:
+                    break
+                try:
+                    if served.request("GET", "/api/overview")[0] == 200:
+                        break
+                except OSError:  # not listening yet
+                    pass
+                if time.monotonic() > deadline:
+                    pytest.fail(f"`lmscope serve` did not answer within {startup_s:.0f} s: {served.output()}")
+                time.sleep(0.1)
+            if proc.poll() is not None:
+                stderr = served.output()[1]
+                if "address already in use" in stderr.lower() and attempt < 2:
+                    continue
+                pytest.fail(f"`lmscope serve` exited with status {proc.returncode} before answering: {stderr}")
+            yield served
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"`lmscope serve` did not stop within 30 s of SIGTERM: {served.output()}")
+            return
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=30)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_serve_for_real(env, tmp_path: Path) -> None:
+    """`lmscope serve` as a real process on a real port: pages and JSON over HTTP, label writes refused with
+    --read-only (the atlas file stays byte for byte the same) and stored without it, a clean exit on SIGTERM."""
+    import sqlite3
 
     _, _, out, _, _ = env
-    apps: list = []
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: apps.append(app))
-    for args, want in ((["--read-only"], True), ([], False)):
-        r = CliRunner().invoke(cli, ["serve", str(out), "--no-live", *args])
-        assert r.exit_code == 0, r.output
-        assert apps[-1].state.read_only is want
-        assert ("label editing off" in r.output) is want
+    atlas = _copy(out, tmp_path / "served.db")
+    before = hashlib.sha256(atlas.read_bytes()).hexdigest()
+
+    with _serve(atlas, "--read-only", logs=tmp_path / "ro") as s:
+        status, ctype, page = s.request("GET", "/")
+        assert status == 200 and ctype.startswith("text/html")
+        assert '<div class="v" id="n-features">48</div>' in page
+        status, feat = s.json("GET", "/api/features/1")
+        assert status == 200 and feat["id"] == 1
+        assert [(x["source"], x["text"]) for x in feat["labels"]] == [("human", "capital cities")]
+        assert len(feat["top_examples"]) > 0 and feat["histogram"]["counts"]
+        status, missing = s.json("GET", "/api/features/999")
+        assert status == 404 and "does not exist" in missing["detail"]
+        for method, body in (("PUT", {"text": "written while read-only"}), ("DELETE", None)):
+            status, refused = s.json(method, "/api/features/1/label", body)
+            assert status == 403 and "--read-only" in refused["detail"], refused
+        assert 'id="label-readonly"' in s.request("GET", "/features/1")[2]
+    stdout, stderr = s.output()
+    assert s.proc.returncode == 0, (stdout, stderr)
+    assert f"serving {atlas} at {s.url}" in stdout and "label editing off (--read-only)" in stdout
+    assert stdout.endswith("stopped") and "Traceback" not in stderr, (stdout, stderr)
+    assert hashlib.sha256(atlas.read_bytes()).hexdigest() == before  # the atlas itself was never written
+    wal = atlas.with_name(atlas.name + "-wal")
+    assert not wal.exists() or wal.stat().st_size == 0  # nor anything left pending in its write-ahead log
+
+    with _serve(atlas, logs=tmp_path / "rw") as s:
+        status, labels = s.json("PUT", "/api/features/1/label", {"text": "capitals, served for real"})
+        assert status == 200 and ("human", "capitals, served for real") in [(x["source"], x["text"]) for x in labels]
+        status, feat = s.json("GET", "/api/features/1")
+        assert status == 200 and feat["label"]["text"] == "capitals, served for real"
+        assert 'id="label-form"' in s.request("GET", "/features/1")[2]
+    stdout, stderr = s.output()
+    assert s.proc.returncode == 0 and "human labels editable" in stdout and stdout.endswith("stopped"), stderr
+    conn = sqlite3.connect(atlas)  # on disk, after the server is gone
+    rows = conn.execute("SELECT text FROM labels WHERE feature = 1 AND source = 'human'").fetchall()
+    conn.close()
+    assert rows == [("capitals, served for real",)]
 
 
 def test_several_scores_per_label(env, tmp_path: Path) -> None:

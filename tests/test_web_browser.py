@@ -1,41 +1,51 @@
 """The explorer in a real browser: headless Debian Chromium driven by Playwright against a live local server
 (with a live tiny model: the inspector and the steering panel run for real).
 
-Playwright never downloads a browser here: it launches /usr/bin/chromium (installed by `make browser`). If
-either is missing the tests are skipped with the reason, never silently.
+Playwright never downloads a browser here: it launches /usr/bin/chromium (installed by `make browser`) or
+$LMSCOPE_CHROMIUM. If either is missing, or Chromium will not start, the tests are skipped with the reason; in CI
+(CI=true) they fail instead, with the reason and how to install what is missing (tests/browser_gate.py).
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+import browser_gate
 from atlas_helpers import make_tiny_atlas
 from lmscope.web.app import Live, create_app
 
-CHROMIUM = os.environ.get("LMSCOPE_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+CHROMIUM = browser_gate.chromium_path(os.environ)
 ARGS = [
     "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
     "--disable-sync", "--no-first-run", "--disable-quic",
 ]  # fmt: skip
 ARTIFACTS = Path(__file__).parent / "artifacts"
 
-sync_api = pytest.importorskip(
-    "playwright.sync_api", reason="Playwright is not installed: pip install -e '.[dev]' (browser tests skipped)"
-)
-if not Path(CHROMIUM).exists():
-    pytest.skip(
-        f"no Chromium at {CHROMIUM}: run `make browser` (apt-get install chromium) or set LMSCOPE_CHROMIUM; "
-        "browser tests skipped",
-        allow_module_level=True,
-    )
+sync_api: Any
+try:
+    from playwright import sync_api
+except ImportError as exc:
+    sync_api, PLAYWRIGHT_ERROR = None, str(exc)
+else:
+    PLAYWRIGHT_ERROR = None
+MISSING = browser_gate.problem(PLAYWRIGHT_ERROR, CHROMIUM)
+ACTION, WHY = browser_gate.decide(MISSING, os.environ)
+if ACTION == "skip":  # outside CI; in CI the fixture below fails each test instead
+    pytest.skip(WHY, allow_module_level=True)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _browser_available() -> None:
+    """In CI a missing Playwright or Chromium fails every test here (before the server is built), with the reason."""
+    browser_gate.enforce(MISSING)
 
 
 def _free_port() -> int:
@@ -70,8 +80,9 @@ def page(server: str) -> Iterator[object]:
     with sync_api.sync_playwright() as p:
         try:
             browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
-        except Exception as exc:  # a broken Chromium install: say why, do not pass quietly
-            pytest.skip(f"Chromium at {CHROMIUM} would not start ({str(exc).splitlines()[0]}); browser tests skipped")
+        except Exception as exc:  # a broken Chromium install: skip saying why, or fail in CI; never pass quietly
+            browser_gate.enforce(browser_gate.launch_problem(CHROMIUM, exc))
+            raise  # not reached: enforce always skips or fails here
         ctx = browser.new_context(viewport={"width": 1300, "height": 1000})
         pg = ctx.new_page()
         pg.set_default_timeout(15_000)

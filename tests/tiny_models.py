@@ -1,8 +1,9 @@
 """Tiny randomly initialised Hugging Face models, one per supported architecture family.
 
 Built from `transformers` configs, so no weights are downloaded. Each entry also names, independently of
-lmscope's hook maps, the module whose output is the MLP's contribution to the residual stream, so tests
-can check the maps against plain PyTorch.
+lmscope's hook maps (written by hand from the HF modelling source, with the full path from the top-level
+model), the module whose output is the MLP's contribution to the residual stream and the MLP's down
+projection, whose input is the MLP's neurons, so tests can check the maps against plain PyTorch.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ class Tiny:
     sequential: bool  # resid_mid = resid_pre + attn_out, resid_post = resid_mid + mlp_out
     parallel: bool = False  # GPT-NeoX: resid_post = resid_pre + attn_out + mlp_out
     hidden_states_final_norm: bool = True  # HF's last hidden state has the final norm applied
+    mlp_down: str = "model.layers.0.mlp.down_proj"  # layer 0's down projection: its input is the MLP's neurons
 
 
 def _decoder(cfg_cls: type, model_cls: type, **extra: object) -> Callable[[], torch.nn.Module]:
@@ -93,13 +95,33 @@ GEMMA_EXTRA = {"head_dim": 8}
 TINY: dict[str, Tiny] = {
     t.family: t
     for t in [
-        Tiny("gpt2", _gpt2, "transformer.h.0.mlp", True),
-        Tiny("gpt_neox", _neox(True), "gpt_neox.layers.0.post_mlp_dropout", False, parallel=True),
-        Tiny("gpt_neox_sequential", _neox(False), "gpt_neox.layers.0.post_mlp_dropout", True),
+        Tiny("gpt2", _gpt2, "transformer.h.0.mlp", True, mlp_down="transformer.h.0.mlp.c_proj"),
+        Tiny(
+            "gpt_neox",
+            _neox(True),
+            "gpt_neox.layers.0.post_mlp_dropout",
+            False,
+            parallel=True,
+            mlp_down="gpt_neox.layers.0.mlp.dense_4h_to_h",
+        ),
+        Tiny(
+            "gpt_neox_sequential",
+            _neox(False),
+            "gpt_neox.layers.0.post_mlp_dropout",
+            True,
+            mlp_down="gpt_neox.layers.0.mlp.dense_4h_to_h",
+        ),
         Tiny("llama", _decoder(tf.LlamaConfig, tf.LlamaForCausalLM), "model.layers.0.mlp", True),
         Tiny("mistral", _decoder(tf.MistralConfig, tf.MistralForCausalLM), "model.layers.0.mlp", True),
         Tiny("qwen2", _decoder(tf.Qwen2Config, tf.Qwen2ForCausalLM), "model.layers.0.mlp", True),
         Tiny("qwen3", _decoder(tf.Qwen3Config, tf.Qwen3ForCausalLM, head_dim=8), "model.layers.0.mlp", True),
+        # SmolLM3: Llama layout with NoPE layers (no rotary embedding); interval 2 makes layer 1 one of them
+        Tiny(
+            "smollm3",
+            _decoder(tf.SmolLM3Config, tf.SmolLM3ForCausalLM, no_rope_layer_interval=2),
+            "model.layers.0.mlp",
+            True,
+        ),
         Tiny("gemma", _decoder(tf.GemmaConfig, tf.GemmaForCausalLM, **GEMMA_EXTRA), "model.layers.0.mlp", True),
         Tiny(
             "gemma2",
@@ -119,9 +141,23 @@ TINY: dict[str, Tiny] = {
             "model.layers.0.post_feedforward_layernorm",
             True,
         ),
-        Tiny("bert", _bert(tf.BertConfig, tf.BertForMaskedLM), None, False, hidden_states_final_norm=False),
+        # BERT's MLP is `intermediate` (dense + GELU) then `output.dense`, whose result is normalised together
+        # with the residual (post-LN): the neurons are output.dense's input, and no additive mlp_out exists
         Tiny(
-            "roberta", _bert(tf.RobertaConfig, tf.RobertaForMaskedLM), None, False, hidden_states_final_norm=False
+            "bert",
+            _bert(tf.BertConfig, tf.BertForMaskedLM),
+            None,
+            False,
+            hidden_states_final_norm=False,
+            mlp_down="bert.encoder.layer.0.output.dense",
+        ),
+        Tiny(
+            "roberta",
+            _bert(tf.RobertaConfig, tf.RobertaForMaskedLM),
+            None,
+            False,
+            hidden_states_final_norm=False,
+            mlp_down="roberta.encoder.layer.0.output.dense",
         ),
     ]
 }

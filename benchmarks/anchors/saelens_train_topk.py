@@ -9,23 +9,36 @@ cached rows in order, batch by batch: Adam, gradient clipping at 1, activations 
 decay over the last 20% of steps, AuxK with a 1/32 coefficient. Step times come from a wrapper around the
 trainer's public `step` (norm estimation and setup excluded). SAELens' default b_dec init (zeros) is kept.
 Prints one JSON object; with --serve, steps are paced by the caller (see _common.StepGate).
+
+Two options of `TopKTrainingSAEConfig` change its speed: `use_sparse_activations` (default False; SAELens
+documents it as worthwhile "if using float32 and not using autocast", which is this case: the latents become a
+sparse COO tensor and the decoder a sparse matmul) and `rescale_acts_by_decoder_norm` (default True; SAELens
+6.54.12 cannot combine it with sparse activations, so the sparse configuration turns it off).
+`--sparse-activations` and `--no-rescale` set them; the JSON records both under `config`.
+benchmarks/train_throughput.py probes the working configurations and benchmarks the fastest.
 """
 
 from __future__ import annotations
 
+import argparse
 import time
 from collections.abc import Iterator
 from importlib.metadata import version
 
 import torch
-from _common import StepGate, fvu, load_acts, rate, report, train_args
+from _common import StepGate, convergence, fvu, load_acts, rate, report, train_args
 from sae_lens import TopKTrainingSAE, TopKTrainingSAEConfig
 from sae_lens.config import LoggingConfig, SAETrainerConfig
 from sae_lens.training.sae_trainer import SAETrainer
 
 
+def options(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--sparse-activations", action="store_true", help="use_sparse_activations=True")
+    ap.add_argument("--no-rescale", action="store_true", help="rescale_acts_by_decoder_norm=False")
+
+
 def main() -> None:
-    args = train_args(__doc__)
+    args = train_args(__doc__, options)
     t_setup = time.perf_counter()
     x, x_eval = load_acts(args)
     steps = x.shape[0] // args.batch_size
@@ -34,6 +47,7 @@ def main() -> None:
         TopKTrainingSAEConfig(
             d_in=x.shape[1], d_sae=args.d_sae, k=args.k, dtype="float32", device="cpu",
             normalize_activations="expected_average_only_in", aux_loss_coefficient=1 / 32,
+            use_sparse_activations=args.sparse_activations, rescale_acts_by_decoder_norm=not args.no_rescale,
         )
     )  # fmt: skip
     n_norm = min(steps, 8)
@@ -73,6 +87,8 @@ def main() -> None:
     with torch.no_grad():
         trained.eval()
         final = fvu(x_eval, trained(x_eval))
+        z = trained.encode(x_eval)
+        eval_dead = float(((z.to_dense() if z.is_sparse else z) > 0).any(0).logical_not().float().mean())
     report(
         {
             "library": "sae_lens",
@@ -93,9 +109,19 @@ def main() -> None:
             "setup_seconds": setup_s,
             "final_fvu": final,
             "eval_tokens": x_eval.shape[0],
+            "eval_dead_frac": eval_dead,
             "last_batch_fvu": fvus[-1],
+            "step_fvu": fvus,
+            "convergence": convergence(fvus),
             "dead_frac": float(trainer.dead_neurons.float().mean()),
             "normalisation": "expected_average_only_in (mean norm sqrt(d_in), folded after training)",
+            "config": {
+                "use_sparse_activations": args.sparse_activations,
+                "rescale_acts_by_decoder_norm": not args.no_rescale,
+                "dtype": "float32",
+                "autocast": False,
+                "optimizer": "SAETrainer's torch.optim.Adam",
+            },
         }
     )
 

@@ -10,6 +10,11 @@ bitsandbytes) and its linear warmup/decay schedule. Per step, as in `Trainer.fit
 0, decoder rows renormalised, forward on (x, x), loss = fvu + auxk_alpha * auxk, backward, parallel gradient
 removed, optimiser + scheduler step, dead-latent counters updated. Inputs are not normalised (sparsify does
 not). Prints one JSON object; with --serve, steps are paced by the caller (see _common.StepGate).
+
+Configuration: sparsify's fastest on a CPU is its only one there: the fused encoder (dense forward, sparse
+backward through embedding_bag / index_add) and the eager `embedding_bag` decoder (triton, its faster decoder,
+needs a GPU), fp32 (its bf16 autocast is CUDA-only), multi_topk off (its default). Its own Trainer's default
+optimiser is signum; Adam is used here, as for the other libraries. The JSON records this under `config`.
 """
 
 from __future__ import annotations
@@ -18,8 +23,9 @@ import time
 from importlib.metadata import version
 
 import torch
-from _common import StepGate, fvu, load_acts, rate, report, train_args
+from _common import StepGate, convergence, fvu, load_acts, rate, report, train_args
 from sparsify import SparseCoder, SparseCoderConfig
+from sparsify.utils import decoder_impl
 from transformers import get_linear_schedule_with_warmup
 
 AUXK_ALPHA = 1 / 32
@@ -69,6 +75,10 @@ def main() -> None:
     with torch.no_grad():
         sae.set_decoder_norm_to_unit_norm()
         final = fvu(x_eval, sae(x_eval).sae_out)
+        enc = sae.encode(x_eval)
+        fired = torch.zeros(args.d_sae, dtype=torch.bool)
+        fired[enc.top_indices[enc.top_acts > 0]] = True
+        eval_dead = float((~fired).float().mean())
     report(
         {
             "library": "sparsify",
@@ -89,9 +99,20 @@ def main() -> None:
             "setup_seconds": setup_s,
             "final_fvu": final,
             "eval_tokens": x_eval.shape[0],
+            "eval_dead_frac": eval_dead,
             "last_batch_fvu": fvus[-1],
+            "step_fvu": fvus,
+            "convergence": convergence(fvus),
             "dead_frac": float((since_fired > DEAD_THRESHOLD).float().mean()),
             "normalisation": "none (sparsify trains on raw activations)",
+            "config": {
+                "activation": sae.cfg.activation,
+                "decoder": decoder_impl.__name__,
+                "multi_topk": sae.cfg.multi_topk,
+                "dtype": "float32",
+                "optimizer": "torch.optim.Adam (sparsify's Trainer with optimizer='adam'; its default is signum)",
+                "auxk_alpha": AUXK_ALPHA,
+            },
         }
     )
 

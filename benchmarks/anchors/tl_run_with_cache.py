@@ -12,6 +12,9 @@ Standalone it runs `--rounds` timed passes after a warm-up and prints one JSON o
 prints one JSON line after loading ({"ready": ...}), then runs one timed pass per line read on stdin and
 answers {"seconds": ...}; at EOF it prints the summary object. The caller can so interleave its own
 measurements with these, round by round.
+
+`--dump FILE` also writes TL's activation for the first batch, in fp32 (safetensors "acts" [batch, context, d]),
+so the caller can compare it with its own (benchmarks/harvest.py reports the difference).
 """
 
 from __future__ import annotations
@@ -88,6 +91,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--serve", action="store_true")
+    ap.add_argument("--dump", default=None, help="write the first batch's fp32 activation here (safetensors)")
     args = ap.parse_args()
 
     t0 = time.perf_counter()
@@ -108,6 +112,12 @@ def main() -> None:
         return time.perf_counter() - t
 
     one_pass()  # warm-up
+    if args.dump:
+        from safetensors.torch import save_file
+
+        with torch.inference_mode():
+            _, cache = model.run_with_cache(batches[0], names_filter=[hook], stop_at_layer=args.layer + 1)
+            save_file({"acts": cache[hook].float().contiguous()}, args.dump)
     info: dict[str, Any] = {
         "anchor": "transformer_lens.run_with_cache",
         "loaded_via": how,

@@ -103,7 +103,7 @@ _WHAT = {
     "dtype": "storage dtype",
     "corpus": "corpus (fingerprint)",
     "packing": "context/packing",
-    "shard_contexts": "shard size",
+    "shard_contexts": "shard size (contexts per shard: --shard-tokens // --context)",
     "batch_size": "batch size",
 }
 

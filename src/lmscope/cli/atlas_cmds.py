@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import shlex
+import signal
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -121,5 +125,31 @@ def register(app: typer.Typer) -> None:
         app_ = create_app(atlas, live=live_pair, live_note=note, read_only=read_only)
         edits = "label editing off (--read-only)" if read_only else "human labels editable"
         console.print(f"serving {atlas} at http://{host}:{port}  ({note}; {edits})", highlight=False)
-        uvicorn.run(app_, host=host, port=port, log_level="warning")
+        with _sigterm_stops_cleanly():
+            uvicorn.run(app_, host=host, port=port, log_level="warning")  # Ctrl-C: shuts down, returns
+        console.print("stopped", highlight=False)
 
+
+class _Stopped(Exception):
+    """SIGTERM arrived: `lmscope serve` ends like after Ctrl-C (graceful shutdown, exit status 0)."""
+
+
+@contextlib.contextmanager
+def _sigterm_stops_cleanly() -> Iterator[None]:
+    """While the server runs, SIGTERM (a process manager, `kill`) stops it like Ctrl-C. uvicorn catches the signal,
+    shuts down, then re-raises it to the previous handler; without this one the process would die of it (status
+    -15) after the shutdown, indistinguishable from a crash. Only the main thread can set signal handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: object) -> None:
+        raise _Stopped
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    except _Stopped:  # uvicorn shut down gracefully, then re-raised the signal to `stop`
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)

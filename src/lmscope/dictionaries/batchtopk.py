@@ -7,7 +7,9 @@ batches, then an exponential moving average with momentum 0.99), stored as a buf
 with the weights; it is NaN until estimated, and inference refuses to run then.
 
 SAELens has no BatchTopK at inference: an export is a JumpReLU SAE whose per-latent thresholds all equal the
-saved one (what SAELens itself does), marked in its metadata so that an import restores BatchTopK.
+saved one (what SAELens itself does), marked in its metadata so that an import restores BatchTopK; a transcoder
+exports as a `jumprelu_transcoder`. A SAELens BatchTopK training checkpoint (`architecture: batchtopk`, a scalar
+`topk_threshold`) loads as BatchTopK.
 """
 
 from __future__ import annotations
@@ -39,13 +41,18 @@ class BatchTopKDictionary(KSparse):
         theta = float(tensors["threshold"])
         if theta != theta:  # NaN
             raise FormatError("this BatchTopK dictionary has no threshold yet; train it before exporting")
-        return {**tensors, "threshold": torch.full((self.cfg.d_sae,), max(theta, 0.0))}, {}
+        extra = {"architecture": "jumprelu_transcoder"} if self.cfg.d_out != self.cfg.d_in else {}
+        return {**tensors, "threshold": torch.full((self.cfg.d_sae,), max(theta, 0.0))}, extra
 
     @classmethod
     def from_saelens(
         cls, tensors: dict[str, Tensor], k: int | None, src: str, restored: bool
     ) -> tuple[dict[str, Tensor], int | None]:
         theta = tensors.get("threshold")
+        if theta is None and "topk_threshold" in tensors:
+            # a SAELens 6 training checkpoint (BatchTopKTrainingSAE.save_model): the scalar threshold under its name
+            theta = tensors["topk_threshold"]
+            tensors = {**{name: t for name, t in tensors.items() if name != "topk_threshold"}, "threshold": theta}
         if restored:  # an lmscope export: a JumpReLU SAE whose thresholds all equal the BatchTopK one
             if theta is None or not bool((theta == theta[0]).all()):
                 raise FormatError(f"{src}: marked as an lmscope BatchTopK export, but its thresholds are not all equal")

@@ -9,11 +9,17 @@ lmscope format, a directory:
 
 SAELens format: `cfg.json` + `sae_weights.safetensors` with the same four tensors (+ `threshold` [d_sae] for
 jumprelu); each architecture names its SAELens counterpart and converts its own tensors (`Dictionary.saelens_arch`,
-`to_saelens`, `from_saelens`). sparsify format: a folder per hook with `cfg.json` + `sae.safetensors` holding
-`encoder.weight` [d_sae, d_in], `encoder.bias`, `W_dec` [d_sae, d_in], `b_dec`.
+`saelens_imports`, `to_saelens`, `from_saelens`; transcoders are SAELens's `transcoder` / `jumprelu_transcoder`).
+Both SAELens 6 configs and the v5 layout load. sparsify format: a folder per hook with `cfg.json` +
+`sae.safetensors` holding `encoder.weight` [d_sae, d_in], `encoder.bias`, `W_dec` [d_sae, d_in], `b_dec`
+(`transcode: true`: the encoder sees x, not x - b_dec).
 
-Every conversion is checked: tensor names, shapes, the activation function, its k or threshold. Anything
-that cannot be represented raises a FormatError that says what and how to fix it; nothing is dropped quietly.
+Every conversion is checked: tensor names, shapes, the activation function, its k or threshold. Settings that
+only rescale (SAELens's `rescale_acts_by_decoder_norm`, v5 `finetuning_scaling_factor`) are folded into the
+weights, exactly as SAELens computes them, and recorded in `metadata["training"]["folded"]`. Anything that cannot
+be represented raises a FormatError that names the setting and how to fix it; nothing is dropped quietly.
+tests/fixtures/interop holds files written by the real SAELens and sparsify, with their outputs, that the tests
+compare against.
 """
 
 from __future__ import annotations
@@ -37,6 +43,8 @@ CONFIG = "config.json"
 SAELENS_WEIGHTS = "sae_weights.safetensors"
 SAELENS_CFG = "cfg.json"
 SPARSIFY_WEIGHTS = "sae.safetensors"
+# the SAELens version whose config layout export_saelens writes (checked in tests/fixtures/interop/lmscope_export)
+SAELENS_LAYOUT_VERSION = "6.54.12"
 
 
 def _save_tensors(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str] | None = None) -> None:
@@ -158,10 +166,13 @@ def _saelens_names() -> dict[str, str]:
 
 
 def export_saelens(d: Dictionary, path: str | Path) -> Path:
-    """Write `cfg.json` + `sae_weights.safetensors` for SAELens.
+    """Write `cfg.json` + `sae_weights.safetensors` for SAELens (the v6 layout; real SAELens loads it).
 
-    The architecture converts its own tensors (`Dictionary.to_saelens`); `metadata.lmscope` records the
-    original architecture, so an import restores one SAELens lacks (BatchTopK, exported as JumpReLU).
+    The architecture converts its own tensors and names its SAELens class (`Dictionary.to_saelens`: a
+    transcoder, d_out != d_in, exports as SAELens's transcoder class); `metadata.lmscope` records the original
+    architecture, so an import restores one SAELens lacks (BatchTopK, exported as JumpReLU).
+    `metadata.sae_lens_version` says the config follows SAELens 6's layout: without it SAELens reads the file as
+    a v5 config and drops the hook and model names (tests/fixtures/interop/lmscope_export checks this).
     """
     path = Path(path)
     cfg = d.cfg
@@ -181,6 +192,7 @@ def export_saelens(d: Dictionary, path: str | Path) -> Path:
         "normalize_activations": "none",
         "reshape_activations": "none",
         "metadata": {
+            "sae_lens_version": SAELENS_LAYOUT_VERSION,
             "model_name": cfg.model,
             "hook_name": cfg.hook,
             "lmscope": {"arch": d.arch, "k": cfg.k, "hook_out": cfg.hook_out},
@@ -195,43 +207,129 @@ def export_saelens(d: Dictionary, path: str | Path) -> Path:
     return path
 
 
+# SAELens settings lmscope cannot represent: normalize_activations values that are not folded into the weights
+_SAELENS_NORMALIZATION = {
+    "expected_average_only_in": "its scaling factor is not in the file; in SAELens, call "
+    "sae.fold_activation_norm_scaling_factor(factor) and save again",
+    "constant_norm_rescale": "it rescales every input to norm sqrt(d_in) at run time, which no weights can express",
+    "layer_norm": "it layer-normalises every input at run time, which no weights can express",
+    "covariance_whitening": "the whitening is not in the weights; in SAELens, call sae.fold_activation_whitening(...) "
+    "and save again",
+}
+
+
+def _saelens_config(raw: dict[str, Any], tensors: dict[str, Tensor], src: str) -> tuple[str, int | None]:
+    """Check a SAELens config (v6 or the v5 layout) and return (SAELens architecture, k); refuse what cannot load.
+
+    SAELens 5 wrote TopK as `architecture: "topk"` (or, earlier, `"standard"`) with `activation_fn_str: "topk"`
+    and `activation_fn_kwargs: {"k": ..}`; hook and model names sat at the top level instead of in `metadata`.
+    """
+    arch_name = str(raw.get("architecture", "standard"))
+    act_kwargs = raw.get("activation_fn_kwargs") or {}
+    act = raw.get("activation_fn_str") or raw.get("activation_fn") or ("topk" if arch_name == "topk" else "relu")
+    if arch_name == "standard" and act == "topk":  # the v5 TopK layout
+        arch_name = "topk"
+    if arch_name in ("gated", "transcoder_gated"):
+        raise FormatError(
+            f"{src}: architecture {arch_name!r}: gated SAEs (separate gate and magnitude paths) are not supported by "
+            "lmscope; it loads standard, topk, jumprelu and SAELens transcoders"
+        )
+    if "W_skip" in tensors or "skip" in arch_name:
+        raise FormatError(
+            f"{src}: architecture {arch_name!r} has a skip connection (W_skip), which lmscope dictionaries do not "
+            "have; it cannot be loaded without changing what it computes"
+        )
+    want = "topk" if arch_name == "topk" else "relu"
+    if act != want:
+        raise FormatError(
+            f"{src}: activation function {act!r} for architecture {arch_name!r} is not supported; lmscope converts "
+            "relu (standard, jumprelu, transcoders) and topk"
+        )
+    norm = raw.get("normalize_activations", "none")
+    norm = {False: "none", None: "none", True: "expected_average_only_in"}.get(norm, norm)  # v5 wrote booleans
+    if norm != "none":
+        why = _SAELENS_NORMALIZATION.get(str(norm), "lmscope only loads dictionaries that take raw activations")
+        raise FormatError(f"{src}: normalize_activations={norm!r} is not supported: {why}")
+    hook = (raw.get("metadata") or {}).get("hook_name") or raw.get("hook_name") or raw.get("hook_point") or ""
+    reshape = raw.get("reshape_activations") or ("hook_z" if "hook_z" in str(hook) else "none")
+    if reshape != "none":
+        raise FormatError(
+            f"{src}: reshape_activations={reshape!r} is not supported: SAELens reshapes its input from "
+            "[..., n_heads, d_head] (hook_z), and lmscope dictionaries take flat activation vectors"
+        )
+    k = raw.get("k", act_kwargs.get("k"))
+    if k is not None and float(k) != int(k):
+        raise FormatError(f"{src}: k={k} is not a whole number; lmscope's k is an integer")
+    return arch_name, (int(k) if k is not None else None)
+
+
+def _fold_saelens_scalings(
+    raw: dict[str, Any], tensors: dict[str, Tensor], src: str
+) -> tuple[dict[str, Tensor], list[str]]:
+    """Fold SAELens settings that only rescale into the weights (exactly what SAELens computes); list what was folded.
+
+    - `rescale_acts_by_decoder_norm` (TopK / BatchTopK; SAELens 6 training default, and still true in the config
+      `save_inference_model` writes after folding): latents are pre * |W_dec row|, decoded as z / |W_dec row|.
+      Folded as SAELens itself does on save (`_fold_norm_topk`): W_enc, b_enc times the norm, W_dec divided by it.
+      BatchTopK thresholds are already in those units.
+    - `finetuning_scaling_factor` (v5): decode multiplies latent i by s_i, folded into W_dec's rows. SAELens 5's
+      `save_model` writes s as `finetuning_scaling_factor`, its disk loader reads it as `scaling_factor` (and drops
+      one of all ones); both are read here.
+    """
+    folded: list[str] = []
+    t = dict(tensors)
+    if raw.get("rescale_acts_by_decoder_norm"):
+        if not {"W_enc", "b_enc", "W_dec"} <= set(t):
+            raise FormatError(f"{src}: rescale_acts_by_decoder_norm=True but W_enc, b_enc or W_dec is missing")
+        n = t["W_dec"].float().norm(dim=-1).clamp_min(1e-8)
+        t["W_enc"] = t["W_enc"].float() * n
+        t["b_enc"] = t["b_enc"].float() * n
+        t["W_dec"] = t["W_dec"].float() / n[:, None]
+        folded.append("rescale_acts_by_decoder_norm")
+    if "scaling_factor" in t and torch.allclose(t["scaling_factor"].float(), torch.ones(())):
+        del t["scaling_factor"]  # SAELens wrote ones here for a while and drops them on load (so does lmscope)
+    if "scaling_factor" in t and not raw.get("finetuning_scaling_factor"):
+        raise FormatError(f"{src}: the weights hold a scaling_factor but finetuning_scaling_factor is not set")
+    if raw.get("finetuning_scaling_factor"):
+        s = t.pop("finetuning_scaling_factor", None)
+        s = t.pop("scaling_factor", None) if s is None else s
+        if s is None or "W_dec" not in t:
+            raise FormatError(
+                f"{src}: finetuning_scaling_factor=True but the weights hold no finetuning_scaling_factor"
+            )
+        t["W_dec"] = t["W_dec"].float() * s.float()[:, None]
+        folded.append("finetuning_scaling_factor")
+    return t, folded
+
+
 def load_saelens(path: str | Path, device: str | torch.device = "cpu") -> Dictionary:
-    """Load a SAELens `cfg.json` + `sae_weights.safetensors` directory (v6 and the older v5 config layout)."""
+    """Load a SAELens `cfg.json` + `sae_weights.safetensors` directory (v6 and the older v5 config layout).
+
+    Loads standard, topk, jumprelu (and SAELens 6's BatchTopK checkpoints) SAEs and the transcoder and
+    jumprelu_transcoder classes; settings that only rescale are folded into the weights (recorded in
+    `d.metadata["training"]["folded"]`); anything lmscope cannot compute exactly is refused, naming the setting.
+    """
     path = Path(path)
     raw = _read_json(path / SAELENS_CFG)
     tensors = _load_tensors(path / SAELENS_WEIGHTS)
     src = str(path)
     meta = raw.get("metadata") or {}
-    arch_name = raw.get("architecture", "standard")
-    act = raw.get("activation_fn_str") or raw.get("activation_fn") or "relu"
-    act_kwargs = raw.get("activation_fn_kwargs") or {}
-    if arch_name == "standard" and act == "topk":  # SAELens v5 wrote TopK as standard + activation_fn_str
-        arch_name = "topk"
-    if arch_name == "standard" and act not in ("relu",):
-        raise FormatError(f"{src}: activation function {act!r} is not supported; lmscope converts relu and topk")
-    if arch_name in ("gated", "transcoder_gated"):
-        raise FormatError(f"{src}: gated SAEs are not supported by lmscope; convert it to JumpReLU first")
-    norm = raw.get("normalize_activations", "none") or "none"
-    if norm not in ("none", None):
-        raise FormatError(
-            f"{src}: normalize_activations={norm!r} needs a scaling factor that is not in the weights; in SAELens, "
-            "call sae.fold_activation_norm_scaling_factor(...) and save again"
-        )
-    if raw.get("rescale_acts_by_decoder_norm"):
-        raise FormatError(f"{src}: rescale_acts_by_decoder_norm=True is not supported; fold it and save again")
     for key in ("d_in", "d_sae"):
         if key not in raw:
             raise FormatError(f"{src}/{SAELENS_CFG} lacks {key!r}; this is not a SAELens config")
+    arch_name, k = _saelens_config(raw, tensors, src)
     mapping = _saelens_names()
     if arch_name not in mapping:
         raise FormatError(f"{src}: SAELens architecture {arch_name!r} is not supported ({', '.join(mapping)} are)")
     arch = mapping[arch_name]
-    k = raw.get("k", act_kwargs.get("k"))
+    tensors, folded = _fold_saelens_scalings(raw, tensors, src)
     lm = meta.get("lmscope") or {}
     marked = lm.get("arch")
-    # an lmscope export of an architecture SAELens lacks (its saelens_arch is another's name): restore it
-    restored = marked in architectures() and marked != arch and architecture(marked).saelens_arch == arch_name
-    if restored:
+    # an lmscope export of an architecture SAELens lacks (exported under another's SAELens class): restore it
+    restored = (
+        marked in architectures() and marked != arch and mapping.get(str(architecture(marked).saelens_arch)) == arch
+    )
+    if restored or (marked == arch and k is None):  # k of an lmscope export SAELens has no k for (kept for its cfg)
         arch = str(marked)
         k = lm.get("k", k)
     tensors, k = architecture(arch).from_saelens(tensors, k, src, restored)
@@ -242,12 +340,15 @@ def load_saelens(path: str | Path, device: str | torch.device = "cpu") -> Dictio
         d_out=int(raw.get("d_out") or raw["d_in"]),
         k=int(k) if k is not None else 32,
         apply_b_dec_to_input=bool(raw.get("apply_b_dec_to_input", True)),
-        hook=meta.get("hook_name", raw.get("hook_name")),
-        hook_out=meta.get("hook_name_out", raw.get("hook_name_out")) or lm.get("hook_out"),
-        model=meta.get("model_name", raw.get("model_name")),
+        hook=meta.get("hook_name") or raw.get("hook_name") or raw.get("hook_point"),
+        hook_out=meta.get("hook_name_out") or raw.get("hook_name_out") or lm.get("hook_out"),
+        model=meta.get("model_name") or raw.get("model_name"),
     )
     d = from_tensors(cfg, {k_: v for k_, v in tensors.items()}, src).to(device)
-    d.metadata = {"normalization": {"kind": "none"}, "training": {"imported_from": "saelens", "path": src}}  # type: ignore[assignment]
+    training: dict[str, Any] = {"imported_from": "saelens", "path": src}
+    if folded:
+        training["folded"] = folded
+    d.metadata = {"normalization": {"kind": "none"}, "training": training}  # type: ignore[assignment]
     return d
 
 

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lmscope.dictionaries.base import DictConfig, Dictionary, LossState, TrainOutput, register
+from lmscope.dictionaries.base import DictConfig, Dictionary, FormatError, LossState, TrainOutput, register
 
 MIN_THRESHOLD = 1e-6
 
@@ -59,7 +59,7 @@ class JumpReLUDictionary(Dictionary):
     run_tag = "l0_{l0_coeff:g}"
     loss_terms = ("mse", "l0")
     saelens_arch = "jumprelu"
-    saelens_imports = ("jumprelu",)
+    saelens_imports = ("jumprelu", "jumprelu_transcoder")
 
     @classmethod
     def default_lr(cls, cfg: DictConfig) -> float:
@@ -68,6 +68,20 @@ class JumpReLUDictionary(Dictionary):
     @classmethod
     def extra_tensor_shapes(cls, cfg: DictConfig) -> dict[str, tuple[int, ...]]:
         return {"threshold": (cfg.d_sae,)}
+
+    def to_saelens(self, tensors: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        """A transcoder to another width is SAELens's `jumprelu_transcoder` class."""
+        return tensors, ({"architecture": "jumprelu_transcoder"} if self.cfg.d_out != self.cfg.d_in else {})
+
+    @classmethod
+    def from_saelens(
+        cls, tensors: dict[str, Tensor], k: int | None, src: str, restored: bool
+    ) -> tuple[dict[str, Tensor], int | None]:
+        """SAELens computes relu(pre) * (pre > threshold): a negative threshold acts as 0, so it loads as 0 (exact)."""
+        theta = tensors.get("threshold")
+        if theta is not None and not bool(torch.isfinite(theta).all()):
+            raise FormatError(f"{src}: threshold holds NaN or infinite values; the file is damaged")
+        return ({**tensors, "threshold": theta.clamp_min(0.0)} if theta is not None else tensors), k
 
     def __init__(self, cfg: DictConfig) -> None:
         super().__init__(cfg)

@@ -2,9 +2,12 @@
 
 loss = |x - x_hat|^2 + lambda * sum_i z_i |W_dec[i]|; the decoder norm is free (not constrained), lambda ramps
 up linearly over the first `l1_warmup_frac` of training, decoder rows start at norm 0.1.
+SAELens: `standard` SAEs, and `transcoder` for a transcoder whose output width differs from its input's.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -19,7 +22,11 @@ class ReLUDictionary(Dictionary):
     run_tag = "l1_{l1_coeff:g}"
     loss_terms = ("mse", "l1")
     saelens_arch = "standard"
-    saelens_imports = ("standard",)
+    saelens_imports = ("standard", "transcoder")
+
+    def to_saelens(self, tensors: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        """A transcoder to another width is SAELens's `transcoder` class (ReLU); the standard SAE has no d_out."""
+        return tensors, ({"architecture": "transcoder"} if self.cfg.d_out != self.cfg.d_in else {})
 
     @classmethod
     def default_lr(cls, cfg: DictConfig) -> float:

@@ -67,6 +67,12 @@ class TopKDictionary(KSparse):
     saelens_imports = ("topk",)
 
     def to_saelens(self, tensors: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        if self.cfg.d_out != self.cfg.d_in:
+            raise FormatError(
+                f"a TopK transcoder ({self.cfg.d_in} -> {self.cfg.d_out}) has no SAELens counterpart: SAELens's topk "
+                "class has no output width of its own and its transcoders are ReLU or JumpReLU; save it in lmscope's "
+                "format instead"
+            )
         return tensors, {"k": self.cfg.k, "rescale_acts_by_decoder_norm": False}
 
     @classmethod

@@ -197,6 +197,7 @@ class Trainer:
         self.step = 0
         self.tokens = 0
         self.total_steps = 0
+        self.batch_tokens = 0  # tokens per (global) batch, recorded in checkpoints: a resume must keep it
         self.log: MetricsLog | None = None
 
     # ------------------------------------------------------------------ data
@@ -292,6 +293,7 @@ class Trainer:
             "step": self.step,
             "tokens": self.tokens,
             "total_steps": self.total_steps,
+            "batch_tokens": self.batch_tokens,
             "train_cfg": asdict(self.cfg),
             "runs": runs_meta,
         }
@@ -322,6 +324,7 @@ class Trainer:
             dprefix = f"{run.name}/dead/"
             run.dead.load({k[len(dprefix) :]: v for k, v in tensors.items() if k.startswith(dprefix)})
         self.step, self.tokens, self.total_steps = meta["step"], meta["tokens"], meta["total_steps"]
+        self.batch_tokens = int(meta.get("batch_tokens", 0))  # 0: a checkpoint from before it was recorded
         return True
 
     # ------------------------------------------------------------------ the loop
@@ -380,6 +383,15 @@ class Trainer:
             picked = [self._pick(batch, run) for run in self.runs]
             n_tok = picked[0][0].shape[0]
             if schedule is None:
+                # The step counter indexes batches: resumed with another batch size, the run would skip the wrong
+                # number of rows and follow a schedule made for other steps, silently.
+                if resumed and self.batch_tokens and n_tok != self.batch_tokens:
+                    raise DictionaryError(
+                        f"the checkpoint in {self.out_dir} was trained on batches of {self.batch_tokens:,} tokens but "
+                        f"this run's are {n_tok:,}: resume with the same --batch-size, or pass --no-resume (or "
+                        "another --out) to start afresh"
+                    )
+                self.batch_tokens = n_tok
                 if not self.total_steps:
                     self.total_steps = math.ceil(self.cfg.total_tokens / n_tok)
                 schedule = Schedule(self.total_steps, self.cfg.warmup_steps, self.cfg.decay_frac, self.cfg.min_lr_frac)
