@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 import lmscope
+from lmscope.core.atomic import atomic_write_json
 
 ROOT = Path(__file__).resolve().parent
 
@@ -115,9 +116,7 @@ def main() -> None:
         "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_name(args.out.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, args.out)
+    atomic_write_json(args.out, result)
     print(json.dumps(result, indent=2))
 
 

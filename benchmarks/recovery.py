@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import platform
 import sys
@@ -30,6 +29,7 @@ from typing import Any
 import torch
 
 import lmscope
+from lmscope.core.atomic import atomic_write_json
 from lmscope.dictionaries import architectures
 from lmscope.synthetic.benchmark import RecoveryBenchConfig, dictionary_configs, run_recovery
 from lmscope.synthetic.data import GroundTruthConfig
@@ -109,9 +109,7 @@ def main() -> None:
         "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_name(args.out.name + ".tmp")
-    tmp.write_text(json.dumps(out, indent=2))
-    os.replace(tmp, args.out)
+    atomic_write_json(args.out, out)
 
     print(f"{'scenario':9s} {'arch':10s} {'MMCS':>6s} {'recov':>6s} {'FVU':>6s} {'L0':>5s} {'dead':>6s} "
           f"{'absorb':>7s} {'split':>6s}  recovered per frequency decile (D0 most frequent)")  # fmt: skip

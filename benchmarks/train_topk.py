@@ -17,7 +17,6 @@ benchmarks/results/train_topk.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -30,6 +29,7 @@ import torch
 
 import lmscope
 from _ceilings import best_of, topk_ceilings
+from lmscope.core.atomic import atomic_write_json
 from lmscope.dictionaries import DictConfig, build
 from lmscope.training import RunSpec, TensorSource, TrainConfig, Trainer
 
@@ -128,9 +128,7 @@ def main() -> None:
             "fraction_of_matmul_topk": round(ref / ceiling["matmul_topk_tokens_per_s"], 4),
         }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_name(args.out.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, args.out)
+    atomic_write_json(args.out, result)
 
     c = ceiling
     print(f"threads {args.threads}  d {d}  m {m}  k {k}  batch {batch}")

@@ -11,7 +11,6 @@ Outside CI, skipped with the reason when Playwright or Chromium is missing; in C
 from __future__ import annotations
 
 import re
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -26,14 +25,8 @@ from lmscope.dictionaries import DictConfig, build
 from lmscope.web.app import Live, create_app
 
 # the same gate as tests/test_web_browser.py: skipped with the reason outside CI, failing in CI (browser_gate.py)
-from test_web_browser import ARGS, CHROMIUM, _browser_available, sync_api  # noqa: F401
+from test_web_browser import ARGS, CHROMIUM, _browser_available, _free_port, sync_api  # noqa: F401
 from test_web_fixes import _patch_atlas
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
