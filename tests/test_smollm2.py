@@ -13,7 +13,7 @@ pytestmark = pytest.mark.smollm2
 def test_loads_offline_as_llama(smollm2):
     assert smollm2.family.name == "llama"
     assert (smollm2.n_layers, smollm2.d_model, smollm2.d_mlp, smollm2.vocab_size) == (30, 576, 1536, 49152)
-    assert len(smollm2.hook_names()) == 2 + 30 * 7 + 1
+    assert len(smollm2.hook_names()) == 2 + 30 * 10 + 1
 
 
 def test_capital_of_france_is_paris(smollm2):

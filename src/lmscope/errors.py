@@ -13,3 +13,7 @@ class ModelLoadError(LmscopeError):
 
 class HookError(LmscopeError):
     """An unknown, unsupported or misused hook point."""
+
+
+class CircuitError(LmscopeError):
+    """An attribution graph cannot be built or read as asked (prompt, targets, transcoders, family)."""

@@ -29,6 +29,11 @@ class HookPoint:
     layer: int | None
     module: str  # dotted path from the top-level HF model ("" is the model itself)
     io: IO
+    cols: tuple[int, ...] | None = None  # a fused projection: the columns of the module's output that are this hook
+
+
+def _index(point: HookPoint) -> torch.Tensor | None:
+    return torch.tensor(point.cols, dtype=torch.long) if point.cols is not None else None
 
 
 class Activations(dict[str, torch.Tensor]):
@@ -100,12 +105,12 @@ class Model:
         fam = self.family
         points: dict[str, HookPoint] = {}
 
-        def put(name: str, kind: str, layer: int | None, path: str, io: IO) -> None:
+        def put(name: str, kind: str, layer: int | None, path: str, io: IO, cols: tuple[int, ...] | None = None) -> None:
             try:
                 self.hf.get_submodule(path)
             except AttributeError:
                 return  # e.g. a bare BertModel has no `cls` head, so no logits hook
-            points[name] = HookPoint(name, kind, layer, path, io)
+            points[name] = HookPoint(name, kind, layer, path, io, cols)
 
         if fam.embed:
             put("embed", "embed", None, self._site_path(fam.embed), fam.embed.io)
@@ -119,7 +124,8 @@ class Model:
                     put(name, kind, i, block, "out")
                 elif kind in fam.block_sites:
                     site = fam.block_sites[kind]
-                    put(name, kind, i, self._site_path(site, i), site.io)
+                    cols = site.cols.indices() if site.cols is not None else None
+                    put(name, kind, i, self._site_path(site, i), site.io, cols)
         if fam.final_norm:
             put("final_norm", "final_norm", None, self._site_path(fam.final_norm), fam.final_norm.io)
         if fam.logits:
@@ -243,15 +249,19 @@ class Model:
         acts = Activations()
         removers: list[Callable[[], None]] = []
 
-        def reader(name: str) -> Callable[[torch.Tensor], None]:
+        def reader(p: HookPoint) -> Callable[[torch.Tensor], None]:
+            index = _index(p)
+
             def read(x: torch.Tensor) -> None:
-                acts[name] = x.clone() if grad else x.detach().clone()
+                if index is not None:
+                    x = x.index_select(-1, index.to(x.device))
+                acts[p.name] = x.clone() if grad else x.detach().clone()
 
             return read
 
         try:
             for p in points:
-                removers.append(self._dispatch.add(p.module, p.io, reader=reader(p.name)))
+                removers.append(self._dispatch.add(p.module, p.io, reader=reader(p)))
             stop = self._stop_site(points) if stop_early else None
             if stop is not None:
 
@@ -279,6 +289,22 @@ class Model:
                 remove()
 
     def _add_writer(self, point: HookPoint, fn: Writer) -> list[Callable[[], None]]:
+        index = _index(point)
+        if index is not None:  # a slice of a fused projection: edit those columns, keep the rest
+            inner = fn
+
+            def sliced(x: torch.Tensor) -> torch.Tensor:
+                i = index.to(x.device)
+                part = x.index_select(-1, i)
+                new = inner(part)
+                if new is part:
+                    return x
+                if not isinstance(new, torch.Tensor) or new.shape != part.shape:
+                    got = tuple(new.shape) if isinstance(new, torch.Tensor) else type(new).__name__
+                    raise HookError(f"an intervention on {point.name} must return shape {tuple(part.shape)}, got {got}")
+                return x.index_copy(-1, i, new)
+
+            fn = sliced
         via = self.family.resid_mid_write_via
         if point.kind != "resid_mid" or via is None:
             return [self._dispatch.add(point.module, point.io, writer=fn)]
@@ -300,6 +326,25 @@ class Model:
             self._dispatch.add(block, "in", reader=remember),
             self._dispatch.add(target.module, target.io, writer=delta),
         ]
+
+    def norm_paths(self) -> list[str]:
+        """Module paths of every normalisation on the residual and value paths: each block's, then the final norm."""
+        paths = [_join(self._blocks_path, str(i), n) for i in range(self.n_layers) for n in self.family.norms]
+        if self.family.final_norm is not None:
+            paths.append(self._site_path(self.family.final_norm))
+        return paths
+
+    @contextlib.contextmanager
+    def on_module(
+        self, path: str, io: IO, reader: Callable[[torch.Tensor], None] | None = None, writer: Writer | None = None
+    ) -> Iterator[None]:
+        """A reader and/or writer on any module's input or output (for paths this class lists, e.g. `norm_paths`),
+        through the same dispatcher as the named hooks, so they keep its order and leave no hook behind."""
+        remove = self._dispatch.add(path, io, reader=reader, writer=writer)
+        try:
+            yield
+        finally:
+            remove()
 
     def hooks_active(self) -> int:
         """Number of PyTorch hooks lmscope has on the model (0 outside capture/intervene)."""

@@ -2,10 +2,17 @@
 
 One naming scheme serves every family:
 
-    embed, blocks.{i}.resid_pre, blocks.{i}.attn_out, blocks.{i}.resid_mid, blocks.{i}.mlp_in,
-    blocks.{i}.mlp_hidden, blocks.{i}.mlp_out, blocks.{i}.resid_post, final_norm, logits
+    embed, blocks.{i}.resid_pre, blocks.{i}.attn_q, blocks.{i}.attn_k, blocks.{i}.attn_v, blocks.{i}.attn_out,
+    blocks.{i}.resid_mid, blocks.{i}.mlp_in, blocks.{i}.mlp_hidden, blocks.{i}.mlp_out, blocks.{i}.resid_post,
+    final_norm, logits
 
-A *site* says which module carries the value and whether it is that module's input or output.
+A *site* says which module carries the value and whether it is that module's input or output, and, for a fused
+projection (GPT-2's `c_attn`, GPT-NeoX's `query_key_value`), which columns of its output (`Cols`).
+`attn_q` and `attn_k` are the query and key projections before any rotary embedding or q/k norm: the attention
+pattern is a function of them alone, so writing their recorded values freezes the pattern (lmscope.circuits does).
+`attn_v` is the value projection. `FamilyMap.norms` lists every normalisation module of a block that sits on the
+residual or value path (the final norm is the global `final_norm` site): freezing their scales, with the pattern,
+makes a block linear in its input apart from the MLP.
 `resid_pre` and `resid_post` are always the block's input and output, so they are not listed per family.
 `attn_out` and `mlp_out` are exactly what each sublayer adds to the residual stream, after any post-norm
 (Gemma 2 and 3, OLMo 2). Paths are relative to the model's base module (`hf_model.base_model`), except
@@ -28,16 +35,32 @@ from lmscope.errors import LmscopeError
 
 IO = Literal["in", "out"]
 
-BLOCK_KINDS = ("resid_pre", "attn_out", "resid_mid", "mlp_in", "mlp_hidden", "mlp_out", "resid_post")
+BLOCK_KINDS = (
+    "resid_pre", "attn_q", "attn_k", "attn_v", "attn_out", "resid_mid", "mlp_in", "mlp_hidden", "mlp_out", "resid_post"
+)  # fmt: skip
 GLOBAL_KINDS = ("embed", "final_norm", "logits")
 
 
 @dataclass(frozen=True)
+class Cols:
+    """Columns of a fused projection's output: `count` runs of `width` columns, `stride` apart, from `offset`."""
+
+    offset: int
+    width: int
+    stride: int = 0
+    count: int = 1
+
+    def indices(self) -> tuple[int, ...]:
+        return tuple(self.offset + j * self.stride + i for j in range(self.count) for i in range(self.width))
+
+
+@dataclass(frozen=True)
 class Site:
-    """A module path (relative to the block, or to the base model for global sites) and which side."""
+    """A module path (relative to the block, or to the base model for global sites), which side, which columns."""
 
     module: str
     io: IO
+    cols: Cols | None = None
 
 
 @dataclass(frozen=True)
@@ -52,6 +75,8 @@ class FamilyMap:
     missing: dict[str, str] = field(default_factory=dict)
     # True when resid_mid = resid_pre + attn_out and resid_post = resid_mid + mlp_out (pre-norm blocks).
     sequential: bool = True
+    # Block-relative paths of the normalisation modules on the residual and value paths (see the module docstring).
+    norms: tuple[str, ...] = ()
     # Writing resid_mid at its site (the input of the pre-MLP norm) would not reach the residual branch,
     # because HF has already stored the residual in a local variable. Sequential families therefore write
     # resid_mid as a delta on attn_out. None means the site itself carries the residual (BERT).
@@ -102,6 +127,13 @@ def family_for(config: Any) -> FamilyMap | None:
     return _BUILDERS[name](config) if name is not None else None
 
 
+_QKV = {
+    "attn_q": Site("self_attn.q_proj", "out"),
+    "attn_k": Site("self_attn.k_proj", "out"),
+    "attn_v": Site("self_attn.v_proj", "out"),
+}
+
+
 def _llama_like(name: str) -> FamilyBuilder:
     def build(_: Any) -> FamilyMap:
         return FamilyMap(
@@ -111,12 +143,14 @@ def _llama_like(name: str) -> FamilyBuilder:
             final_norm=Site("norm", "out"),
             logits=Site("lm_head", "out"),
             block_sites={
+                **_QKV,
                 "attn_out": Site("self_attn", "out"),
                 "resid_mid": Site("post_attention_layernorm", "in"),
                 "mlp_in": Site("mlp", "in"),
                 "mlp_hidden": Site("mlp.down_proj", "in"),
                 "mlp_out": Site("mlp", "out"),
             },
+            norms=("input_layernorm", "post_attention_layernorm"),
         )
 
     return build
@@ -132,12 +166,14 @@ def _gemma2_like(name: str) -> FamilyBuilder:
             final_norm=Site("norm", "out"),
             logits=Site("lm_head", "out"),
             block_sites={
+                **_QKV,
                 "attn_out": Site("post_attention_layernorm", "out"),
                 "resid_mid": Site("pre_feedforward_layernorm", "in"),
                 "mlp_in": Site("mlp", "in"),
                 "mlp_hidden": Site("mlp.down_proj", "in"),
                 "mlp_out": Site("post_feedforward_layernorm", "out"),
             },
+            norms=("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm"),
         )
 
     return build
@@ -153,17 +189,20 @@ def _olmo2(_: Any) -> FamilyMap:
         final_norm=Site("norm", "out"),
         logits=Site("lm_head", "out"),
         block_sites={
+            **_QKV,
             "attn_out": Site("post_attention_layernorm", "out"),
             "resid_mid": Site("mlp", "in"),
             "mlp_in": Site("mlp", "in"),
             "mlp_hidden": Site("mlp.down_proj", "in"),
             "mlp_out": Site("post_feedforward_layernorm", "out"),
         },
+        norms=("post_attention_layernorm", "post_feedforward_layernorm"),
     )
 
 
 @register_family("gpt2")
-def _gpt2(_: Any) -> FamilyMap:
+def _gpt2(config: Any) -> FamilyMap:
+    d = int(config.n_embd)  # c_attn's output is [q | k | v], each d wide
     return FamilyMap(
         name="gpt2",
         blocks="h",
@@ -171,19 +210,28 @@ def _gpt2(_: Any) -> FamilyMap:
         final_norm=Site("ln_f", "out"),
         logits=Site("lm_head", "out"),
         block_sites={
+            "attn_q": Site("attn.c_attn", "out", Cols(0, d)),
+            "attn_k": Site("attn.c_attn", "out", Cols(d, d)),
+            "attn_v": Site("attn.c_attn", "out", Cols(2 * d, d)),
             "attn_out": Site("attn", "out"),
             "resid_mid": Site("ln_2", "in"),
             "mlp_in": Site("mlp", "in"),
             "mlp_hidden": Site("mlp.c_proj", "in"),
             "mlp_out": Site("mlp", "out"),
         },
+        norms=("ln_1", "ln_2"),
     )
 
 
 @register_family("gpt_neox")
 def _gpt_neox(config: Any) -> FamilyMap:
     parallel = bool(getattr(config, "use_parallel_residual", True))
+    heads = int(config.num_attention_heads)
+    hd = int(config.hidden_size) // heads  # query_key_value's output is [q_h | k_h | v_h] per head h
     sites = {
+        "attn_q": Site("attention.query_key_value", "out", Cols(0, hd, 3 * hd, heads)),
+        "attn_k": Site("attention.query_key_value", "out", Cols(hd, hd, 3 * hd, heads)),
+        "attn_v": Site("attention.query_key_value", "out", Cols(2 * hd, hd, 3 * hd, heads)),
         "attn_out": Site("post_attention_dropout", "out"),
         "mlp_in": Site("mlp", "in"),
         "mlp_hidden": Site("mlp.dense_4h_to_h", "in"),
@@ -206,6 +254,7 @@ def _gpt_neox(config: Any) -> FamilyMap:
         logits=Site("lm_head", "out"),
         block_sites=sites,
         missing=missing,
+        norms=("input_layernorm", "post_attention_layernorm"),
         sequential=not parallel,
         resid_mid_write_via=None if parallel else "attn_out",
     )
@@ -226,6 +275,9 @@ def _bert_like(name: str, logits_module: str) -> FamilyBuilder:
             final_norm=None,
             logits=Site(logits_module, "out"),
             block_sites={
+                "attn_q": Site("attention.self.query", "out"),
+                "attn_k": Site("attention.self.key", "out"),
+                "attn_v": Site("attention.self.value", "out"),
                 "resid_mid": Site("attention", "out"),
                 "mlp_in": Site("intermediate", "in"),
                 "mlp_hidden": Site("intermediate", "out"),
