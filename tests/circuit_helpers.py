@@ -32,7 +32,9 @@ def tiny_transcoders(model: Model, d_sae: int = 64, k: int = 4, arch: str = "top
     return TranscoderSet(by_layer)
 
 
-def tiny_circuit(family: str = "llama", n: int = 10, **cfg: object) -> tuple[Model, TranscoderSet, torch.Tensor, object]:
+def tiny_circuit(
+    family: str = "llama", n: int = 10, **cfg: object
+) -> tuple[Model, TranscoderSet, torch.Tensor, object]:
     hf = TINY[family].build()
     model = Model(hf)
     tcs = tiny_transcoders(model)

@@ -73,7 +73,9 @@ def single_token(model: Model, text: str) -> int:
         parts = [model.tokenizer.decode([i]) for i in ids]
         raise CircuitError(
             f"target {text!r} is {len(ids)} tokens ({parts}), not one; a target must be a single token, e.g. "
-            f"{parts[0]!r}" if parts else f"target {text!r} is empty"
+            f"{parts[0]!r}"
+            if parts
+            else f"target {text!r} is empty"
         )
     return int(ids[0])
 
@@ -281,7 +283,9 @@ def attribute(
         if budget == cols.F:
             pending = np.arange(cols.F)[~visited]
         else:
-            a = sp.csr_matrix((np.concatenate(vals), (np.concatenate(r_idx), np.concatenate(c_idx))), shape=(n_all, n_all))
+            a = sp.csr_matrix(
+                (np.concatenate(vals), (np.concatenate(r_idx), np.concatenate(c_idx))), shape=(n_all, n_all)
+            )
             inf = influence(normalize(a), weights)[: cols.F]
             order = np.argsort(-inf, kind="stable")
             pending = order[~visited[order]][: min(cfg.update_every * batch, budget - n_visited)]
@@ -331,8 +335,14 @@ def _package(
     tokens = rec.ids.numpy().astype(np.int64)
     token_strs = [_decode(model, int(t)) for t in tokens]
     targets = [
-        {"label": t.label, "tokens": t.plus, "minus": t.minus, "probability": t.probability, "weight": t.weight,
-         "value": float(v)}  # fmt: skip
+        {
+            "label": t.label,
+            "tokens": t.plus,
+            "minus": t.minus,
+            "probability": t.probability,
+            "weight": t.weight,
+            "value": float(v),
+        }
         for t, v in zip(tlist, tvals.tolist(), strict=True)
     ]
     prompt = model.tokenizer.decode(tokens.tolist()) if model.tokenizer is not None else " ".join(map(str, tokens))

@@ -61,11 +61,15 @@ def to_neuronpedia(
         d = graph.describe(node)
         nid = node_id(graph, node)
         ids[node] = nid
-        base = {"node_id": nid, "jsNodeId": nid, "ctx_idx": int(d.get("pos", graph.n_pos - 1)), "influence": float(inf[node]),
-                "token_prob": 0.0, "is_target_logit": False, "run_idx": 0, "reverse_ctx_idx": 0, "clerp": ""}  # fmt: skip
+        base = {
+            "node_id": nid, "jsNodeId": nid, "ctx_idx": int(d.get("pos", graph.n_pos - 1)),
+            "influence": float(inf[node]), "token_prob": 0.0, "is_target_logit": False, "run_idx": 0,
+            "reverse_ctx_idx": 0, "clerp": "",
+        }  # fmt: skip
         if d["kind"] == "feature":
+            label = labeler(d["layer"], d["feature"]) if labeler else ""
             base.update(feature=d["feature"], layer=str(d["layer"]), feature_type="cross layer transcoder",
-                        activation=d["activation"], clerp=labeler(d["layer"], d["feature"]) if labeler else "")  # fmt: skip
+                        activation=d["activation"], clerp=label)  # fmt: skip
         elif d["kind"] == "error":
             base.update(feature=-1, layer=str(d["layer"]), feature_type="mlp reconstruction error", activation=None)
         elif d["kind"] == "token":
@@ -135,3 +139,28 @@ def set_supernodes(path: str | Path, supernodes: list[list[str]]) -> dict[str, A
     doc["qParams"]["supernodes"] = supernodes
     write_neuronpedia(doc, path)
     return doc
+
+
+def atlas_labeler(directory: str | Path) -> Labeler:
+    """Labels of transcoder features from a directory of per-layer atlases (`lmscope atlas --dict TC/`): the label
+    the explorer shows (human first, else the best-scored machine label); "" where a layer has no atlas."""
+    from lmscope.atlas.store import AtlasStore
+    from lmscope.circuits.transcoders import atlas_name
+
+    d = Path(directory)
+    if not d.is_dir():
+        raise CircuitError(
+            f"--atlas {d} is not a directory of per-layer atlases (make one with `lmscope atlas --dict TC/`)"
+        )
+    stores: dict[int, AtlasStore | None] = {}
+
+    def label(layer: int, feature: int) -> str:
+        if layer not in stores:
+            path = d / atlas_name(layer)
+            stores[layer] = AtlasStore(path) if path.is_file() else None
+        store = stores[layer]
+        if store is None:
+            return ""
+        return str(store.labels([feature]).get(feature, {}).get("text", ""))
+
+    return label

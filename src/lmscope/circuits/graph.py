@@ -55,11 +55,11 @@ class Graph:
     # ------------------------------------------------------------------ layout
     @property
     def n_pos(self) -> int:
-        return int(len(self.tokens))
+        return len(self.tokens)
 
     @property
     def n_features(self) -> int:
-        return int(len(self.feat_id))
+        return len(self.feat_id)
 
     @property
     def error_start(self) -> int:
@@ -140,8 +140,10 @@ class Graph:
             with safe_open(str(path), framework="pt") as f:
                 info = json.loads((f.metadata() or {})["graph"])
             t = load_file(str(path))
-        except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same clear refusal
-            raise CircuitError(f"{path} is not an lmscope attribution graph ({exc}); rebuild it with `lmscope circuit`") from exc
+        except Exception as exc:
+            raise CircuitError(
+                f"{path} is not an lmscope attribution graph ({exc}); rebuild it with `lmscope circuit`"
+            ) from exc
         if info.get("format") != FORMAT or info.get("version") != VERSION:
             raise CircuitError(f"{path} is {info.get('format')} v{info.get('version')}, not {FORMAT} v{VERSION}")
         g = cls(

@@ -180,13 +180,17 @@ class Replacement:
             stack.enter_context(model.intervene(edits))  # type: ignore[arg-type]
             yield
 
-    def run(self, embed: Tensor | None = None, mlp_out: MlpOut | None = None, grad: bool = False) -> tuple[Tensor, dict[int, Tensor]]:
+    def run(
+        self, embed: Tensor | None = None, mlp_out: MlpOut | None = None, grad: bool = False
+    ) -> tuple[Tensor, dict[int, Tensor]]:
         """(raw logits [1, n, vocab], MLP inputs by layer [1, n, d]) of one run of the replacement model."""
         embed = self.rec.embed.unsqueeze(0) if embed is None else embed
         mlp_in: dict[int, Tensor] = {}
-        with self.hooks(embed, mlp_out or self.default_mlp_out(), mlp_in):
-            with self.model.capture(["logits"], stop_early=False, grad=grad) as acts:
-                self.model.forward(self.rec.ids.unsqueeze(0), grad=grad)
+        with (
+            self.hooks(embed, mlp_out or self.default_mlp_out(), mlp_in),
+            self.model.capture(["logits"], stop_early=False, grad=grad) as acts,
+        ):
+            self.model.forward(self.rec.ids.unsqueeze(0), grad=grad)
         return acts["logits"], mlp_in
 
 

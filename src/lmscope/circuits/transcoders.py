@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from lmscope.dictionaries.base import Dictionary
-from lmscope.dictionaries.formats import load_dictionary
+from lmscope.dictionaries.formats import CONFIG, load_dictionary
 from lmscope.errors import CircuitError
 from lmscope.model.adapter import Model
 
@@ -41,15 +41,31 @@ class SparseActs:
         return pos[order], feats[order], self.val[pos, slot][order]
 
 
+def atlas_name(layer: int) -> str:
+    """The file name of layer `layer`'s atlas in a directory of per-layer atlases."""
+    return f"layer{layer:02d}.db"
+
+
+def is_transcoder_set(directory: str | Path) -> bool:
+    """Whether `directory` is a set of per-layer dictionaries rather than one dictionary."""
+    d = Path(directory)
+    if (d / MANIFEST).is_file():
+        return True
+    return d.is_dir() and not (d / CONFIG).is_file() and any((p / CONFIG).is_file() for p in d.iterdir() if p.is_dir())
+
+
 class TranscoderSet:
     """Transcoders by layer, one per block of the model, checked against it."""
 
-    def __init__(self, by_layer: dict[int, Dictionary], source: str = "<in-memory>", info: dict[str, Any] | None = None):
+    def __init__(
+        self, by_layer: dict[int, Dictionary], source: str = "<in-memory>", info: dict[str, Any] | None = None
+    ):
         if not by_layer:
             raise CircuitError(f"{source}: no transcoders found")
         self.by_layer = dict(sorted(by_layer.items()))
         self.source = source
         self.info = info or {}
+        self.paths: dict[int, Path] = {}
         for layer, d in self.by_layer.items():
             if not d.cfg.is_transcoder:
                 raise CircuitError(f"{source}: the dictionary for layer {layer} is an autoencoder, not a transcoder")
@@ -73,7 +89,8 @@ class TranscoderSet:
             except json.JSONDecodeError as exc:
                 raise CircuitError(f"{d / MANIFEST} is not valid JSON ({exc}); rerun `lmscope transcoders`") from exc
         by_layer: dict[int, Dictionary] = {}
-        for sub in sorted(p for p in d.iterdir() if p.is_dir() and (p / "cfg.json").is_file()):
+        paths: dict[int, Path] = {}
+        for sub in sorted(p for p in d.iterdir() if p.is_dir() and (p / CONFIG).is_file()):
             t = load_dictionary(sub, device=device)
             m = _IN.match(t.cfg.hook or "")
             if m is None or t.cfg.hook_out != f"blocks.{m.group(1)}.mlp_out":
@@ -85,7 +102,15 @@ class TranscoderSet:
             if layer in by_layer:
                 raise CircuitError(f"{d} holds two transcoders for layer {layer}; keep one")
             by_layer[layer] = t.eval()
-        return cls(by_layer, str(d), info)
+            paths[layer] = sub
+        tcs = cls(by_layer, str(d), info)
+        tcs.paths = paths
+        return tcs
+
+    def path_of(self, layer: int) -> Path:
+        if layer not in self.paths:
+            raise CircuitError(f"the layer-{layer} transcoder was not loaded from a directory")
+        return self.paths[layer]
 
     @property
     def model_spec(self) -> str | None:

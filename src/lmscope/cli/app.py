@@ -7,6 +7,7 @@ import typer
 from lmscope._version import __version__
 from lmscope.cli import (
     atlas_cmds,
+    circuit_cmds,
     demo_cmd,
     eval_cmd,
     explain_cmds,
@@ -33,6 +34,7 @@ train_cmds.register(app)
 eval_cmd.register(app)
 explain_cmds.register(app)
 toy_cmd.register(app)
+circuit_cmds.register(app)
 
 
 @app.command(epilog="Examples:\n\n  lmscope version")

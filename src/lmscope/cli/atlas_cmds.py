@@ -21,6 +21,8 @@ ATLAS_EPILOG = (
     "  lmscope atlas smollm2-135m --dict runs/sae/blocks.6.resid_post --corpus stdlib --tokens 1M --out atlas.db\n\n"
     "  lmscope atlas ./my-model --dict sae/ --corpus data.jsonl --field text --tokens 200k --context 256 "
     "--top-k 20 --out my.db\n\n"
+    "  lmscope atlas smollm2-135m --dict tc/ --layers 0-5 --corpus stdlib --tokens 200k --out tc-atlas/   "
+    "(a transcoder set: one atlas per layer, OUT/layerNN.db)\n\n"
     "An interrupted build leaves only OUT.partial; rerunning the command starts it again. "
     "Use --overwrite to replace an existing atlas."
 )
@@ -29,6 +31,7 @@ SERVE_EPILOG = (
     "  lmscope serve atlas.db                       (http://127.0.0.1:8000, inspector uses the atlas's model)\n\n"
     "  lmscope serve atlas.db --port 8080 --no-live  (no model: the prompt inspector is switched off)\n\n"
     "  lmscope serve atlas.db --read-only            (no human-label editing from the feature pages)\n\n"
+    "  lmscope serve atlas.db --graphs graphs/       (attribution graphs from `lmscope circuit --out graphs/X.json`)\n\n"
     "  lmscope serve atlas.db --host 0.0.0.0         (reachable from other machines: only on trusted networks)"
 )
 
@@ -52,6 +55,7 @@ def register(app: typer.Typer) -> None:
         field: Annotated[str, typer.Option(help="JSONL field / Parquet column / dataset field holding text.")] = "text",
         split: Annotated[str, typer.Option(help="Dataset split for hf: corpora.")] = "train",
         overwrite: Annotated[bool, typer.Option(help="Replace an existing atlas at --out.")] = False,
+        layers: Annotated[str, typer.Option(help="With a transcoder set as --dict: all, 3, 0,4,8 or 2-5.")] = "all",
         progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
         device: DeviceOpt = "auto",
         dtype: DtypeOpt = "auto",
@@ -70,6 +74,13 @@ def register(app: typer.Typer) -> None:
             tokens=parse_count(tokens), context=context, batch_size=batch_size, top_k=top_k,
             samples_per_bin=samples_per_bin,
         )  # fmt: skip
+        from lmscope.circuits.transcoders import is_transcoder_set
+
+        if is_transcoder_set(dict_dir):
+            _atlas_per_layer(
+                model, dict_dir, corpus, out, cfg, layers, field, split, overwrite, progress, device, dtype
+            )
+            return
         if out.exists() and not overwrite:
             raise LmscopeError(f"{out} already exists; pass --overwrite or choose another --out")
         load_dictionary(dict_dir)  # fail early, before the model loads
@@ -112,6 +123,9 @@ def register(app: typer.Typer) -> None:
         read_only: Annotated[
             bool, typer.Option("--read-only", help="Turn off human-label editing (the write routes answer 403).")
         ] = False,
+        graphs: Annotated[
+            Path | None, typer.Option(help="A directory of attribution-graph JSON files (`lmscope circuit --out`).")
+        ] = None,
     ) -> None:
         """Serve the atlas explorer (pages and a JSON API under /api) on HOST:PORT."""
         import uvicorn
@@ -122,7 +136,7 @@ def register(app: typer.Typer) -> None:
         note = "the prompt inspector is off (--no-live)"
         if live:
             live_pair, note = load_live(atlas, model, dict_dir, device=device, dtype=dtype)
-        app_ = create_app(atlas, live=live_pair, live_note=note, read_only=read_only)
+        app_ = create_app(atlas, live=live_pair, live_note=note, read_only=read_only, graphs=graphs)
         edits = "label editing off (--read-only)" if read_only else "human labels editable"
         console.print(f"serving {atlas} at http://{host}:{port}  ({note}; {edits})", highlight=False)
         with _sigterm_stops_cleanly():
@@ -153,3 +167,35 @@ def _sigterm_stops_cleanly() -> Iterator[None]:
         pass
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def _atlas_per_layer(
+    model: str, dict_dir: Path, corpus: str, out: Path, cfg: object, layers: str, field: str, split: str,
+    overwrite: bool, progress: bool, device: str, dtype: str,
+) -> None:  # fmt: skip
+    """`lmscope atlas` over a transcoder set: one atlas per chosen layer, OUT/layerNN.db (existing ones are kept
+    unless --overwrite, so a stopped run resumes layer by layer)."""
+    from lmscope.atlas import build_atlas
+    from lmscope.circuits.train import parse_layers
+    from lmscope.circuits.transcoders import TranscoderSet, atlas_name
+    from lmscope.cli.progress import RichProgress
+    from lmscope.corpora import open_corpus
+    from lmscope.model.loading import load_model
+
+    tcs = TranscoderSet.load(dict_dir)
+    m = load_model(model, device=device, dtype=dtype)
+    tcs.check(m, require_all=False)
+    chosen = [i for i in parse_layers(layers, m.n_layers) if i in tcs.layers]
+    out.mkdir(parents=True, exist_ok=True)
+    for i in chosen:
+        path = out / atlas_name(i)
+        if path.exists() and not overwrite:
+            console.print(f"{path} exists; kept (pass --overwrite to rebuild)", highlight=False)
+            continue
+        src = open_corpus(corpus, field=field, split=split)
+        with RichProgress(enabled=progress, console=err_console) as bar:
+            build_atlas(m, tcs.path_of(i), src, out=path, config=cfg, overwrite=overwrite, progress=bar,  # type: ignore[arg-type]
+                        command=shlex.join(["lmscope", *sys.argv[1:]]))  # fmt: skip
+        console.print(f"[green]done[/]: layer {i} -> {path}", highlight=False)
+    console.print(f"label them with `lmscope explain OUT/layerNN.db`, and name graph nodes with "
+                  f"`lmscope circuit ... --atlas {out}`", highlight=False)  # fmt: skip

@@ -105,7 +105,9 @@ class Model:
         fam = self.family
         points: dict[str, HookPoint] = {}
 
-        def put(name: str, kind: str, layer: int | None, path: str, io: IO, cols: tuple[int, ...] | None = None) -> None:
+        def put(
+            name: str, kind: str, layer: int | None, path: str, io: IO, cols: tuple[int, ...] | None = None
+        ) -> None:
             try:
                 self.hf.get_submodule(path)
             except AttributeError:

@@ -173,7 +173,12 @@ def _gemma2_like(name: str) -> FamilyBuilder:
                 "mlp_hidden": Site("mlp.down_proj", "in"),
                 "mlp_out": Site("post_feedforward_layernorm", "out"),
             },
-            norms=("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm"),
+            norms=(
+                "input_layernorm",
+                "post_attention_layernorm",
+                "pre_feedforward_layernorm",
+                "post_feedforward_layernorm",
+            ),
         )
 
     return build

@@ -4,6 +4,7 @@
     app = create_app("atlas.db")                       # browse only
     app = create_app("atlas.db", live=Live(model, d))  # plus the live prompt inspector and steering panel
     app = create_app("atlas.db", read_only=True)       # no human-label editing either
+    app = create_app("atlas.db", graphs="graphs/")     # plus the attribution-graph view of graphs/*.json
 
 The atlas is opened read-only; human labels set from the feature page are written through a separate
 short-lived connection that touches only the `labels` table (web/labels_api.py), unless `read_only`.
@@ -29,7 +30,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lmscope._version import __version__
 from lmscope.atlas.store import AtlasStore
-from lmscope.web import api, labels_api, pages, steer_api
+from lmscope.errors import LmscopeError
+from lmscope.web import api, graph_api, labels_api, pages, steer_api
 from lmscope.web.state import MAX_FEATURES_PER_TOKEN, MAX_INSPECT_CHARS, Live, install, load_live
 
 STATIC = Path(__file__).parent / "static"
@@ -63,11 +65,18 @@ def plotly_js() -> Path | None:
 
 
 def create_app(
-    atlas: str | Path, live: Live | None = None, live_note: str | None = None, read_only: bool = False
-) -> FastAPI:
+    atlas: str | Path, live: Live | None = None, live_note: str | None = None, read_only: bool = False,
+    graphs: str | Path | None = None,
+) -> FastAPI:  # fmt: skip
     """The explorer for `atlas`; `live` enables the prompt inspector and steering; `read_only` turns off the
-    routes that write human labels (they answer 403)."""
+    routes that write (human labels, supernodes: they answer 403); `graphs`, a directory of attribution-graph JSON
+    files (`lmscope circuit ... --out DIR/NAME.json`), turns on the graph view at /graphs (a directory that does
+    not exist yet is allowed: the view lists no graphs until one is written there)."""
     store = AtlasStore(atlas)  # raises AtlasError for a missing, unfinished or too-new atlas
+    graphs_path = Path(graphs).expanduser() if graphs is not None else None
+    if graphs_path is not None and graphs_path.exists() and not graphs_path.is_dir():
+        raise LmscopeError(f"--graphs {graphs_path} is a file, not a directory: pass the directory that holds the "
+                           "graph JSON files")  # fmt: skip
     app = FastAPI(
         title="lmscope atlas",
         version=__version__,
@@ -76,7 +85,7 @@ def create_app(
         docs_url=None,  # Swagger UI would load its JS from a CDN; the pages must work offline
         redoc_url=None,
     )
-    install(app, store, live, live_note, read_only)
+    install(app, store, live, live_note, read_only, graphs_path)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     @app.get("/vendor/plotly.min.js", include_in_schema=False)
@@ -95,6 +104,8 @@ def create_app(
     app.include_router(api.router)
     app.include_router(labels_api.router)
     app.include_router(steer_api.router)
+    app.include_router(graph_api.router)
+    app.include_router(graph_api.pages_router)
     app.include_router(pages.router)
 
     @app.exception_handler(RequestValidationError)
