@@ -48,8 +48,11 @@ def test_quick_demo_killed_mid_stage_resumes_without_redoing_finished_stages(smo
     assert "✓ harvest (verified, skipped)" in resumed.stdout
     stages = _record(run)
     assert stages["harvest"]["finished"] == harvested  # not redone
-    assert set(stages) == {"harvest", "train", "eval", "atlas", "explain"}
+    assert set(stages) == {"harvest", "train", "eval", "atlas", "explain", "transcoders", "circuit"}
     assert "most clearly labelled features" in resumed.stdout and "lmscope steer smollm2-135m" in resumed.stdout
+    assert "Attribution graph of 'The capital of France is'" in " ".join(resumed.stdout.split())
+    graph = json.loads((run / "graphs" / "demo-circuit.json").read_text())
+    assert graph["nodes"] and graph["links"] and graph["metadata"]["lmscope"]["scores"]["unpruned"]["completeness"] > 0
 
     # A valid atlas with labelled, scored features.
     conn = open_atlas(run / "atlas.db")

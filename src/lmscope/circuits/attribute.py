@@ -3,11 +3,12 @@
 1. Record the real forward pass (`replacement.record`) and pick the targets: by default the top logits of the
    last position up to 0.95 cumulative probability (at most 10), each demeaned over the vocabulary; or given
    tokens; or one logit difference.
-2. Run the replacement model once with gradients, with the block-0 input and every MLP output as leaf tensors.
-3. Rows: each target's gradient with respect to those leaves, for a batch of targets per backward pass
-   (`is_grads_batched`, one row per batch element, with a per-row fallback where vmap is not supported), turned
-   into direct effects: a feature's is its activation times the gradient along its decoder row, an error's and a
-   token's the gradient dotted with the error or embedding vector.
+2. Run the replacement model once with gradients, on `batch` copies of the prompt, with the block-0 input and
+   every MLP output as leaf tensors; the graph is kept for every backward pass.
+3. Rows: each target's gradient with respect to those leaves, for a batch of targets per backward pass (the
+   forward pass ran on `batch` copies of the prompt, and row b is copy b's gradient), turned into direct
+   effects: a feature's is its activation times the gradient along its decoder row, an error's and a token's
+   the gradient dotted with the error or embedding vector.
 4. Logit rows first; then feature rows, most influential first, re-ranked as rows arrive, up to
    `max_feature_nodes` (circuit-tracer's order). A row keeps at most `max_edges_per_row` entries, the largest by
    absolute value; what it drops is recorded per row (`meta.dropped`), so the approximation is measured.
@@ -44,7 +45,7 @@ class AttributionConfig:
     max_feature_nodes: int | None = 4096  # None: every active feature gets a row
     max_edges_per_row: int | None = 16_384  # None: keep every non-zero edge (exact)
     batch_size: int | None = None  # rows per backward pass; None: as many as `batch_memory_mb` allows
-    batch_memory_mb: float = 1024.0
+    batch_memory_mb: float = 2048.0
     max_n_logits: int = 10
     desired_logit_prob: float = 0.95
     update_every: int = 4  # batches between re-rankings of the unvisited features
@@ -105,10 +106,11 @@ def pick_targets(
 
 
 def _target_values(logits_last: Tensor, targets: list[Target]) -> Tensor:
-    """Each target's demeaned logit (or logit difference), from lm_head's raw output at the last position."""
-    centred = logits_last - logits_last.mean()
-    vals = [centred[t.plus].sum() - (centred[t.minus].sum() if t.minus else 0) for t in targets]
-    return torch.stack(vals)
+    """[copies, targets]: each target's demeaned logit (or logit difference), from lm_head's raw output at the
+    last position [copies, vocab]."""
+    centred = logits_last - logits_last.mean(-1, keepdim=True)
+    vals = [centred[:, t.plus].sum(-1) - (centred[:, t.minus].sum(-1) if t.minus else 0) for t in targets]
+    return torch.stack(vals, -1)
 
 
 class _Rows:
@@ -179,60 +181,45 @@ def attribute(
     cols = _Rows(rec, tcs)
     rep = Replacement(model, tcs, rec)
 
-    # one forward pass with gradients: the block-0 input and every MLP output are leaves
-    embed = rec.embed.unsqueeze(0).clone().requires_grad_(True)
-    leaves = {i: rec.mlp_out[i].unsqueeze(0).clone().requires_grad_(True) for i in range(cols.L)}
-    logits, mlp_in = rep.run(embed, lambda i, _x: leaves[i], grad=True)
-    tvals = _target_values(logits[0, -1], tlist)
     d = model.d_model
-    per_row = (cols.L + 1) * cols.n * d * 4 * 2 + cols.n_cols * 4
+    per_row = cols.L * cols.n * d * 4 * 16 + cols.n_cols * 8  # one copy's forward graph and gradients, and its row
     batch = cfg.batch_size or max(1, min(256, int(cfg.batch_memory_mb * 1e6 // per_row)))
-    vmap_ok = [True]
+    # One forward pass of `batch` copies of the prompt, with the block-0 input and every MLP output as leaves;
+    # each backward pass then gives `batch` rows at once: row b is copy b's gradient.
+    embed = rec.embed.unsqueeze(0).repeat(batch, 1, 1).requires_grad_(True)
+    leaves = {i: rec.mlp_out[i].unsqueeze(0).repeat(batch, 1, 1).requires_grad_(True) for i in range(cols.L)}
+    logits, mlp_in = rep.run(embed, lambda i, _x: leaves[i], grad=True, copies=batch)
+    tvals = _target_values(logits[:, -1], tlist)  # [batch, targets]
 
     def grads(rows: list[tuple[str, int]]) -> Tensor:
-        """Rows of direct effects for targets ("target", i) or ("feature", j)."""
-        B = len(rows)
+        """Rows of direct effects for targets ("target", i) or ("feature", j); at most `batch` of them."""
         outputs: list[Tensor] = []
         gouts: list[Tensor] = []
         max_layer = cols.L
         if any(k == "target" for k, _ in rows):
-            go = torch.zeros(B, len(tlist))
+            go = torch.zeros(batch, len(tlist), dtype=tvals.dtype)
             for b, (k, i) in enumerate(rows):
                 if k == "target":
                     go[b, i] = 1.0
             outputs.append(tvals)
             gouts.append(go)
         feats = [(b, cols.feature(j)) for b, (k, j) in enumerate(rows) if k == "feature"]
-        if feats and len(feats) == B:
+        if feats and len(feats) == len(rows):
             max_layer = max(f[1][0] for f in feats)
         for layer in sorted({f[0] for _, f in feats}):
-            go = torch.zeros(B, *mlp_in[layer].shape, dtype=mlp_in[layer].dtype)
+            go = torch.zeros_like(mlp_in[layer])
             w_enc = tcs[layer].W_enc.detach()
             for b, (lay, p, f, _a) in feats:
                 if lay == layer:
-                    go[b, 0, p] = w_enc[:, f].to(go.dtype)
+                    go[b, p] = w_enc[:, f].to(go.dtype)
             outputs.append(mlp_in[layer])
             gouts.append(go)
         inputs = [embed] + [leaves[i] for i in range(max_layer)]
-        if vmap_ok[0]:
-            try:
-                got = torch.autograd.grad(
-                    outputs, inputs, gouts, retain_graph=True, is_grads_batched=True, allow_unused=True
-                )
-            except RuntimeError:
-                vmap_ok[0] = False
-        if not vmap_ok[0]:
-            per = [
-                torch.autograd.grad(outputs, inputs, [g[b] for g in gouts], retain_graph=True, allow_unused=True)
-                for b in range(B)
-            ]
-            got = tuple(
-                torch.stack([p[i] if p[i] is not None else torch.zeros_like(inputs[i]) for p in per])
-                for i in range(len(inputs))
-            )
-        g_embed = got[0] if got[0] is not None else torch.zeros(B, *embed.shape)
-        g_mlp = {i: got[1 + i][:, 0] for i in range(max_layer) if got[1 + i] is not None}
-        return cols.rows(g_embed[:, 0], g_mlp)
+        got = torch.autograd.grad(outputs, inputs, gouts, retain_graph=True, allow_unused=True)
+        B = len(rows)
+        g_embed = got[0][:B] if got[0] is not None else torch.zeros(B, *embed.shape[1:])
+        g_mlp = {i: got[1 + i][:B] for i in range(max_layer) if got[1 + i] is not None}
+        return cols.rows(g_embed, g_mlp)
 
     # node indices in the candidate layout: features | errors | tokens | targets
     n_all = cols.n_cols + len(tlist)
@@ -301,10 +288,10 @@ def attribute(
             tick()
     tick(finished=True)
     a_all = sp.csr_matrix((np.concatenate(vals), (np.concatenate(r_idx), np.concatenate(c_idx))), shape=(n_all, n_all))
-    graph = _package(model, rec, cols, tlist, tvals.detach(), a_all, visited)
+    graph = _package(model, rec, cols, tlist, tvals[0].detach(), a_all, visited)
     graph.meta.update({
         "model": model.spec, "transcoders": tcs.source, "family": model.family.name,
-        "config": asdict(cfg), "batch_size": batch, "batched_backward": vmap_ok[0],
+        "config": asdict(cfg), "batch_size": batch,
         "seconds": round(time.perf_counter() - t0, 3), "n_active_features": cols.F,
         "n_visited_features": int(visited.sum()),
         "dropped": _dropped_summary(dropped, row_sums, len(row_nodes)),

@@ -181,16 +181,17 @@ class Replacement:
             yield
 
     def run(
-        self, embed: Tensor | None = None, mlp_out: MlpOut | None = None, grad: bool = False
+        self, embed: Tensor | None = None, mlp_out: MlpOut | None = None, grad: bool = False, copies: int = 1
     ) -> tuple[Tensor, dict[int, Tensor]]:
-        """(raw logits [1, n, vocab], MLP inputs by layer [1, n, d]) of one run of the replacement model."""
+        """(raw logits [copies, n, vocab], MLP inputs by layer [copies, n, d]) of one run of the replacement model
+        on `copies` copies of the prompt (each may carry different `embed` and MLP outputs)."""
         embed = self.rec.embed.unsqueeze(0) if embed is None else embed
         mlp_in: dict[int, Tensor] = {}
         with (
             self.hooks(embed, mlp_out or self.default_mlp_out(), mlp_in),
             self.model.capture(["logits"], stop_early=False, grad=grad) as acts,
         ):
-            self.model.forward(self.rec.ids.unsqueeze(0), grad=grad)
+            self.model.forward(self.rec.ids.unsqueeze(0).expand(copies, -1), grad=grad)
         return acts["logits"], mlp_in
 
 

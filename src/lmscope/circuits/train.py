@@ -51,6 +51,7 @@ class TranscoderRecipe:
     seed: int = 0
     checkpoint_every: int = 50
     eval_tokens: int = 8192
+    norm_sample_tokens: int = 16_384  # tokens that estimate each hook's mean norm (input scaling) before training
 
 
 def parse_layers(text: str, n_layers: int) -> list[int]:
@@ -91,7 +92,7 @@ def train_transcoders(
     out = Path(out)
     layers = recipe.layers if recipe.layers is not None else list(range(model.n_layers))
     hooks = [h for i in layers for h in (f"blocks.{i}.mlp_in", f"blocks.{i}.mlp_out")]
-    source = StreamSource(model, corpus, hooks, recipe.batch_size, recipe.context)
+    source = StreamSource(model, corpus, hooks, recipe.batch_size, recipe.context, recipe.norm_sample_tokens)
     cls = architecture(recipe.arch)
     runs = []
     for i in layers:

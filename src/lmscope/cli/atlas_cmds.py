@@ -31,7 +31,7 @@ SERVE_EPILOG = (
     "  lmscope serve atlas.db                       (http://127.0.0.1:8000, inspector uses the atlas's model)\n\n"
     "  lmscope serve atlas.db --port 8080 --no-live  (no model: the prompt inspector is switched off)\n\n"
     "  lmscope serve atlas.db --read-only            (no human-label editing from the feature pages)\n\n"
-    "  lmscope serve atlas.db --graphs graphs/       (attribution graphs from `lmscope circuit --out graphs/X.json`)\n\n"
+    "  lmscope serve atlas.db --graphs graphs/       (graphs written by `lmscope circuit --out graphs/X.json`)\n\n"
     "  lmscope serve atlas.db --host 0.0.0.0         (reachable from other machines: only on trusted networks)"
 )
 

@@ -81,7 +81,8 @@ def register(app: typer.Typer) -> None:
 
             console.print(f"\n[bold]Serving the atlas at http://{host}:{port}/[/]  (Ctrl-C to stop)")
             live = Live(job.model, job.dictionary())
-            uvicorn.run(create_app(run_dir / "atlas.db", live=live), host=host, port=port, log_level="warning")
+            app_ = create_app(run_dir / "atlas.db", live=live, graphs=run_dir / "graphs")
+            uvicorn.run(app_, host=host, port=port, log_level="warning")
 
 
 def print_summary(s: dict) -> None:
@@ -128,4 +129,14 @@ def print_summary(s: dict) -> None:
             highlight=False,
         )
         console.print(f"  [bold]{st['command']}[/]", highlight=False)
+    if s.get("circuit"):
+        c = s["circuit"]
+        u, p = c["scores"]["unpruned"], c["scores"]["pruned"]
+        console.print(
+            f"\nAttribution graph of {c['prompt']!r} → {', '.join(map(repr, c['targets']))}: replacement "
+            f"{u['replacement']:.2f} / completeness {u['completeness']:.2f} (pruned: {p['replacement']:.2f} / "
+            f"{p['completeness']:.2f}); open /graphs/{c['slug']} in the explorer. Another prompt:",
+            highlight=False,
+        )
+        console.print(f"  [bold]{c['command']}[/]", highlight=False)
     console.print(f"\nRun directory: {s['run_dir']} · total {s['total_seconds']:.0f} s")

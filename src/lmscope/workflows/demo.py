@@ -1,7 +1,8 @@
 """The main job: the whole MRI of a model in one run directory.
 
 harvest a layer -> train a TopK dictionary -> evaluate it -> build the atlas -> label and score the features
-offline -> (serve the web explorer). Each stage is verified before it is skipped on a rerun (`pipeline.py`).
+offline -> train a transcoder at every layer -> build one attribution graph -> (serve the web explorer, graph view
+included). Each stage is verified before it is skipped on a rerun (`pipeline.py`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from lmscope.model.adapter import Model
 from lmscope.workflows.pipeline import Pipeline, Stage
 
 ACTS, TRAIN, ATLAS, EVAL = "acts", "train", "atlas.db", "eval.json"
+TRANSCODERS, GRAPHS, GRAPH_SLUG = "transcoders", "graphs", "demo-circuit"
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,12 @@ class DemoConfig:
     explain_limit: int | None = None  # None: every live feature
     context: int = 128
     seed: int = 0
+    # the circuit stages: small transcoders at every layer from one streaming pass, then one attribution graph
+    circuit_tokens: int = 32_768
+    circuit_k: int = 16
+    circuit_expansion: int = 2
+    circuit_prompt: str = "The capital of France is"
+    circuit_features: int = 256
 
     @classmethod
     def quick(cls, **overrides: Any) -> DemoConfig:
@@ -46,6 +54,8 @@ class DemoConfig:
             "eval_tokens": 2_048,
             "atlas_tokens": 8_192,
             "explain_limit": 64,
+            "circuit_tokens": 8_192,
+            "circuit_features": 64,
         }
         return cls(**{**base, **{k: v for k, v in overrides.items() if v is not None}})
 
@@ -230,6 +240,50 @@ class Demo:
         if labelled < expected:
             raise LmscopeError(f"only {labelled} of {expected} live features carry a stats label")
 
+    def transcoders(self, run: Path) -> dict[str, Any]:
+        from lmscope.circuits.train import TranscoderRecipe, train_transcoders
+
+        c = self.cfg
+        recipe = TranscoderRecipe(
+            k=c.circuit_k, expansion=c.circuit_expansion, tokens=c.circuit_tokens, batch_size=2048,
+            context=c.context, warmup_steps=2, seed=c.seed, checkpoint_every=4,
+            eval_tokens=max(1024, c.eval_tokens // 4), norm_sample_tokens=min(8192, c.circuit_tokens // 2),
+        )  # fmt: skip
+        info = train_transcoders(self.model, c.corpus, run / TRANSCODERS, recipe, progress=self.progress,
+                                 device=self.model.device)  # fmt: skip
+        ev = info["eval"]
+        return {"layers": len(info["layers"]), "ce_recovered": ev["ce_recovered"], "kl": ev["kl_spliced"],
+                "fvu_mean": sum(ev["fvu"].values()) / len(ev["fvu"])}  # fmt: skip
+
+    def verify_transcoders(self, run: Path) -> None:
+        from lmscope.circuits.transcoders import MANIFEST, TranscoderSet
+
+        if not (run / TRANSCODERS / MANIFEST).is_file():
+            raise LmscopeError(f"{run / TRANSCODERS} has no {MANIFEST}: the transcoder stage did not finish")
+        TranscoderSet.load(run / TRANSCODERS).check(self.model)
+
+    def circuit(self, run: Path) -> dict[str, Any]:
+        from lmscope.circuits import AttributionConfig, TranscoderSet, attribute
+        from lmscope.circuits.export import to_neuronpedia, write_neuronpedia
+
+        tcs = TranscoderSet.load(run / TRANSCODERS, device=self.model.device)
+        g = attribute(
+            self.model, tcs, self.cfg.circuit_prompt, AttributionConfig(max_feature_nodes=self.cfg.circuit_features)
+        )
+        (run / GRAPHS).mkdir(parents=True, exist_ok=True)
+        g.save(run / GRAPHS / f"{GRAPH_SLUG}.safetensors")
+        doc = to_neuronpedia(g, GRAPH_SLUG)
+        write_neuronpedia(doc, run / GRAPHS / f"{GRAPH_SLUG}.json")
+        sc = doc["metadata"]["lmscope"]["scores"]
+        return {"prompt": self.cfg.circuit_prompt, "targets": [t["label"] for t in g.targets][:3],
+                "replacement": sc["unpruned"]["replacement"], "completeness": sc["unpruned"]["completeness"],
+                "pruned_nodes": len(doc["nodes"]), "seconds": g.meta["seconds"]}  # fmt: skip
+
+    def verify_circuit(self, run: Path) -> None:
+        from lmscope.circuits.export import read_neuronpedia
+
+        read_neuronpedia(run / GRAPHS / f"{GRAPH_SLUG}.json")
+
     def stages(self) -> list[Stage]:
         return [
             Stage("harvest", "harvest activations", self.harvest, self.verify_harvest),
@@ -237,6 +291,8 @@ class Demo:
             Stage("eval", "evaluate it", self.evaluate, self.verify_eval),
             Stage("atlas", "build the atlas", self.atlas, self.verify_atlas),
             Stage("explain", "label and score every feature offline", self.explain, self.verify_explain),
+            Stage("transcoders", "train a transcoder at every layer", self.transcoders, self.verify_transcoders),
+            Stage("circuit", "build an attribution graph", self.circuit, self.verify_circuit),
         ]
 
     def pipeline(self) -> Pipeline:
@@ -307,6 +363,13 @@ def demo_summary(job: Demo) -> dict[str, Any]:
     summary: dict[str, Any] = {
         "run_dir": str(run), "hook": job.hook, "features": total, "live": live, "metrics": metrics, "labels": labels,
     }  # fmt: skip
+    graph = run / GRAPHS / f"{GRAPH_SLUG}.json"
+    if graph.is_file():
+        meta = json.loads(graph.read_text())["metadata"]
+        summary["circuit"] = {"slug": GRAPH_SLUG, "prompt": meta["prompt"], "scores": meta["lmscope"]["scores"],
+                              "targets": [t["label"] for t in meta["lmscope"]["targets"]][:3],
+                              "command": f"lmscope circuit {job.cfg.model} --transcoders {run / TRANSCODERS} "
+                                         f"--prompt \"...\" --out {run / GRAPHS}/NAME.json"}  # fmt: skip
     checks = []
     for feature, max_act, tokens in candidates:
         value = round(2 * max_act, 1)
