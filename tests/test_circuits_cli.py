@@ -122,3 +122,36 @@ def test_transcoders_from_another_model_are_refused(setup: dict[str, Path], tmp_
     res = runner.invoke(app, ["circuit", str(other), "--transcoders", str(setup["tc"]), "--prompt", "x"])
     assert res.exit_code == 2
     assert "was trained on" in " ".join(res.output.split()), res.output
+
+
+DDP_SCRIPT = """
+import sys
+from lmscope.circuits.train import TranscoderRecipe, train_transcoders
+from lmscope.model.loading import load_model
+from lmscope.training import distributed
+device = distributed.init_from_env("cpu")
+model = load_model(sys.argv[1], device="cpu", dtype="float32")
+recipe = TranscoderRecipe(k=4, expansion=2, tokens=2048, batch_size=256, context=32, warmup_steps=2,
+                          checkpoint_every=0, eval_tokens=512, norm_sample_tokens=1024)
+train_transcoders(model, sys.argv[2], sys.argv[3], recipe, device=device)
+"""
+
+
+def test_two_gloo_ranks_train_the_same_transcoders_as_one_process(setup: dict[str, Path], tmp_path: Path) -> None:
+    script = tmp_path / "tc.py"
+    script.write_text(DDP_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = [str(setup["model"]), str(setup["corpus"])]
+    one = subprocess.run([sys.executable, str(script), *args, str(tmp_path / "one")], env=env, capture_output=True,
+                         text=True, timeout=300)  # fmt: skip
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(script), *args, str(tmp_path / "two")], env=env, capture_output=True, text=True,
+                         timeout=300)  # fmt: skip
+    assert two.returncode == 0, two.stderr[-3000:]
+    for i in range(3):
+        a = load_dictionary(tmp_path / "one" / f"layer{i:02d}").state_dict()
+        b = load_dictionary(tmp_path / "two" / f"layer{i:02d}").state_dict()
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=f"layer {i} {k}")
+    assert json.loads((tmp_path / "two" / "transcoders.json").read_text())["eval"]["fvu"]
