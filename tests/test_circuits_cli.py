@@ -155,3 +155,40 @@ def test_two_gloo_ranks_train_the_same_transcoders_as_one_process(setup: dict[st
         for k in a:
             torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=f"layer {i} {k}")
     assert json.loads((tmp_path / "two" / "transcoders.json").read_text())["eval"]["fvu"]
+
+
+KEEP_ALL = ["--node-threshold", "1", "--edge-threshold", "1"]
+
+
+def test_atlas_over_a_transcoder_set_labels_graph_nodes(setup: dict[str, Path], tmp_path: Path) -> None:
+    import sqlite3
+
+    from lmscope.atlas import add_label
+
+    atlases = tmp_path / "tc-atlas"
+    res = runner.invoke(app, ["atlas", str(setup["model"]), "--dict", str(setup["tc"]), "--layers", "all",
+                              "--corpus", str(setup["corpus"]), "--tokens", "2k", "--context", "32", "--out",
+                              str(atlases), "--no-progress"])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in atlases.iterdir()) == ["layer00.db", "layer01.db", "layer02.db"]
+    out = tmp_path / "g.json"
+    res = runner.invoke(app, ["circuit", str(setup["model"]), "--transcoders", str(setup["tc"]), "--prompt",
+                              "The capital of France is", "--out", str(out), *KEEP_ALL])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    doc = json.loads(out.read_text())
+    f = next(n for n in doc["nodes"] if n["feature_type"] == "cross layer transcoder")
+    conn = sqlite3.connect(atlases / f"layer{int(f['layer']):02d}.db")
+    add_label(conn, int(f["feature"]), "a hand-made label", source="human")
+    conn.commit()
+    conn.close()
+    res = runner.invoke(app, ["circuit", str(setup["model"]), "--transcoders", str(setup["tc"]), "--graph",
+                              str(out.with_suffix(".safetensors")), "--atlas", str(atlases), "--out", str(out),
+                              *KEEP_ALL])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    doc = json.loads(out.read_text())
+    labelled = {n["node_id"]: n["clerp"] for n in doc["nodes"]}
+    assert labelled[f["node_id"]] == "a hand-made label"
+    # a second run keeps the atlases it has (resumable layer by layer)
+    res = runner.invoke(app, ["atlas", str(setup["model"]), "--dict", str(setup["tc"]), "--layers", "0",
+                              "--corpus", str(setup["corpus"]), "--tokens", "2k", "--out", str(atlases)])  # fmt: skip
+    assert res.exit_code == 0 and "exists; kept" in res.output

@@ -26,7 +26,7 @@ from torch import Tensor
 from lmscope.activations.sources import StreamSource
 from lmscope.circuits.transcoders import MANIFEST, TranscoderSet
 from lmscope.core.atomic import atomic_write_json
-from lmscope.core.progress import ProgressCallback
+from lmscope.core.progress import ProgressCallback, ProgressEvent, resolve
 from lmscope.corpora import CorpusError
 from lmscope.dictionaries.base import DictConfig, architecture
 from lmscope.dictionaries.metrics import FVUAccumulator
@@ -103,7 +103,7 @@ def train_transcoders(
     tc = TrainConfig(total_tokens=recipe.tokens, warmup_steps=recipe.warmup_steps, seed=recipe.seed,
                      checkpoint_every=recipe.checkpoint_every, log_every=10)  # fmt: skip
     trainer = Trainer(runs, tc, out, device=device)
-    trainer.fit(source, resume=resume, progress=progress)
+    trainer.fit(source, resume=resume, progress=_one_task(resolve(progress), [r.name or "" for r in runs]))
     info: dict[str, Any] = {"model": model.spec, "corpus": corpus, "layers": layers, "recipe": asdict(recipe),
                             "tokens": trainer.tokens, "steps": trainer.step}  # fmt: skip
     if ddp.is_main():
@@ -118,6 +118,30 @@ def train_transcoders(
             info["eval"]["held_out"] = False
         atomic_write_json(out / MANIFEST, info)
     return info
+
+
+def _one_task(progress: ProgressCallback | None, names: list[str]) -> ProgressCallback | None:
+    """One progress task for the whole set ("transcoders ×N"): the trainer reports one per layer, and 30 bars say
+    less than one with the layers' mean and worst FVU."""
+    if progress is None:
+        return None
+    fvu: dict[str, float] = {}
+    last = names[-1]
+
+    def report(e: ProgressEvent) -> None:
+        if "fvu" in e.info:
+            fvu[e.task] = float(e.info["fvu"])
+        if e.task != last:
+            return
+        stats = e.stats
+        if fvu:
+            worst = max(fvu, key=lambda k: fvu[k])
+            rate = f"  {e.info['tok_s']:,.0f} tok/s" if "tok_s" in e.info else ""
+            stats = f"FVU mean {sum(fvu.values()) / len(fvu):.3f}, worst {fvu[worst]:.3f} ({worst}){rate}"
+        progress(ProgressEvent(task=f"transcoders ×{len(names)}", done=e.done, total=e.total, unit=e.unit,
+                               stats=stats, finished=e.finished, info={"fvu": dict(fvu), **e.info}))  # fmt: skip
+
+    return report
 
 
 @torch.no_grad()
