@@ -163,8 +163,9 @@ def register(app: typer.Typer) -> None:
             console.print(
                 f"{g.meta['n_visited_features']} of {g.meta['n_active_features']} active features visited in "
                 f"{g.meta['seconds']:.1f} s; rows capped {dropped.get('rows_capped', 0)} of {dropped.get('rows', 0)} "
-                f"(max |weight| dropped {dropped.get('max_abs_frac', 0):.2%}); a dense float32 matrix would take "
-                f"{dense_bytes(g) / 1e9:.2f} GB",
+                f"(max |weight| dropped {dropped.get('max_abs_frac', 0):.2%}); kept edges take "
+                f"{g.adjacency.nnz * 12 / 1e6:.1f} MB, a dense float32 matrix would take "
+                f"{dense_bytes(g) / 1e6:,.1f} MB",
                 highlight=False,
             )
         if out is not None:
