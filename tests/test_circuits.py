@@ -211,7 +211,9 @@ def test_bad_input_is_refused_with_one_clear_line() -> None:
 def test_capped_rows_record_what_they_drop() -> None:
     model, tcs, ids, full = tiny_circuit("llama")
     capped = attribute(model, tcs, ids, AttributionConfig(max_feature_nodes=None, max_edges_per_row=8))
-    assert int(np.diff(capped.adjacency.indptr).max()) <= 8
+    per_row = np.diff(capped.adjacency[: capped.error_start].indptr)  # feature rows: their feature edges
+    feats_per_row = [int((capped.adjacency[r].indices < capped.error_start).sum()) for r in range(capped.n_nodes)]
+    assert max(feats_per_row) <= 8 and per_row.max() > 8  # error and token edges are never capped
     dropped = capped.meta["dropped"]
     assert dropped["rows_capped"] > 0 and 0 < dropped["max_abs_frac"] < 1
     # the kept edges are the largest ones of the exact rows
@@ -309,3 +311,22 @@ def test_attn_q_and_k_are_the_projections_by_hand(family: str, module: str, q: o
         assert torch.equal(model(ids), plain)
     with model.intervene({"blocks.1.attn_k": lambda x: x * 3.0}):
         assert not torch.allclose(model(ids), plain)
+
+
+def test_transcoders_at_the_wrong_hook_or_width_are_refused(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from lmscope.circuits.transcoders import TranscoderSet
+    from lmscope.dictionaries.base import DictConfig, build
+    from lmscope.dictionaries.formats import save_dictionary
+
+    sae = build(DictConfig(arch="topk", d_in=32, d_sae=16, k=2, hook="blocks.0.resid_post"))
+    save_dictionary(sae, tmp_path / "set" / "layer00")
+    with pytest.raises(CircuitError, match=r"maps blocks.0.resid_post -> None; a circuit transcoder maps"):
+        TranscoderSet.load(tmp_path / "set")
+    model, tcs, *_ = built("llama")
+    wide = build(DictConfig(arch="topk", d_in=48, d_sae=16, d_out=48, k=2, hook="blocks.0.mlp_in",
+                            hook_out="blocks.0.mlp_out"))  # fmt: skip
+    other = type(tcs)({**tcs.by_layer, 0: wide})
+    with pytest.raises(CircuitError, match="width 48 at blocks.0.mlp_in, the model 32"):
+        other.check(model)
+    with pytest.raises(CircuitError, match="not a directory of transcoders"):
+        TranscoderSet.load(tmp_path / "missing")
