@@ -326,7 +326,7 @@ def test_transcoders_at_the_wrong_hook_or_width_are_refused(tmp_path) -> None:  
     wide = build(DictConfig(arch="topk", d_in=48, d_sae=16, d_out=48, k=2, hook="blocks.0.mlp_in",
                             hook_out="blocks.0.mlp_out"))  # fmt: skip
     other = type(tcs)({**tcs.by_layer, 0: wide})
-    with pytest.raises(CircuitError, match="width 48 at blocks.0.mlp_in, the model 32"):
+    with pytest.raises(CircuitError, match=r"width 48 at blocks\.0\.mlp_in, the model 32"):
         other.check(model)
     with pytest.raises(CircuitError, match="not a directory of transcoders"):
         TranscoderSet.load(tmp_path / "missing")
