@@ -21,10 +21,13 @@ from lmscope.circuits.graph import Graph
 from lmscope.errors import CircuitError
 from tiny_models import TINY, tiny_ids
 
+SKIP = "+skip"  # a family name with this suffix uses skip-transcoders (an affine x @ W_skip beside the code)
+WITH_SKIP = ["llama+skip", "gpt2+skip", "gemma2+skip"]
+
 
 @functools.cache
 def built(family: str):  # type: ignore[no-untyped-def]
-    model, tcs, ids, graph = tiny_circuit(family)
+    model, tcs, ids, graph = tiny_circuit(family.removesuffix(SKIP), skip=family.endswith(SKIP))
     rec = record(model, tcs, ids)
     return model, tcs, ids, graph, rec, Replacement(model, tcs, rec)
 
@@ -85,7 +88,7 @@ def _sources(graph: Graph, target: int, rng: np.random.Generator) -> list[int]:
     return out
 
 
-@pytest.mark.parametrize("family", CIRCUIT_FAMILIES)
+@pytest.mark.parametrize("family", CIRCUIT_FAMILIES + WITH_SKIP)
 def test_edges_equal_measured_perturbations(family: str) -> None:
     _model, tcs, _ids, graph, _rec, rep = built(family)
     base_logits, base_in = _perturbed(rep, graph, tcs, graph.token_start, 0.0)
@@ -110,12 +113,13 @@ def test_edges_equal_measured_perturbations(family: str) -> None:
     assert checked >= 10
 
 
-@pytest.mark.parametrize("family", CIRCUIT_FAMILIES)
+@pytest.mark.parametrize("family", CIRCUIT_FAMILIES + WITH_SKIP)
 def test_contributions_add_up_to_each_target(family: str) -> None:
     _model, tcs, _ids, graph, rec, rep = built(family)
     zero = torch.zeros_like(rec.embed).unsqueeze(0)
     with torch.no_grad():  # the constant terms: every source at zero, biases alone
-        logits, mlp_in = rep.run(zero, lambda i, _x: tcs[i].b_dec.detach().expand_as(rec.mlp_out[i]).unsqueeze(0))
+        # (an MlpOut gives the skip term at the recorded input; the hooks add the rest: see Replacement)
+        logits, mlp_in = rep.run(zero, lambda i, _x: (tcs[i].b_dec.detach() + tcs.skip(i, rec.mlp_in[i])).unsqueeze(0))
     for target in _targets_to_check(graph):
         total = float(graph.adjacency[target].toarray().astype(np.float64).sum())
         const = _target_value(graph, target, logits, mlp_in, tcs)
@@ -131,7 +135,7 @@ def test_contributions_add_up_to_each_target(family: str) -> None:
         assert abs(total + const - value) <= 1e-4 * max(scale, abs(value)), (family, graph.describe(target))
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2", "gpt_neox", "gemma2"])
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gpt_neox", "gemma2", "llama+skip"])
 def test_second_derivative_through_frozen_points_is_zero(family: str) -> None:
     """The gradient is the same at the recorded point and far from it: the Jacobian is constant, so every second
     derivative is zero. (A double backward cannot check this directly: PyTorch's fused CPU attention kernel has no
@@ -161,8 +165,9 @@ def test_second_derivative_through_frozen_points_is_zero(family: str) -> None:
     assert torch.equal(moved, far[0])  # deterministic
 
 
-def test_replacement_run_reproduces_the_real_model() -> None:
-    model, _tcs, ids, _graph, _rec, rep = built("llama")
+@pytest.mark.parametrize("family", ["llama", "llama+skip"])
+def test_replacement_run_reproduces_the_real_model(family: str) -> None:
+    model, _tcs, ids, _graph, _rec, rep = built(family)
     with torch.no_grad():
         logits, _ = rep.run()
         real = model(ids.unsqueeze(0))
@@ -230,7 +235,7 @@ def test_feature_budget_visits_the_most_influential_first() -> None:
     assert small.meta["n_active_features"] == full.n_features
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2", "gemma2"])
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gemma2", "llama+skip"])
 def test_intervention_prediction_equals_constrained_patching(family: str) -> None:
     from lmscope.circuits.intervene import check_interventions, parse_intervention
 
@@ -330,3 +335,36 @@ def test_transcoders_at_the_wrong_hook_or_width_are_refused(tmp_path) -> None:  
         other.check(model)
     with pytest.raises(CircuitError, match="not a directory of transcoders"):
         TranscoderSet.load(tmp_path / "missing")
+
+
+def test_skip_transcoder_learns_a_linear_map_and_round_trips(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A skip-transcoder's W_skip takes the part of the target that is linear in the input; normalisation folds into
+    it; it saves and loads; SAELens export is refused with the reason."""
+    from lmscope.dictionaries.base import DictConfig, DictionaryError, FormatError
+    from lmscope.dictionaries.formats import export_saelens, load_dictionary, save_dictionary
+    from lmscope.training import RunSpec, TensorSource, TrainConfig, Trainer
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(16384, 16, generator=g) * 3.0
+    a = torch.randn(16, 12, generator=g)
+    y = x @ a * 0.5 + 2.0  # a linear map: a skip term fits it, a sparse code of k = 2 cannot
+    cfgs = [DictConfig(arch="topk", d_in=16, d_sae=32, d_out=12, k=2, hook="h_in", hook_out="h_out", skip=s)
+            for s in (True, False)]  # fmt: skip
+    runs = [RunSpec(c, name=f"skip{c.skip}", lr=1e-2) for c in cfgs]
+    tc = TrainConfig(total_tokens=16384 * 4, warmup_steps=5, log_every=1000)
+    out = Trainer(runs, tc, tmp_path / "tc").fit(TensorSource(x, y, batch_size=1024, epochs=4))
+    from lmscope.dictionaries.metrics import fvu
+
+    with torch.no_grad():
+        f_skip, f_plain = float(fvu(y, out["skipTrue"](x)[0])), float(fvu(y, out["skipFalse"](x)[0]))
+    assert f_skip < 0.02 and f_plain > 5 * f_skip, (f_skip, f_plain)
+    back = load_dictionary(tmp_path / "tc" / "skipTrue")
+    assert back.cfg.skip and torch.equal(back.W_skip, out["skipTrue"].W_skip)
+    with torch.no_grad():
+        torch.testing.assert_close(back(x[:64])[0], out["skipTrue"](x[:64])[0])
+    with pytest.raises(FormatError, match="skip-transcoder"):
+        export_saelens(back, tmp_path / "sl")
+    with pytest.raises(DictionaryError, match="skip=True is for transcoders"):
+        DictConfig(arch="topk", d_in=16, d_sae=32, k=2, skip=True)
+    save_dictionary(back, tmp_path / "again")
+    assert load_dictionary(tmp_path / "again").cfg.skip

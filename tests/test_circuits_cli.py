@@ -132,12 +132,12 @@ from lmscope.training import distributed
 device = distributed.init_from_env("cpu")
 model = load_model(sys.argv[1], device="cpu", dtype="float32")
 recipe = TranscoderRecipe(k=4, expansion=2, tokens=2048, batch_size=256, context=32, warmup_steps=2,
-                          checkpoint_every=0, eval_tokens=512, norm_sample_tokens=1024)
+                          checkpoint_every=0, eval_tokens=512, norm_sample_tokens=1024, skip=True)
 train_transcoders(model, sys.argv[2], sys.argv[3], recipe, device=device)
 """
 
 
-def test_two_gloo_ranks_train_the_same_transcoders_as_one_process(setup: dict[str, Path], tmp_path: Path) -> None:
+def test_two_gloo_ranks_train_the_same_skip_transcoders_as_one_process(setup: dict[str, Path], tmp_path: Path) -> None:
     script = tmp_path / "tc.py"
     script.write_text(DDP_SCRIPT)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -155,6 +155,8 @@ def test_two_gloo_ranks_train_the_same_transcoders_as_one_process(setup: dict[st
         for k in a:
             torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=f"layer {i} {k}")
     assert json.loads((tmp_path / "two" / "transcoders.json").read_text())["eval"]["fvu"]
+    assert load_dictionary(tmp_path / "one" / "layer00").cfg.skip  # skip-transcoders, W_skip trained and folded
+    assert float(load_dictionary(tmp_path / "one" / "layer00").W_skip.abs().max()) > 0
 
 
 KEEP_ALL = ["--node-threshold", "1", "--edge-threshold", "1"]

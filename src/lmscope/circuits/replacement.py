@@ -112,7 +112,7 @@ def record(model: Model, tcs: TranscoderSet, ids: Tensor) -> Recording:
     for i in range(L):
         x, y = acts[f"blocks.{i}.mlp_in"][0], acts[f"blocks.{i}.mlp_out"][0]
         a = tcs.encode(i, x)
-        recon = tcs.decode(i, a).to(y.device, y.dtype)
+        recon = (tcs.decode(i, a).to(y.device) + tcs.skip(i, x).float()).to(y.dtype)
         rec.mlp_in[i], rec.mlp_out[i], rec.acts[i], rec.recon[i] = x, y, a, recon
         rec.error[i] = y - recon
     return rec
@@ -132,7 +132,10 @@ class Replacement:
         self.model, self.tcs, self.rec = model, tcs, rec
 
     def default_mlp_out(self) -> MlpOut:
-        """Each MLP's output as recorded (reconstruction + error), as a constant."""
+        """Each MLP's output as recorded (reconstruction + error), as a constant.
+
+        Every `MlpOut` gives the output with a skip-transcoder's skip term taken at the *recorded* MLP input; the
+        hooks add `(x - x_recorded) @ W_skip`, so the skip path stays linear and live in the replacement model."""
         return lambda layer, _x: self.rec.mlp_out[layer].unsqueeze(0)
 
     def recomputed_mlp_out(self, edits: dict[tuple[int, int, int], float] | None = None) -> MlpOut:
@@ -146,7 +149,7 @@ class Replacement:
             for (lay, pos, feat), value in edits.items():
                 if lay == layer:
                     z[pos, feat] = value
-            recon = t.decode(z).to(x.dtype)
+            recon = t.decode(z).to(x.dtype) + self.tcs.skip(layer, self.rec.mlp_in[layer])  # skip at the recorded input
             return (recon + self.rec.error[layer]).unsqueeze(0)
 
         return out
@@ -166,8 +169,13 @@ class Replacement:
                 mlp_in[i] = x
                 return x.detach()  # the real MLP still runs, but nothing flows back through it
 
-            def give_out(_y: Tensor, i: int = i) -> Tensor:
-                return mlp_out(i, mlp_in[i])
+            skips = self.tcs[i].cfg.skip
+
+            def give_out(_y: Tensor, i: int = i, skips: bool = skips) -> Tensor:
+                out = mlp_out(i, mlp_in[i])
+                if skips:  # a skip-transcoder's x @ W_skip is linear in the MLP input: it stays live
+                    out = out + self.tcs.skip(i, mlp_in[i] - rec.mlp_in[i])
+                return out
 
             edits[f"blocks.{i}.mlp_in"] = take_in
             edits[f"blocks.{i}.mlp_out"] = give_out

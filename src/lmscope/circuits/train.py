@@ -43,6 +43,7 @@ class TranscoderRecipe:
     arch: str = "topk"
     k: int = 32
     expansion: float = 8.0
+    skip: bool = False  # skip-transcoders: an affine x @ W_skip term beside the sparse code
     tokens: int = 2_000_000
     batch_size: int = 4096
     context: int = 128
@@ -98,7 +99,8 @@ def train_transcoders(
     for i in layers:
         d_in, d_out = source.widths[f"blocks.{i}.mlp_in"], source.widths[f"blocks.{i}.mlp_out"]
         cfg = DictConfig(arch=recipe.arch, d_in=d_in, d_sae=round(d_in * recipe.expansion), d_out=d_out, k=recipe.k,
-                         hook=f"blocks.{i}.mlp_in", hook_out=f"blocks.{i}.mlp_out", model=model.spec)  # fmt: skip
+                         hook=f"blocks.{i}.mlp_in", hook_out=f"blocks.{i}.mlp_out", model=model.spec,
+                         skip=recipe.skip)  # fmt: skip
         runs.append(RunSpec(cfg, name=_run_name(i), lr=recipe.lr if recipe.lr is not None else cls.default_lr(cfg)))
     tc = TrainConfig(total_tokens=recipe.tokens, warmup_steps=recipe.warmup_steps, seed=recipe.seed,
                      checkpoint_every=recipe.checkpoint_every, log_every=10)  # fmt: skip

@@ -153,6 +153,13 @@ class TranscoderSet:
         val, idx = z.topk(k, dim=-1)
         return SparseActs(idx=idx.cpu(), val=val.cpu())
 
+    def skip(self, layer: int, x: Tensor) -> Tensor:
+        """A skip-transcoder's affine term x @ W_skip at `layer` (zeros for a plain transcoder)."""
+        t = self.by_layer[layer]
+        if not t.cfg.skip:
+            return torch.zeros(*x.shape[:-1], int(t.cfg.d_out or t.cfg.d_in), dtype=x.dtype, device=x.device)
+        return (x.float() @ t.W_skip.detach().to(x.device)).to(x.dtype)
+
     def decode(self, layer: int, acts: SparseActs) -> Tensor:
         """Reconstruction [n, d] from sparse acts (b_dec included)."""
         t = self.by_layer[layer]

@@ -34,6 +34,7 @@ def register(app: typer.Typer) -> None:
         arch: Annotated[str, typer.Option(help="Dictionary architecture (topk, batchtopk, relu, jumprelu).")] = "topk",
         k: Annotated[int, typer.Option(help="Active latents per token (TopK/BatchTopK).")] = 32,
         expansion: Annotated[float, typer.Option(help="Latents per model dimension.")] = 8.0,
+        skip: Annotated[bool, typer.Option("--skip", help="Skip-transcoders: add an affine x @ W_skip term.")] = False,
         batch_size: Annotated[int, typer.Option(help="Tokens per step.")] = 4096,
         context: Annotated[int, typer.Option(help="Tokens per context.")] = 128,
         lr: Annotated[float | None, typer.Option(help="Peak LR (default: the architecture's).")] = None,
@@ -54,7 +55,8 @@ def register(app: typer.Typer) -> None:
         dev = ddp.init_from_env(device)
         m = load_model(model, device=str(dev), dtype=dtype)
         recipe = TranscoderRecipe(
-            layers=parse_layers(layers, m.n_layers), arch=arch, k=k, expansion=expansion, tokens=parse_count(tokens, 1),
+            layers=parse_layers(layers, m.n_layers), arch=arch, k=k, expansion=expansion, skip=skip,
+            tokens=parse_count(tokens, 1),
             batch_size=batch_size, context=context, lr=lr, warmup_steps=warmup_steps, seed=seed,
             checkpoint_every=checkpoint_every, eval_tokens=parse_count(eval_tokens, 1),
         )  # fmt: skip

@@ -61,6 +61,7 @@ class DictConfig:
     apply_b_dec_to_input: bool | None = None  # None: True for autoencoders, False for transcoders
     hook: str | None = None  # the input hook, e.g. blocks.6.resid_post
     hook_out: str | None = None  # transcoders: the target hook
+    skip: bool = False  # transcoders: add an affine skip term x @ W_skip [d_in, d_out] (a skip-transcoder)
     model: str | None = None  # the model spec the activations came from
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -79,6 +80,8 @@ class DictConfig:
                 "for transcoders"
             )
         cls.validate_config(self)
+        if self.skip and not self.is_transcoder:
+            raise DictionaryError("skip=True is for transcoders (hook -> hook_out); an autoencoder has no skip term")
         if self.aux_k is None:
             self.aux_k = max(1, min(self.d_sae, int(self.d_out) // 2))
 
@@ -166,6 +169,8 @@ class Dictionary(nn.Module):
             "W_dec": (cfg.d_sae, d_out),
             "b_dec": (d_out,),
         }
+        if cfg.skip:
+            shapes["W_skip"] = (cfg.d_in, d_out)
         return {**shapes, **cls.extra_tensor_shapes(cfg)}
 
     @classmethod
@@ -195,6 +200,8 @@ class Dictionary(nn.Module):
         self.b_enc = nn.Parameter(torch.zeros(d_sae))
         self.W_dec = nn.Parameter(torch.empty(d_sae, d_out))
         self.b_dec = nn.Parameter(torch.zeros(d_out))
+        if cfg.skip:  # a skip-transcoder's affine term, zero at the start
+            self.W_skip = nn.Parameter(torch.zeros(d_in, d_out))
         self.reset_parameters()
 
     # ------------------------------------------------------------------ init
@@ -215,6 +222,8 @@ class Dictionary(nn.Module):
             self.W_enc.copy_(e / e.norm(dim=0, keepdim=True) * self.initial_decoder_norm())
         self.b_enc.zero_()
         self.b_dec.zero_()
+        if self.cfg.skip:
+            self.W_skip.zero_()
 
     # ------------------------------------------------------------------ the interface
     def pre_acts(self, x: Tensor) -> Tensor:
@@ -236,7 +245,11 @@ class Dictionary(nn.Module):
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         z = self.encode(x)
-        return self.decode(z), z
+        return self.with_skip(self.decode(z), x), z
+
+    def with_skip(self, recon: Tensor, x: Tensor) -> Tensor:
+        """A skip-transcoder's output: the reconstruction plus x @ W_skip (unchanged without a skip term)."""
+        return recon + x @ self.W_skip if self.cfg.skip else recon
 
     @property
     def decoder_directions(self) -> Tensor:
@@ -277,6 +290,8 @@ class Dictionary(nn.Module):
         self.W_enc.mul_(scale_in)
         self.W_dec.div_(scale_out)
         self.b_dec.div_(scale_out)
+        if self.cfg.skip:  # trained on s_in x -> s_out y: y = x (s_in / s_out) W_skip
+            self.W_skip.mul_(scale_in / scale_out)
 
     def extra_repr(self) -> str:
         return f"arch={self.arch}, d_in={self.cfg.d_in}, d_sae={self.cfg.d_sae}, d_out={self.cfg.d_out}"

@@ -105,7 +105,7 @@ class BatchTopKDictionary(KSparse):
         pre = self.pre_acts(x)
         z = self.batch_select(pre)
         self.update_threshold(z.detach())
-        recon = z @ self.W_dec + self.b_dec
+        recon = self.with_skip(z @ self.W_dec + self.b_dec, x)
         mse = self.mse(target, recon)
         aux = aux_k_loss(self, x, (target - recon).detach(), state.dead_mask)
         active = z > 0

@@ -181,6 +181,10 @@ def export_saelens(d: Dictionary, path: str | Path) -> Path:
         raise FormatError("fold the input normalisation into the weights (Dictionary.fold_scale) before exporting")
     if d.saelens_arch is None:
         raise FormatError(f"a {d.arch} dictionary has no SAELens counterpart; save it in lmscope's format instead")
+    if d.cfg.skip:
+        raise FormatError(
+            "a skip-transcoder (W_skip) has no SAELens export in lmscope yet; save it in lmscope's format instead"
+        )
     tensors, extra_cfg = d.to_saelens(dictionary_tensors(d))
     saelens_cfg: dict[str, Any] = {
         "architecture": d.saelens_arch,

@@ -107,7 +107,7 @@ class JumpReLUDictionary(Dictionary):
         theta = self.threshold
         bw = self.cfg.jumprelu_bandwidth
         z = _JumpReLU.apply(pre, theta, bw)
-        recon = z @ self.W_dec + self.b_dec
+        recon = self.with_skip(z @ self.W_dec + self.b_dec, x)
         mse = self.mse(target, recon)
         l0 = _Step.apply(pre, theta, bw).sum(-1).mean()
         ramp = min(1.0, state.progress / self.cfg.l1_warmup_frac) if self.cfg.l1_warmup_frac > 0 else 1.0

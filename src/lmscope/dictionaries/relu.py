@@ -40,7 +40,7 @@ class ReLUDictionary(Dictionary):
 
     def training_loss(self, x: Tensor, target: Tensor, state: LossState) -> TrainOutput:
         z = torch.relu(self.pre_acts(x))
-        recon = z @ self.W_dec + self.b_dec
+        recon = self.with_skip(z @ self.W_dec + self.b_dec, x)
         mse = self.mse(target, recon)
         l1 = (z * self.W_dec.norm(dim=1)).sum(-1).mean()
         ramp = min(1.0, state.progress / self.cfg.l1_warmup_frac) if self.cfg.l1_warmup_frac > 0 else 1.0

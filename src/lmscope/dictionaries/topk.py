@@ -104,13 +104,14 @@ class TopKDictionary(KSparse):
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         vals, idx = self.encode_sparse(x)
         z = torch.zeros(*x.shape[:-1], self.cfg.d_sae, dtype=vals.dtype, device=vals.device)
-        return self.decode_sparse(vals, idx), z.scatter_(-1, idx, vals)
+        return self.with_skip(self.decode_sparse(vals, idx), x), z.scatter_(-1, idx, vals)
 
     def training_loss(self, x: Tensor, target: Tensor, state: LossState) -> TrainOutput:
         # one fused autograd Function: dense encoder forward, sparse everything else (see sparse_decode.py)
         recon, vals, idx = fused_topk(
             x, self.W_enc, self.b_enc, self.W_dec, self.b_dec, self.cfg.k, bool(self.cfg.apply_b_dec_to_input)
         )
+        recon = self.with_skip(recon, x)
         mse = self.mse(target, recon)
         aux = aux_k_loss(self, x, (target - recon).detach(), state.dead_mask)
         loss = mse + self.cfg.aux_coeff * aux
