@@ -156,7 +156,7 @@ def test_two_gloo_ranks_train_the_same_skip_transcoders_as_one_process(setup: di
             torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=f"layer {i} {k}")
     assert json.loads((tmp_path / "two" / "transcoders.json").read_text())["eval"]["fvu"]
     assert load_dictionary(tmp_path / "one" / "layer00").cfg.skip  # skip-transcoders, W_skip trained and folded
-    assert float(load_dictionary(tmp_path / "one" / "layer00").W_skip.abs().max()) > 0
+    assert float(load_dictionary(tmp_path / "one" / "layer00").W_skip.detach().abs().max()) > 0
 
 
 KEEP_ALL = ["--node-threshold", "1", "--edge-threshold", "1"]
