@@ -21,7 +21,6 @@ Memory: one forward graph, a batch of dense gradients at a time, and the kept ed
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -230,7 +229,6 @@ def attribute(
     vals: list[np.ndarray] = []
     dropped: dict[int, dict[str, float]] = {}
     row_nodes: list[int] = []
-    row_sums: dict[int, float] = {}
 
     def keep(node: int, row: Tensor) -> None:
         """Keep a row's error and token edges (at most layers x positions + positions), and its largest
@@ -249,7 +247,6 @@ def attribute(
             keep_mask = ~is_feat
             keep_mask[torch.nonzero(is_feat).squeeze(1)[top]] = True
             nz, v = nz[keep_mask], v[keep_mask]
-        row_sums[node] = float(row.double().sum())
         r_idx.append(np.full(len(nz), node, dtype=np.int64))
         c_idx.append(nz.numpy().astype(np.int64))
         vals.append(v.numpy().astype(np.float32))
@@ -303,12 +300,12 @@ def attribute(
         "config": asdict(cfg), "batch_size": batch,
         "seconds": round(time.perf_counter() - t0, 3), "n_active_features": cols.F,
         "n_visited_features": int(visited.sum()),
-        "dropped": _dropped_summary(dropped, row_sums, len(row_nodes)),
+        "dropped": _dropped_summary(dropped, len(row_nodes)),
     })  # fmt: skip
     return graph
 
 
-def _dropped_summary(dropped: dict[int, dict[str, float]], row_sums: dict[int, float], n_rows: int) -> dict[str, Any]:
+def _dropped_summary(dropped: dict[int, dict[str, float]], n_rows: int) -> dict[str, Any]:
     if not dropped:
         return {"rows_capped": 0, "rows": n_rows, "max_abs_frac": 0.0, "mean_abs_frac": 0.0}
     fr = [d["abs_frac"] for d in dropped.values()]
@@ -352,7 +349,3 @@ def _package(
 def dense_bytes(graph: Graph) -> int:
     """What the same graph would take as a dense float32 n_nodes x n_nodes matrix."""
     return int(graph.n_nodes) ** 2 * 4
-
-
-def rounds(x: float) -> float:
-    return float(f"{x:.4g}") if math.isfinite(x) else x
