@@ -8,6 +8,7 @@ $LMSCOPE_CHROMIUM. If either is missing, or Chromium will not start, the tests a
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import threading
@@ -54,13 +55,11 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+@contextlib.contextmanager
+def running(app: Any) -> Iterator[str]:
+    """Serve `app` with uvicorn on a free local port, in a thread; yields its base URL, stops it on exit."""
     import uvicorn
 
-    root = tmp_path_factory.mktemp("browser")
-    model, d, _, out = make_tiny_atlas(root, labels=True)
-    app = create_app(out, live=Live(model, d))
     port = _free_port()
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=srv.run, daemon=True)
@@ -70,13 +69,17 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         if time.time() > deadline or not thread.is_alive():
             pytest.fail("the explorer server did not start within 20 s")
         time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    srv.should_exit = True
-    thread.join(timeout=10)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=10)
 
 
-@pytest.fixture(scope="module")
-def page(server: str) -> Iterator[object]:
+@contextlib.contextmanager
+def local_page(base: str) -> Iterator[Any]:
+    """A Chromium page that may only reach `base`: any request elsewhere is aborted and recorded in `page.outside`;
+    page errors go to `page.errors`, and every request to `base` to `page.sent` ("METHOD /path")."""
     with sync_api.sync_playwright() as p:
         try:
             browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
@@ -90,17 +93,36 @@ def page(server: str) -> Iterator[object]:
         pg.on("pageerror", lambda e: errors.append(str(e)))
         # the pages must not need the internet: any request off 127.0.0.1 fails the test
         outside: list[str] = []
+        sent: list[str] = []
+        pg.on("request", lambda r: sent.append(f"{r.method} {r.url.removeprefix(base)}"))
         pg.route(
             "**/*",
             lambda route: (
-                route.continue_() if route.request.url.startswith(server) else (outside.append(route.request.url),
-                                                                                 route.abort())
+                route.continue_() if route.request.url.startswith(base) else (outside.append(route.request.url),
+                                                                               route.abort())
             ),
         )  # fmt: skip
-        pg.errors = errors  # type: ignore[attr-defined]
-        pg.outside = outside  # type: ignore[attr-defined]
+        pg.errors = errors
+        pg.outside = outside
+        pg.sent = sent
+        try:
+            yield pg
+        finally:
+            browser.close()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    root = tmp_path_factory.mktemp("browser")
+    model, d, _, out = make_tiny_atlas(root, labels=True)
+    with running(create_app(out, live=Live(model, d))) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def page(server: str) -> Iterator[object]:
+    with local_page(server) as pg:
         yield pg
-        browser.close()
 
 
 def test_overview_search_feature_and_inspector(server: str, page) -> None:

@@ -11,28 +11,23 @@ Outside CI, skipped with the reason when Playwright or Chromium is missing; in C
 from __future__ import annotations
 
 import re
-import threading
-import time
 from collections.abc import Iterator
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-import browser_gate
 from atlas_helpers import HOOK, make_tiny_atlas
 from lmscope.dictionaries import DictConfig, build
 from lmscope.web.app import Live, create_app
 
 # the same gate as tests/test_web_browser.py: skipped with the reason outside CI, failing in CI (browser_gate.py)
-from test_web_browser import ARGS, CHROMIUM, _browser_available, _free_port, sync_api  # noqa: F401
+from test_web_browser import _browser_available, local_page, running  # noqa: F401
 from test_web_fixes import _patch_atlas
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimpleNamespace]:
-    import uvicorn
-
     root = tmp_path_factory.mktemp("browser-fixes")
     model, _, _, out = make_tiny_atlas(root, labels=True)
     ids = _patch_atlas(out, root / "patched.db")
@@ -40,50 +35,16 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimpleNamespace
     with torch.no_grad():
         d16.b_enc.fill_(0.5)
     app = create_app(root / "patched.db", live=Live(model, d16))
-    port = _free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 20
-    while not srv.started:
-        if time.time() > deadline or not thread.is_alive():
-            pytest.fail("the explorer server did not start within 20 s")
-        time.sleep(0.05)
-    yield SimpleNamespace(url=f"http://127.0.0.1:{port}", ids=ids)
-    srv.should_exit = True
-    thread.join(timeout=10)
+    with running(app) as url:
+        yield SimpleNamespace(url=url, ids=ids)
 
 
 @pytest.fixture(scope="module")
 def page(server: SimpleNamespace) -> Iterator[object]:
     base = server.url
-    with sync_api.sync_playwright() as p:
-        try:
-            browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
-        except Exception as exc:  # a broken Chromium install: skip with the reason outside CI, fail in CI
-            browser_gate.enforce(browser_gate.launch_problem(CHROMIUM, exc))
-            raise
-        ctx = browser.new_context(viewport={"width": 1300, "height": 1000})
-        pg = ctx.new_page()
-        pg.set_default_timeout(15_000)
-        errors: list[str] = []
-        pg.on("pageerror", lambda e: errors.append(str(e)))
-        outside: list[str] = []
-        sent: list[str] = []  # every request the page made to this server, method and path
-        pg.on("request", lambda r: sent.append(f"{r.method} {r.url.removeprefix(base)}"))
-        pg.route(
-            "**/*",
-            lambda route: (
-                route.continue_() if route.request.url.startswith(base) else (outside.append(route.request.url),
-                                                                               route.abort())
-            ),
-        )  # fmt: skip
-        pg.errors = errors  # type: ignore[attr-defined]
-        pg.outside = outside  # type: ignore[attr-defined]
-        pg.sent = sent  # type: ignore[attr-defined]
+    with local_page(base) as pg:
         yield pg
-        browser.close()
-    assert errors == [] and outside == []
+    assert pg.errors == [] and pg.outside == []
 
 
 def _posts(page, path_part: str) -> int:

@@ -10,21 +10,18 @@ Outside CI, skipped with the reason when Playwright or Chromium is missing; in C
 from __future__ import annotations
 
 import re
-import threading
-import time
 from collections.abc import Iterator
 from types import SimpleNamespace
 
 import pytest
 
-import browser_gate
 from atlas_helpers import make_tiny_atlas
 from circuit_helpers import write_tiny_graph_json
 from lmscope.circuits.export import read_neuronpedia
 from lmscope.web.app import create_app
 
 # the same gate as tests/test_web_browser.py: skipped with the reason outside CI, failing in CI (browser_gate.py)
-from test_web_browser import ARGS, ARTIFACTS, CHROMIUM, _browser_available, _free_port, sync_api  # noqa: F401
+from test_web_browser import ARTIFACTS, _browser_available, local_page, running  # noqa: F401
 
 SLUG = "tiny-graph"
 COUNTS = re.compile(r"(\d+) of (\d+) nodes · (\d+) of (\d+) links")
@@ -32,57 +29,21 @@ COUNTS = re.compile(r"(\d+) of (\d+) nodes · (\d+) of (\d+) links")
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimpleNamespace]:
-    import uvicorn
-
     root = tmp_path_factory.mktemp("browser-graph")
     _, _, _, atlas = make_tiny_atlas(root)
     path = write_tiny_graph_json(root / "graphs", SLUG)
     app = create_app(atlas, graphs=root / "graphs")
-    port = _free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 20
-    while not srv.started:
-        if time.time() > deadline or not thread.is_alive():
-            pytest.fail("the explorer server did not start within 20 s")
-        time.sleep(0.05)
-    yield SimpleNamespace(url=f"http://127.0.0.1:{port}", path=path, doc=read_neuronpedia(path),
-                          n_features=app.state.store.n_features)  # fmt: skip
-    srv.should_exit = True
-    thread.join(timeout=10)
+    with running(app) as url:
+        yield SimpleNamespace(url=url, path=path, doc=read_neuronpedia(path),
+                              n_features=app.state.store.n_features)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def page(server: SimpleNamespace) -> Iterator[object]:
     base = server.url
-    with sync_api.sync_playwright() as p:
-        try:
-            browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
-        except Exception as exc:  # a broken Chromium install: skip with the reason outside CI, fail in CI
-            browser_gate.enforce(browser_gate.launch_problem(CHROMIUM, exc))
-            raise
-        ctx = browser.new_context(viewport={"width": 1300, "height": 1000})
-        pg = ctx.new_page()
-        pg.set_default_timeout(15_000)
-        errors: list[str] = []
-        pg.on("pageerror", lambda e: errors.append(str(e)))
-        outside: list[str] = []
-        sent: list[str] = []  # every request the page made to this server, method and path
-        pg.on("request", lambda r: sent.append(f"{r.method} {r.url.removeprefix(base)}"))
-        pg.route(
-            "**/*",
-            lambda route: (
-                route.continue_() if route.request.url.startswith(base) else (outside.append(route.request.url),
-                                                                               route.abort())
-            ),
-        )  # fmt: skip
-        pg.errors = errors  # type: ignore[attr-defined]
-        pg.outside = outside  # type: ignore[attr-defined]
-        pg.sent = sent  # type: ignore[attr-defined]
+    with local_page(base) as pg:
         yield pg
-        browser.close()
-    assert errors == [] and outside == []
+    assert pg.errors == [] and pg.outside == []
 
 
 def _open(server: SimpleNamespace, page) -> None:
