@@ -368,3 +368,22 @@ def test_skip_transcoder_learns_a_linear_map_and_round_trips(tmp_path) -> None: 
         DictConfig(arch="topk", d_in=16, d_sae=32, k=2, skip=True)
     save_dictionary(back, tmp_path / "again")
     assert load_dictionary(tmp_path / "again").cfg.skip
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gpt_neox"])
+def test_no_edge_where_no_path_exists(family: str) -> None:
+    """The control: a source with no causal path to a target gets no edge. Features and errors never reach a
+    feature of their own or an earlier layer, and nothing reaches a target at an earlier position (causal
+    attention), while the same graph does hold edges where paths exist."""
+    _model, _tcs, _ids, graph, _rec, _rep = built(family)
+    a = graph.adjacency.tocoo()
+    checked = 0
+    for t, s in zip(a.row.tolist(), a.col.tolist(), strict=True):
+        dt, ds = graph.describe(t), graph.describe(s)
+        if dt["kind"] != "feature":
+            continue
+        checked += 1
+        if ds["kind"] in ("feature", "error"):
+            assert ds["layer"] < dt["layer"], (ds, dt)
+        assert ds["pos"] <= dt["pos"], (ds, dt)
+    assert checked > 50

@@ -34,7 +34,7 @@ from lmscope.errors import CircuitError
 from lmscope.model.adapter import Model
 from lmscope.training import RunSpec, TrainConfig, Trainer
 from lmscope.training import distributed as ddp
-from lmscope.training.evaluate import eval_contexts
+from lmscope.training.evaluate import eval_contexts, next_token_ce, next_token_kl
 
 
 @dataclass
@@ -169,11 +169,10 @@ def evaluate_set(
             fvu[i].update(y, t(x)[0])
         spliced = _spliced(model, tcs, b, kb)
         zero = _spliced(model, tcs, b, kb, zero=True)
-        sums["ce_clean"] += float(_ce(clean, b))
-        sums["ce_spliced"] += float(_ce(spliced, b))
-        sums["ce_zero"] += float(_ce(zero, b))
-        p, q = torch.log_softmax(clean.double(), -1), torch.log_softmax(spliced.double(), -1)
-        sums["kl_spliced"] += float((p.exp() * (p - q)).sum(-1).mean())
+        sums["ce_clean"] += float(next_token_ce(clean, b))
+        sums["ce_spliced"] += float(next_token_ce(spliced, b))
+        sums["ce_zero"] += float(next_token_ce(zero, b))
+        sums["kl_spliced"] += float(next_token_kl(clean, spliced))
         n += 1
     out: dict[str, Any] = {k: v / n for k, v in sums.items()}
     gap = out["ce_zero"] - out["ce_clean"]
@@ -181,12 +180,6 @@ def evaluate_set(
     out["fvu"] = {str(i): float(acc.value()) for i, acc in fvu.items()}
     out["tokens"] = int(ids.numel())
     return out
-
-
-def _ce(logits: Tensor, ids: Tensor) -> Tensor:
-    return torch.nn.functional.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1)
-    )
 
 
 def _spliced(model: Model, tcs: TranscoderSet, ids: Tensor, keep: Tensor, zero: bool = False) -> Tensor:

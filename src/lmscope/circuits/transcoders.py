@@ -19,6 +19,7 @@ from torch import Tensor
 
 from lmscope.dictionaries.base import Dictionary
 from lmscope.dictionaries.formats import CONFIG, load_dictionary
+from lmscope.dictionaries.sparse_decode import sparse_decode
 from lmscope.errors import CircuitError
 from lmscope.model.adapter import Model
 
@@ -32,13 +33,6 @@ class SparseActs:
 
     idx: Tensor  # [n, k] long: feature ids
     val: Tensor  # [n, k] float: activations (>= 0 for the supported architectures; 0 marks padding)
-
-    def active(self) -> tuple[Tensor, Tensor, Tensor]:
-        """(positions, features, values) of the non-zero entries, in (position, feature) order."""
-        pos, slot = (self.val != 0).nonzero(as_tuple=True)
-        feats = self.idx[pos, slot]
-        order = torch.argsort(pos * (int(self.idx.max()) + 1 if self.idx.numel() else 1) + feats, stable=True)
-        return pos[order], feats[order], self.val[pos, slot][order]
 
 
 def atlas_name(layer: int) -> str:
@@ -164,4 +158,4 @@ class TranscoderSet:
         """Reconstruction [n, d] from sparse acts (b_dec included)."""
         t = self.by_layer[layer]
         w = t.W_dec.detach()
-        return (acts.val.to(w.device).unsqueeze(-1) * w[acts.idx.to(w.device)]).sum(1) + t.b_dec.detach()
+        return sparse_decode(acts.val.to(w.device), acts.idx.to(w.device), w) + t.b_dec.detach()

@@ -85,11 +85,13 @@ def activation_metrics(d: Dictionary, x: Tensor, y: Tensor | None = None, chunk:
     }
 
 
-def _ce(logits: Tensor, ids: Tensor) -> Tensor:
+def next_token_ce(logits: Tensor, ids: Tensor) -> Tensor:
+    """Mean next-token cross-entropy of logits [n, seq, vocab] on ids [n, seq]."""
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten().to(logits.device))
 
 
-def _kl(clean: Tensor, other: Tensor) -> Tensor:
+def next_token_kl(clean: Tensor, other: Tensor) -> Tensor:
+    """Mean KL(clean || other) of the next-token distributions, over the positions the CE counts."""
     p = clean[:, :-1].float().log_softmax(-1)
     q = other[:, :-1].float().log_softmax(-1)
     return (p.exp() * (p - q)).sum(-1).mean()
@@ -151,12 +153,12 @@ def splice_metrics(
         with_err = run_with(lambda x: recon_of(source(x)) + (x - recon_of(source(x))))
         zero = run_with(lambda x: only_ordinary(torch.zeros_like(x), x))
         values = {
-            "ce_clean": _ce(clean, b),
-            "ce_spliced": _ce(spliced, b),
-            "ce_spliced_with_error": _ce(with_err, b),
-            "ce_zero_ablate": _ce(zero, b),
-            "kl_spliced": _kl(clean, spliced),
-            "kl_spliced_with_error": _kl(clean, with_err),
+            "ce_clean": next_token_ce(clean, b),
+            "ce_spliced": next_token_ce(spliced, b),
+            "ce_spliced_with_error": next_token_ce(with_err, b),
+            "ce_zero_ablate": next_token_ce(zero, b),
+            "kl_spliced": next_token_kl(clean, spliced),
+            "kl_spliced_with_error": next_token_kl(clean, with_err),
         }
         for k, v in values.items():
             sums[k] = sums.get(k, 0.0) + float(v)
