@@ -17,3 +17,11 @@ class HookError(LmscopeError):
 
 class CircuitError(LmscopeError):
     """An attribution graph cannot be built or read as asked (prompt, targets, transcoders, family)."""
+
+
+class OrganismError(LmscopeError):
+    """A model organism cannot be made or read as asked (recipe, base model, directory, ground truth)."""
+
+
+class DiffError(LmscopeError):
+    """Two models cannot be compared as asked (tokenizers, widths, facts file, crosscoder, report)."""

@@ -9,6 +9,7 @@ from lmscope.cli import (
     atlas_cmds,
     circuit_cmds,
     demo_cmd,
+    diff_cmds,
     eval_cmd,
     explain_cmds,
     harvest_cmds,
@@ -35,6 +36,7 @@ eval_cmd.register(app)
 explain_cmds.register(app)
 toy_cmd.register(app)
 circuit_cmds.register(app)
+diff_cmds.register(app)
 
 
 @app.command(epilog="Examples:\n\n  lmscope version")

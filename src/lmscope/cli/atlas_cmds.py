@@ -32,6 +32,7 @@ SERVE_EPILOG = (
     "  lmscope serve atlas.db --port 8080 --no-live  (no model: the prompt inspector is switched off)\n\n"
     "  lmscope serve atlas.db --read-only            (no human-label editing from the feature pages)\n\n"
     "  lmscope serve atlas.db --graphs graphs/       (graphs written by `lmscope circuit --out graphs/X.json`)\n\n"
+    "  lmscope serve atlas.db --diffs diffs/         (model-diff reports written by `lmscope diff --out diffs/X`)\n\n"
     "  lmscope serve atlas.db --host 0.0.0.0         (reachable from other machines: only on trusted networks)"
 )
 
@@ -126,6 +127,10 @@ def register(app: typer.Typer) -> None:
         graphs: Annotated[
             Path | None, typer.Option(help="A directory of attribution-graph JSON files (`lmscope circuit --out`).")
         ] = None,
+        diffs: Annotated[
+            Path | None,
+            typer.Option(help="A directory of model-diff reports, one subdirectory each (`lmscope diff --out`)."),
+        ] = None,
     ) -> None:
         """Serve the atlas explorer (pages and a JSON API under /api) on HOST:PORT."""
         import uvicorn
@@ -136,7 +141,8 @@ def register(app: typer.Typer) -> None:
         note = "the prompt inspector is off (--no-live)"
         if live:
             live_pair, note = load_live(atlas, model, dict_dir, device=device, dtype=dtype)
-        app_ = create_app(atlas, live=live_pair, live_note=note, read_only=read_only, graphs=graphs)
+        app_ = create_app(atlas, live=live_pair, live_note=note, read_only=read_only, graphs=graphs,
+                          diffs=diffs)  # fmt: skip
         edits = "label editing off (--read-only)" if read_only else "human labels editable"
         console.print(f"serving {atlas} at http://{host}:{port}  ({note}; {edits})", highlight=False)
         with _sigterm_stops_cleanly():

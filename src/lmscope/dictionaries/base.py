@@ -62,6 +62,7 @@ class DictConfig:
     hook: str | None = None  # the input hook, e.g. blocks.6.resid_post
     hook_out: str | None = None  # transcoders: the target hook
     skip: bool = False  # transcoders: add an affine skip term x @ W_skip [d_in, d_out] (a skip-transcoder)
+    n_models: int = 1  # crosscoders: the input is n_models activations side by side, each d_in / n_models wide
     model: str | None = None  # the model spec the activations came from
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -82,6 +83,10 @@ class DictConfig:
         cls.validate_config(self)
         if self.skip and not self.is_transcoder:
             raise DictionaryError("skip=True is for transcoders (hook -> hook_out); an autoencoder has no skip term")
+        if self.n_models < 1 or self.d_in % self.n_models:
+            raise DictionaryError(f"n_models must divide d_in ({self.d_in}), got {self.n_models}")
+        if self.n_models > 1 and self.is_transcoder:
+            raise DictionaryError("a crosscoder (n_models > 1) reconstructs its own input; it cannot be a transcoder")
         if self.aux_k is None:
             self.aux_k = max(1, min(self.d_sae, int(self.d_out) // 2))
 
@@ -133,6 +138,7 @@ class Dictionary(nn.Module):
 
     arch: ClassVar[str]  # set by `register`
     unit_norm_decoder: ClassVar[bool] = True  # renormalise decoder rows after each step (all but relu)
+    crosscoder_only: ClassVar[bool] = False  # made for paired activations of n_models models (not an SAE choice)
     # ---- per-architecture knowledge, declared by every registered subclass
     sparsity_param: ClassVar[str]  # the DictConfig field a sweep varies ("k", "l1_coeff", ...)
     run_tag: ClassVar[str]  # run-name part, a format string over DictConfig fields ("k{k}", "l1_{l1_coeff:g}")
@@ -356,8 +362,9 @@ def register(name: str) -> Callable[[type[Dictionary]], type[Dictionary]]:
     return deco
 
 
-def architectures() -> list[str]:
-    return list(_REGISTRY)
+def architectures(crosscoders: bool = False) -> list[str]:
+    """Registered architectures; those made only for crosscoders are listed when `crosscoders` is set."""
+    return [a for a, c in _REGISTRY.items() if crosscoders or not c.crosscoder_only]
 
 
 def architecture(name: str) -> type[Dictionary]:

@@ -7,7 +7,7 @@ SAELens: `standard` SAEs, and `transcoder` for a transcoder whose output width d
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -21,8 +21,8 @@ class ReLUDictionary(Dictionary):
     sparsity_param = "l1_coeff"
     run_tag = "l1_{l1_coeff:g}"
     loss_terms = ("mse", "l1")
-    saelens_arch = "standard"
-    saelens_imports = ("standard", "transcoder")
+    saelens_arch: ClassVar[str | None] = "standard"
+    saelens_imports: ClassVar[tuple[str, ...]] = ("standard", "transcoder")
 
     def to_saelens(self, tensors: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Any]]:
         """A transcoder to another width is SAELens's `transcoder` class (ReLU); the standard SAE has no d_out."""

@@ -58,3 +58,38 @@ def generate(model: Model, ids: Tensor, cfg: SamplingConfig, seed: int) -> Tenso
             **kwargs,
         )
     return out[0, ids.shape[-1] :].cpu()
+
+
+def greedy_batch(
+    model: Model, texts: list[str], max_new_tokens: int = 24, batch_size: int = 16, skip_special: bool = True
+) -> list[str]:
+    """Greedy continuations of many prompts (exact text, special tokens already in it), batched with left
+    padding through HF `generate`; each continuation stops at EOS and is decoded without special tokens."""
+    if max_new_tokens < 1:
+        raise LmscopeError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    tok = model.tokenizer
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    hf: Any = model.hf
+    out: list[str] = []
+    for s in range(0, len(texts), batch_size):
+        rows = [tok(t, add_special_tokens=False)["input_ids"] for t in texts[s : s + batch_size]]
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
+            mask[i, width - len(r) :] = 1
+        with torch.no_grad():
+            gen = hf.generate(
+                input_ids=ids.to(model.device),
+                attention_mask=mask.to(model.device),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=pad,
+                top_p=1.0,
+                top_k=None,
+                temperature=None,
+            )
+        for row in gen[:, width:].cpu():
+            out.append(tok.decode(row.tolist(), skip_special_tokens=skip_special))
+    return out

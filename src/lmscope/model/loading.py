@@ -104,6 +104,30 @@ def _gguf_cache(path: Path, sha: str) -> Path | None:
     return target if marker.get("sha256") == sha else None
 
 
+def save_model_files(hf: Any, tokenizer: Any, directory: Path) -> None:
+    """Write a model as a loadable directory: float32 `model.safetensors`, `config.json`, the tokenizer.
+
+    transformers refuses save_pretrained on a GGUF-loaded model, but its weights are plain dequantised tensors:
+    they are saved directly (save_model handles a tied embedding). The weights file is written under a temp name
+    and renamed, so a reader never sees a torn one.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / ".model.safetensors.partial"
+    not32 = {n: p.dtype for n, p in hf.named_parameters() if p.dtype != torch.float32}
+    if not32:
+        raise ModelLoadError(
+            f"refusing to save {len(not32)} non-float32 parameters (e.g. {next(iter(not32))}): re-quantising "
+            "erases a fine-tune's small weight changes; keep the model in float32"
+        )
+    safetensors.torch.save_model(hf, str(tmp))
+    os.replace(tmp, directory / "model.safetensors")
+    config = hf.config.to_dict()
+    config.pop("quantization_config", None)  # the saved weights are plain float32
+    config["dtype"] = "float32"
+    (directory / "config.json").write_text(json.dumps(config, indent=2))
+    tokenizer.save_pretrained(directory)
+
+
 def _write_gguf_cache(hf: Any, tokenizer: Any, path: Path, sha: str) -> None:
     """Save the dequantised model (float32 safetensors) + tokenizer; the marker is written last, then the
     directory is renamed into place, so a killed write never looks complete."""
@@ -113,14 +137,7 @@ def _write_gguf_cache(hf: Any, tokenizer: Any, path: Path, sha: str) -> None:
     try:
         root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".partial-", dir=root))
-        # transformers refuses save_pretrained on a GGUF-loaded model, but its weights are plain
-        # dequantised tensors: save them directly (save_model handles the tied embedding) with the config.
-        safetensors.torch.save_model(hf, str(tmp / "model.safetensors"))
-        config = hf.config.to_dict()
-        config.pop("quantization_config", None)  # the cached weights are plain float32
-        config["dtype"] = "float32"
-        (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        tokenizer.save_pretrained(tmp)
+        save_model_files(hf, tokenizer, tmp)
         (tmp / _CACHE_MARKER).write_text(json.dumps({"sha256": sha, "source": str(path)}))
         if target.exists():  # a stale or concurrent copy: replace it only if it is incomplete
             if _gguf_cache(path, sha) is not None:

@@ -5,6 +5,7 @@
     app = create_app("atlas.db", live=Live(model, d))  # plus the live prompt inspector and steering panel
     app = create_app("atlas.db", read_only=True)       # no human-label editing either
     app = create_app("atlas.db", graphs="graphs/")     # plus the attribution-graph view of graphs/*.json
+    app = create_app("atlas.db", diffs="diffs/")       # plus the model-diff view of diffs/*/report.json
 
 The atlas is opened read-only; human labels set from the feature page are written through a separate
 short-lived connection that touches only the `labels` table (web/labels_api.py), unless `read_only`.
@@ -31,7 +32,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from lmscope._version import __version__
 from lmscope.atlas.store import AtlasStore
 from lmscope.errors import LmscopeError
-from lmscope.web import api, graph_api, labels_api, pages, steer_api
+from lmscope.web import api, diff_api, graph_api, labels_api, pages, steer_api
 from lmscope.web.state import MAX_FEATURES_PER_TOKEN, MAX_INSPECT_CHARS, Live, install, load_live
 
 STATIC = Path(__file__).parent / "static"
@@ -66,17 +67,24 @@ def plotly_js() -> Path | None:
 
 def create_app(
     atlas: str | Path, live: Live | None = None, live_note: str | None = None, read_only: bool = False,
-    graphs: str | Path | None = None,
+    graphs: str | Path | None = None, diffs: str | Path | None = None,
 ) -> FastAPI:  # fmt: skip
     """The explorer for `atlas`; `live` enables the prompt inspector and steering; `read_only` turns off the
     routes that write (human labels, supernodes: they answer 403); `graphs`, a directory of attribution-graph JSON
     files (`lmscope circuit ... --out DIR/NAME.json`), turns on the graph view at /graphs (a directory that does
-    not exist yet is allowed: the view lists no graphs until one is written there)."""
+    not exist yet is allowed: the view lists no graphs until one is written there); `diffs`, a directory of
+    model-diff reports (`lmscope diff ... --out DIR/NAME`, one subdirectory each), turns on the diff view at /diffs
+    (likewise allowed not to exist yet)."""
     store = AtlasStore(atlas)  # raises AtlasError for a missing, unfinished or too-new atlas
     graphs_path = Path(graphs).expanduser() if graphs is not None else None
     if graphs_path is not None and graphs_path.exists() and not graphs_path.is_dir():
         raise LmscopeError(f"--graphs {graphs_path} is a file, not a directory: pass the directory that holds the "
                            "graph JSON files")  # fmt: skip
+    diffs_path = Path(diffs).expanduser() if diffs is not None else None
+    if diffs_path is not None and diffs_path.exists() and not diffs_path.is_dir():
+        raise LmscopeError(f"--diffs {diffs_path} is a file, not a directory: pass the directory that holds the "
+                           "report directories (each with a report.json), e.g. the parent of "
+                           "`lmscope diff --out`")  # fmt: skip
     app = FastAPI(
         title="lmscope atlas",
         version=__version__,
@@ -85,7 +93,7 @@ def create_app(
         docs_url=None,  # Swagger UI would load its JS from a CDN; the pages must work offline
         redoc_url=None,
     )
-    install(app, store, live, live_note, read_only, graphs_path)
+    install(app, store, live, live_note, read_only, graphs_path, diffs_path)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     @app.get("/vendor/plotly.min.js", include_in_schema=False)
@@ -106,6 +114,8 @@ def create_app(
     app.include_router(steer_api.router)
     app.include_router(graph_api.router)
     app.include_router(graph_api.pages_router)
+    app.include_router(diff_api.router)
+    app.include_router(diff_api.pages_router)
     app.include_router(pages.router)
 
     @app.exception_handler(RequestValidationError)

@@ -2,8 +2,8 @@
 inspector and the steering panel run), and the accessors of the app's state.
 
 `lmscope.web.app.create_app` is the only place that assembles the app and installs this state (`install`); the
-route modules (api, pages, labels_api, steer_api, graph_api) read it through the accessors and import nothing from
-app.py.
+route modules (api, pages, labels_api, steer_api, graph_api, diff_api) read it through the accessors and import
+nothing from app.py.
 """
 
 from __future__ import annotations
@@ -126,15 +126,17 @@ def load_live(
 
 def install(
     app: FastAPI, store: AtlasStore, live: Live | None, live_note: str | None, read_only: bool,
-    graphs: Path | None = None,
+    graphs: Path | None = None, diffs: Path | None = None,
 ) -> None:  # fmt: skip
     """Put the explorer's state on `app` (create_app does this once); `graphs` is the directory of attribution-graph
-    JSON files that the graph view serves (None: the graph view is off)."""
+    JSON files that the graph view serves (None: the graph view is off); `diffs`, the directory of model-diff
+    reports that the diff view serves (None: the diff view is off)."""
     app.state.store = store
     app.state.live = live
     app.state.live_note = live_note or ("inspector ready" if live else "no model loaded: the prompt inspector is off")
     app.state.read_only = read_only
     app.state.graphs_dir = graphs
+    app.state.diffs_dir = diffs
 
 
 def store_of(request: Request) -> AtlasStore:
@@ -162,4 +164,11 @@ def is_read_only(request: Request) -> bool:
 def graphs_dir(request: Request) -> Path | None:
     """The directory of attribution-graph JSON files the graph view serves, or None when it is off."""
     d: Path | None = getattr(request.app.state, "graphs_dir", None)
+    return d
+
+
+def diffs_dir(request: Request) -> Path | None:
+    """The directory of model-diff reports (one subdirectory with a report.json each) the diff view serves, or None
+    when it is off."""
+    d: Path | None = getattr(request.app.state, "diffs_dir", None)
     return d

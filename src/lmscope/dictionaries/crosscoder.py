@@ -1,0 +1,50 @@
+"""The L1 crosscoder (Lindsey et al. 2024): a ReLU dictionary over n_models activations side by side, whose
+sparsity penalty weights each latent by the sum of its per-model decoder norms.
+
+    x = [x_1 | ... | x_n]      loss = sum_m |x_m - x_hat_m|^2 + lambda * sum_j z_j * sum_m |W_dec[j, block m]|
+
+The sum of norms (an L1 over models) rewards a latent for writing to one model only, which is exactly why L1
+crosscoders invent model-exclusive latents through Complete Shrinkage and Latent Decoupling (Minder et al. 2025):
+it is kept here to reproduce that artefact. The default crosscoder in `lmscope diff` is BatchTopK on the same
+paired input (`batchtopk` with n_models = 2), whose sparsity has no such bias. It cannot be exported to SAELens.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from lmscope.dictionaries.base import DictConfig, DictionaryError, LossState, TrainOutput, register
+from lmscope.dictionaries.relu import ReLUDictionary
+
+
+def block_norms(w_dec: Tensor, n_models: int) -> Tensor:
+    """[d_sae, n_models]: the norm of each latent's decoder in each model's block."""
+    return w_dec.reshape(w_dec.shape[0], n_models, -1).norm(dim=-1)
+
+
+@register("crosscoder_l1")
+class L1CrosscoderDictionary(ReLUDictionary):
+    crosscoder_only = True
+    saelens_arch = None
+    saelens_imports = ()
+
+    @classmethod
+    def validate_config(cls, cfg: DictConfig) -> None:
+        if cfg.n_models < 2:
+            raise DictionaryError("crosscoder_l1 needs n_models >= 2 (activations of two or more models side by side)")
+
+    def training_loss(self, x: Tensor, target: Tensor, state: LossState) -> TrainOutput:
+        z = torch.relu(self.pre_acts(x))
+        recon = z @ self.W_dec + self.b_dec
+        mse = self.mse(target, recon)
+        l1 = (z * block_norms(self.W_dec, self.cfg.n_models).sum(-1)).sum(-1).mean()
+        ramp = min(1.0, state.progress / self.cfg.l1_warmup_frac) if self.cfg.l1_warmup_frac > 0 else 1.0
+        active = z > 0
+        return TrainOutput(
+            loss=mse + self.cfg.l1_coeff * ramp * l1,
+            recon=recon,
+            fired=active.sum(0).float(),
+            l0=active.sum(-1).float().mean().detach(),
+            terms={"mse": mse.detach(), "l1": l1.detach()},
+        )
