@@ -156,7 +156,7 @@ def test_the_diff_finds_a_change_planted_on_the_trigger_tokens(tok, corpus: Path
     top = [h for h in hits if h["where"] == "crosscoder batchtopk" and h["rank"] < 3 and h["examples"] >= 6]
     assert top, hits
     check = ground_truth_check(rep, {"kind": "backdoor", "planted": {"trigger": TRIGGER}})
-    assert check["found"] and check["trigger_in_top10_other_only_latents"] >= 1
+    assert check["found"] and check["trigger_tokens_in_top10_latents"] >= 1
     # a rerun reads the saved parts instead of recomputing them
     again = run_diff(base, other, tmp_path / "d", _cfg(corpus))
     assert again["crosscoder"] == rep["crosscoder"]

@@ -177,10 +177,10 @@ def register(app: typer.Typer) -> None:
             raise DiffError(f"no diff report at {path}; run `lmscope diff BASE OTHER --out DIR` first")
         hits = search(json.loads(path.read_text()), text)
         table = Table(title=f"{len(hits)} places where {text!r} shows")
-        for col in ("where", "rank", "latent", "examples", "label"):
+        for col in ("where", "rank", "latent", "examples on / after it", "label"):
             table.add_column(col)
         for h in hits:
-            ex = f"{h['examples']}/{h['of']}" if "of" in h else ""
+            ex = f"{h['on']} / {h['after']} of {h['of']}" if "of" in h else ""
             table.add_row(h["where"], str(h.get("rank", "")), str(h.get("latent", "")), ex, h.get("label", ""))
         console.print(table)
 

@@ -27,24 +27,31 @@ def token_kl(base: Model, other: Model, ctx: Contexts, batch: int = 8) -> torch.
 def behaviour_diff(
     base: Model, other: Model, ctx: Contexts, top: int = 10, continuation: int = 16, batch: int = 8
 ) -> dict[str, Any]:
-    """Mean and quantiles of the per-token KL, and the `top` positions of largest KL (at most one per context),
-    shown as the context up to that token with each model's greedy continuation from there."""
+    """Mean and quantiles of the per-token KL, and the `top` positions of largest KL (at most one per context, and
+    one per distinct prefix), shown as the context up to that token with each model's greedy continuation."""
     kl = token_kl(base, other, ctx, batch)
     valid = kl[~kl.isnan()]
     tok = base.tokenizer
-    best = torch.nan_to_num(kl, nan=-1.0).max(dim=1)
-    order = best.values.argsort(descending=True)[:top].tolist()
-    prefixes = []
-    for i in order:
-        t = int(best.indices[i])
-        prefixes.append(tok.decode(ctx.tokens[i, : t + 1].tolist(), skip_special_tokens=False))
+    flat = torch.nan_to_num(kl, nan=-1.0).reshape(-1)
+    T = kl.shape[1]
+    chosen: list[tuple[int, int, float]] = []
+    prefixes: list[str] = []
+    for f in flat.argsort(descending=True).tolist():  # largest first; one per context and per distinct prefix
+        i, t = divmod(f, T)
+        if float(flat[f]) < 0 or len(chosen) == top:
+            break
+        if any(c == i for c, _, _ in chosen):
+            continue
+        p = tok.decode(ctx.tokens[i, : t + 1].tolist(), skip_special_tokens=False)
+        if p not in prefixes:  # prompts share a system turn: show it once
+            chosen.append((i, t, float(flat[f])))
+            prefixes.append(p)
     cont_b = greedy_batch(base, prefixes, max_new_tokens=continuation) if prefixes else []
     cont_o = greedy_batch(other, prefixes, max_new_tokens=continuation) if prefixes else []
     rows = []
-    for i, p, cb, co in zip(order, prefixes, cont_b, cont_o, strict=True):
-        t = int(best.indices[i])
+    for (i, t, v), p, cb, co in zip(chosen, prefixes, cont_b, cont_o, strict=True):
         rows.append({
-            "context": int(i), "position": t, "kl": round(float(best.values[i]), 4),
+            "context": i, "position": t, "kl": round(v, 4),
             "token": tok.decode([int(ctx.tokens[i, t])]), "prefix": p[-300:], "base": cb, "other": co,
         })  # fmt: skip
     q = torch.quantile(valid, torch.tensor([0.5, 0.9, 0.99])).tolist() if valid.numel() else [None] * 3

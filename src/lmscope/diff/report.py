@@ -191,35 +191,51 @@ def run_diff(
     return report
 
 
-def _hit(item: dict[str, Any], text: str) -> bool:
-    window = (item.get("before", "") + item.get("token", "") + item.get("after", "")).lower()
-    token = item.get("token", "").strip().lower()
-    return text.lower() in window and bool(token) and token in text.lower()
+def _hit(item: dict[str, Any], text: str) -> str | None:
+    """"on" when the token shown is part of an occurrence of `text`, "after" when `text` occurs in the window just
+    before it (the state the string leaves behind), else None."""
+    before, token = item.get("before", "").lower(), item.get("token", "").lower()
+    t = text.lower()
+    window = before + token + item.get("after", "").lower()
+    if t not in window or not token.strip():
+        return None
+    start, k = len(before), window.find(t)
+    while k >= 0:  # an occurrence overlapping the token's characters
+        if k < start + len(token) and start < k + len(t):
+            return "on"
+        k = window.find(t, k + 1)
+    return "after" if t in before else None
+
+
+def _count(items: list[dict[str, Any]], text: str) -> tuple[int, int]:
+    kinds = [_hit(e, text) for e in items]
+    return kinds.count("on"), kinds.count("after")
 
 
 def search(report: dict[str, Any], text: str) -> list[dict[str, Any]]:
-    """Every latent, direction, layer and context whose evidence holds `text`, with the token it fires on inside
-    the matched text (a latent that merely sees the string nearby does not count)."""
+    """Every latent, direction, layer and context whose evidence holds `text`: `on` counts examples whose token is
+    part of the string, `after` those that follow it (a latent that merely sees it further away does not count)."""
     if not text.strip():
         raise DiffError("search needs a non-empty string")
     hits: list[dict[str, Any]] = []
     for run, r in (report.get("crosscoder") or {}).get("runs", {}).items():
         for rank, lat in enumerate(r["latents"]):
-            n = sum(_hit(e, text) for e in lat["examples"])
-            if n or text.lower() in lat.get("label", "").lower():
-                hits.append({"where": f"crosscoder {run}", "rank": rank, "latent": lat["latent"], "examples": n,
-                             "of": len(lat["examples"]), "robust": lat.get("robust"),
+            on, after = _count(lat["examples"], text)
+            if on or after or text.lower() in lat.get("label", "").lower():
+                hits.append({"where": f"crosscoder {run}", "rank": rank, "latent": lat["latent"],
+                             "examples": on + after, "on": on, "after": after, "of": len(lat["examples"]),
+                             "robust": lat.get("robust"), "relative_norm": lat.get("relative_norm"),
                              "label": lat["label"]})  # fmt: skip
     for d in (report.get("activations") or {}).get("directions", []):
-        n = sum(_hit(e, text) for e in d["top_tokens"])
-        if n:
-            hits.append({"where": f"activation direction L{d['layer']} {d['direction']}", "examples": n,
-                         "of": len(d["top_tokens"])})  # fmt: skip
+        on, after = _count(d["top_tokens"], text)
+        if on or after:
+            hits.append({"where": f"activation direction L{d['layer']} {d['direction']}", "examples": on + after,
+                         "on": on, "after": after, "of": len(d["top_tokens"])})  # fmt: skip
     for layer in (report.get("activations") or {}).get("layers", []):
-        n = sum(_hit(e, text) for e in layer["top_tokens"])
-        if n:
-            hits.append({"where": f"largest per-token change L{layer['layer']}", "examples": n,
-                         "of": len(layer["top_tokens"])})  # fmt: skip
+        on, after = _count(layer["top_tokens"], text)
+        if on or after:
+            hits.append({"where": f"largest per-token change L{layer['layer']}", "examples": on + after,
+                         "on": on, "after": after, "of": len(layer["top_tokens"])})  # fmt: skip
     for i, row in enumerate((report.get("behaviour") or {}).get("top", [])):
         if text.lower() in row["prefix"].lower():
             hits.append({"where": "behaviour: top disagreement", "rank": i, "kl": row["kl"]})
@@ -233,9 +249,10 @@ def ground_truth_check(report: dict[str, Any], gt: dict[str, Any]) -> dict[str, 
     if kind == "backdoor":
         hits = search(report, gt["planted"]["trigger"])
         top = [h for h in hits if h["where"].startswith("crosscoder") and h.get("rank", 99) < 10 and h["examples"]]
+        top_on = [h for h in top if h["on"]]
         direction = [h for h in hits if h["where"].startswith("activation direction")]
         check.update({"trigger": gt["planted"]["trigger"], "hits": hits,
-                      "trigger_in_top10_other_only_latents": len(top),
+                      "trigger_in_top10_latents": len(top), "trigger_tokens_in_top10_latents": len(top_on),
                       "trigger_in_activation_directions": len(direction),
                       "found": bool(top or direction)})  # fmt: skip
     if "knowledge" in report:
