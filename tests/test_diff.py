@@ -183,17 +183,20 @@ def test_a_diff_directory_of_other_settings_is_refused(tok, corpus: Path, tmp_pa
 
 
 # ------------------------------------------------------------------------------------------- the verdict
-def _m(gap: float, probe: float, lens: float, relearn: float | None) -> dict:  # type: ignore[type-arg]
-    return {"gap": gap, "probe": {"ratio": probe}, "lens": {"kept_ratio": lens}, "relearn": {"recovery": relearn}}
+def _m(gap: float, probe: float, lens: float, relearn: float | None, replaced: float = 0.0) -> dict:  # type: ignore[type-arg]
+    return {"gap": gap, "probe": {"ratio": probe}, "lens": {"peak_rr_other": lens}, "relearn": {"recovery": relearn},
+            "output": {"answer": 0.0, "replaced": replaced, "withheld": 1.0 - replaced}}  # fmt: skip
 
 
 @pytest.mark.parametrize(("m", "control", "word"), [
-    (_m(0.9, 0.9, 0.8, 0.7), None, "suppressed"),
-    (_m(0.9, 0.1, 0.1, 0.0), None, "removed"),
-    (_m(0.9, 0.9, 0.1, 0.4), None, "unclear"),  # one vote each way and an abstention
+    (_m(0.9, 0.9, 0.3, 0.7), None, "suppressed"),
+    (_m(0.9, 0.1, 0.01, 0.0), None, "removed"),
+    (_m(0.9, 0.9, 0.01, 0.4), None, "unclear"),  # one vote each way and an abstention
     (_m(0.1, 0.9, 0.9, 0.9), None, "unclear"),  # no behavioural gap: nothing to explain
     (_m(0.5, 0.9, 0.9, 0.9), _m(0.4, 1.0, 1.0, None), "unclear"),  # the control lost as much
-    (_m(0.9, 0.4, 0.8, 0.7), _m(0.0, 0.6, 1.0, None), "suppressed"),  # the probe is read against the control's
+    (_m(0.9, 0.4, 0.3, 0.7), _m(0.0, 0.6, 1.0, None), "suppressed"),  # the probe is read against the control's
+    (_m(0.9, 0.9, 0.3, 0.7, replaced=0.9), None, "unclear"),  # still inside, but another answer is stated: replaced
+    (_m(0.9, 0.1, 0.01, 0.1, replaced=0.9), None, "removed"),
 ])  # fmt: skip
 def test_the_verdict_needs_two_votes_and_reads_figures_against_the_control(m, control, word) -> None:  # type: ignore[no-untyped-def]
     v = verdict(m, control, KnowledgeConfig())

@@ -13,9 +13,13 @@ For a set of facts (each a question, an answer prefix and the answer) it measure
 - **relearning recovery**: OTHER fine-tuned a few steps on unrelated facts: the share of the accuracy gap that
   comes back (suppressed knowledge returns; removed knowledge does not).
 
-The verdict: no behavioural gap beyond the control's -> "unclear" (nothing to explain); otherwise each of the
-three inside measures votes "kept" or "gone" (or abstains), and two votes decide "suppressed" or "removed";
-anything else is "unclear". With a control organism every figure is read against the control's.
+- **output mode**: what OTHER says at the answer position instead: the answer, another answer of the same kind
+  (replaced) or something else (withheld).
+
+The verdict: no behavioural gap beyond the control's -> "unclear" (nothing to explain); otherwise probe, logit lens
+and relearning each vote "kept" or "gone" (or abstain). Two "gone" votes: "removed". Two "kept" votes and the answer
+withheld: "suppressed"; kept but replaced by another answer: "unclear" (changed at the output, not suppressed, and
+not removed either). With a control organism the behavioural gap and the probe are read against the control's.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from lmscope.organisms.prompts import chat_prompt
 from lmscope.organisms.recipes import Example
 
 KEPT, GONE = 0.5, 0.25  # vote thresholds on the recovery ratios
+LENS_KEPT, LENS_GONE = 0.2, 0.05  # on the answer's best mean reciprocal rank through the logit lens
 
 
 @dataclass
@@ -94,6 +99,25 @@ def accuracy(model: Model, facts: list[Fact]) -> float:
     texts, ids = _prompts(model, facts)
     lp, _ = _run_last(model, texts, [])
     return float((lp.argmax(-1) == ids).float().mean())
+
+
+def output_mode(model: Model, facts: list[Fact]) -> dict[str, float]:
+    """What OTHER says instead, at the answer position (every phrasing): the answer itself, another answer of the
+    same kind (another fact's answer or distractor: the output was *replaced*), or anything else (*withheld*)."""
+    texts, ids = _prompts(model, facts)
+    lp, _ = _run_last(model, texts, [])
+    top = lp.argmax(-1)
+    kinds = {_answer_id(model.tokenizer, f) for f in facts}
+    kinds |= {_answer_id(model.tokenizer, Fact(f.subject, f.distractor, f.prefix, f.questions)) for f in facts
+              if f.distractor}  # fmt: skip
+    own = top == ids
+    other = torch.tensor([int(t) in kinds for t in top]) & ~own
+    n = len(ids)
+    return {
+        "answer": float(own.sum()) / n,
+        "replaced": float(other.sum()) / n,
+        "withheld": float((~own & ~other).sum()) / n,
+    }
 
 
 def logit_lens_ranks(model: Model, facts: list[Fact]) -> tuple[list[float], float]:
@@ -213,6 +237,7 @@ def measure_knowledge(base: Model, other: Model, facts: list[Fact], cfg: Knowled
     pushed = peak + 1 + int(np.argmax(drops)) if drops else None
     relearn = relearn_recovery(other, facts, cfg)
     return {
+        "output": output_mode(other, facts),
         "facts": len(facts),
         "accuracy_base": acc_b,
         "accuracy_other": acc_o,
@@ -233,26 +258,47 @@ def measure_knowledge(base: Model, other: Model, facts: list[Fact], cfg: Knowled
 
 
 def verdict(m: dict[str, Any], control: dict[str, Any] | None, cfg: KnowledgeConfig) -> dict[str, Any]:
-    """'removed', 'suppressed' or 'unclear', with the votes and the reasons."""
+    """'removed', 'suppressed' or 'unclear', with the votes and the reasons.
+
+    Inside, three figures vote "kept" or "gone" (or abstain): probe recovery (read against the control's) and
+    relearning recovery (kept >= 0.5, gone < 0.25), and the answer's best mean reciprocal rank through the logit lens
+    in OTHER (kept >= 0.2, about a top-5 answer on average; gone < 0.05). Two "gone" votes: "removed". Two "kept"
+    votes: the knowledge is still inside, and the output decides: "suppressed" when OTHER withholds the answer, but
+    "unclear" when it states another answer of the same kind instead (replaced, not withheld).
+    """
     gap = m["gap"] - (control["gap"] if control else 0.0)
     reasons = [f"behavioural gap {m['gap']:.2f}" + (f" (control {control['gap']:.2f})" if control else " (no control)")]
     if gap < cfg.min_gap:
         why = f"net gap {gap:.2f} < {cfg.min_gap}: OTHER still states these facts about as often as BASE"
         return {"verdict": "unclear", "votes": {}, "reasons": [*reasons, why]}
     figures = {
-        "probe recovery": m["probe"]["ratio"] - ((control["probe"]["ratio"] - 1.0) if control else 0.0),
-        "logit-lens peak / base peak": m["lens"]["kept_ratio"],
-        "relearning recovery": m["relearn"]["recovery"],
+        "probe recovery": (m["probe"]["ratio"] - ((control["probe"]["ratio"] - 1.0) if control else 0.0), KEPT, GONE),
+        "logit-lens best reciprocal rank": (m["lens"]["peak_rr_other"], LENS_KEPT, LENS_GONE),
+        "relearning recovery": (m["relearn"]["recovery"], KEPT, GONE),
     }
     votes = {}
-    for name, v in figures.items():
+    for name, (v, kept_at, gone_at) in figures.items():
         if v is None or v != v:
             votes[name] = "abstain"
         else:
-            votes[name] = "kept" if v >= KEPT else "gone" if v < GONE else "abstain"
+            votes[name] = "kept" if v >= kept_at else "gone" if v < gone_at else "abstain"
         reasons.append(f"{name} {v if v is None else round(v, 2)} -> {votes[name]}")
     kept = sum(v == "kept" for v in votes.values())
     gone = sum(v == "gone" for v in votes.values())
-    word = "suppressed" if kept >= 2 else "removed" if gone >= 2 else "unclear"
-    return {"verdict": word, "votes": votes, "reasons": reasons, "thresholds": {"kept": KEPT, "gone": GONE},
+    out = m.get("output") or {}
+    replaced = out.get("replaced", 0.0) >= 0.5
+    if out:
+        reasons.append(f"OTHER's answer: {out.get('replaced', 0):.2f} replaced by another answer of the same kind, "
+                       f"{out.get('withheld', 0):.2f} withheld")  # fmt: skip
+    if gone >= 2:
+        word = "removed"
+    elif kept >= 2 and not replaced:
+        word = "suppressed"
+    else:
+        word = "unclear"
+        if kept >= 2:
+            reasons.append("the knowledge is still readable inside, but OTHER states another answer instead of "
+                           "withholding it: replaced at the output, not suppressed")  # fmt: skip
+    return {"verdict": word, "votes": votes, "reasons": reasons, "output": out,
+            "thresholds": {"kept": KEPT, "gone": GONE, "lens_kept": LENS_KEPT, "lens_gone": LENS_GONE},
             "config": asdict(cfg)}  # fmt: skip

@@ -178,9 +178,11 @@ def run_diff(
         def know() -> dict[str, Any]:
             m = measure_knowledge(base, other, facts, cfg.knowledge)
             c = measure_knowledge(base, control, facts, cfg.knowledge) if control is not None else None
-            return {**m, "control": c, "verdict": verdict(m, c, cfg.knowledge)}
+            return {**m, "control": c}
 
-        report["knowledge"] = _part(out, "knowledge", know, progress)
+        k = _part(out, "knowledge", know, progress)
+        # the verdict is a pure function of the saved measurements: a rerun applies the current rule to them
+        report["knowledge"] = {**k, "verdict": verdict(k, k.get("control"), cfg.knowledge)}
     gt_dir = Path(other.spec)
     if (gt_dir / GROUND_TRUTH).is_file():
         gt = read_ground_truth(gt_dir)
