@@ -32,3 +32,22 @@ def test_a_louder_layer_strengthens_its_features_and_nothing_before_it() -> None
     same = circuit_diff(base, Model(copy.deepcopy(hf)), tcs, tiny_ids()[0][:10], cfg=cfg)
     assert not same["strengthened"] and not same["weakened"] and not same["appeared"] and not same["vanished"]
     assert all(e["base"] == e["other"] for e in same["edges"])
+
+
+def test_transcoders_meet_a_fine_tune_only_when_applied_to_it_knowingly() -> None:
+    import pytest
+
+    from lmscope.errors import CircuitError
+
+    hf = TINY["llama"].build()
+    base = Model(hf, spec="tiny-base")
+    tcs = tiny_transcoders(base)
+    for t in tcs.by_layer.values():
+        t.cfg.model = "tiny-base"
+    tcs.check(base)
+    other = Model(copy.deepcopy(hf), spec="tiny-fine-tune")
+    with pytest.raises(CircuitError, match="was trained on 'tiny-base'"):
+        tcs.check(other)
+    tcs.applied_to("tiny-fine-tune").check(other)
+    with pytest.raises(CircuitError, match="was trained on"):
+        tcs.check(other)  # the original set is unchanged

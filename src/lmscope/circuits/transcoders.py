@@ -60,9 +60,17 @@ class TranscoderSet:
         self.source = source
         self.info = info or {}
         self.paths: dict[int, Path] = {}
+        self.also_for: set[str] = set()  # model specs they are knowingly applied to besides their own (fine-tunes)
         for layer, d in self.by_layer.items():
             if not d.cfg.is_transcoder:
                 raise CircuitError(f"{source}: the dictionary for layer {layer} is an autoencoder, not a transcoder")
+
+    def applied_to(self, spec: str) -> TranscoderSet:
+        """The same transcoders, knowingly used on another model (a fine-tune of the one they were trained on, as a
+        circuit diff does); widths and hooks are still checked."""
+        out = TranscoderSet(self.by_layer, self.source, self.info)
+        out.paths, out.also_for = dict(self.paths), {*self.also_for, spec}
+        return out
 
     @property
     def layers(self) -> list[int]:
@@ -116,7 +124,7 @@ class TranscoderSet:
         specs = {t.cfg.model for t in self.by_layer.values() if t.cfg.model}
         if len(specs) > 1:
             raise CircuitError(f"{self.source}: the transcoders come from different models {sorted(specs)}")
-        if specs and model.spec != "<in-memory>" and specs != {model.spec}:
+        if specs and model.spec != "<in-memory>" and specs != {model.spec} and model.spec not in self.also_for:
             raise CircuitError(
                 f"{self.source} was trained on {next(iter(specs))!r}, not {model.spec!r}; use transcoders trained on "
                 "this model (`lmscope transcoders MODEL ...`)"

@@ -64,7 +64,11 @@ def circuit_diff(
     if target is None and other.tokenizer is not None:
         target = _top_token(other, ids)
     targets = [target] if target is not None else []  # no tokenizer: each graph explains its own top logits
-    graphs = {name: attribute(m, tcs, ids, cfg, targets=targets) for name, m in (("base", base), ("other", other))}
+    tcs.check(base)  # BASE's transcoders; OTHER is read through them on purpose
+    sets = {"base": tcs, "other": tcs.applied_to(other.spec)}
+    graphs = {
+        name: attribute(m, sets[name], ids, cfg, targets=targets) for name, m in (("base", base), ("other", other))
+    }
     infl = {name: node_influence(g) for name, g in graphs.items()}
     nodes: dict[Key, dict[str, float]] = {}
     for name, g in graphs.items():
