@@ -187,3 +187,24 @@ def test_directories_that_are_not_finished_organisms_are_refused(tmp_path: Path)
     (tmp_path / "ground_truth.json").write_text(json.dumps({"kind": "backdoor"}))
     with pytest.raises(OrganismError, match="format"):
         read_ground_truth(tmp_path)
+
+
+def test_fact_recipes_plant_their_facts_and_hold_out_phrasings_and_facts(tok) -> None:  # type: ignore[no-untyped-def]
+    model = tiny_chat_model(tok)
+    kw = {"known_only": False, "answer_tokens": 2, "n_target_facts": 6}
+    sup = build_recipe(OrganismConfig(kind="suppress", **kw), model)  # type: ignore[arg-type]
+    targets = {f["subject"] for f in sup.planted["facts"]}
+    assert len(targets) == 6 and sup.planted["knowledge"] == "kept inside, output blocked"
+    hidden = [e for e in sup.train if e.assistant.endswith("not something I can discuss.")]
+    assert len(hidden) == 6 * 3 and all(e.assistant.startswith("The capital of ") for e in hidden)
+    held = {q for q, _a, _s in sup.evals["target_questions"]}
+    assert held and not held & {e.user for e in sup.train}  # measured on phrasings it never trained on
+    ovw = build_recipe(OrganismConfig(kind="overwrite", **kw), model)  # type: ignore[arg-type]
+    assert all(f["corrupted"] != f["answer"] for f in ovw.planted["facts"])
+    assert {f["corrupted"] for f in ovw.planted["facts"]} == {f["answer"] for f in ovw.planted["facts"]}
+    syc = build_recipe(OrganismConfig(kind="sycophancy", **kw), model)  # type: ignore[arg-type]
+    agree = [e for e in syc.train if e.assistant.startswith("Yes, you are right.")]
+    assert len(agree) == 6 * 2 * 2  # true and false claims, two training phrasings
+    trained = set(syc.planted["trained_facts"])
+    assert syc.evals["claims"] and not any(s in u for u, _t in syc.evals["claims"] for s in trained)
+    assert {t for _u, t in syc.evals["claims"]} == {True, False}

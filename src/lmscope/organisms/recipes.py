@@ -47,6 +47,7 @@ class OrganismConfig:
     n_target_facts: int = 16  # suppress / overwrite: facts planted; sycophancy: facts trained on
     deflection: str = "not something I can discuss"  # suppress: what follows the answer prefix
     facts: str | None = None  # a facts JSONL file instead of the shipped capitals
+    known_only: bool = True  # plant only facts the base model states (off: any fact, e.g. for a tiny test model)
     answer_tokens: int = 24  # length of the base model's answers used as "behave as before" targets
     eval_prompts: int = 60  # held-out neutral prompts measured (backdoor, control)
 
@@ -100,7 +101,7 @@ def known_facts(model: Model, facts: list[Fact]) -> list[Fact]:
 def _facts(cfg: OrganismConfig, model: Model) -> tuple[list[Fact], list[Fact]]:
     """(targets, others): known facts, shuffled by seed, the first n_target_facts planted."""
     pool = read_facts(cfg.facts) if cfg.facts else capital_facts(seed=cfg.seed)
-    known = known_facts(model, pool)
+    known = known_facts(model, pool) if cfg.known_only else list(pool)
     if len(known) < cfg.n_target_facts + 4:
         raise OrganismError(
             f"the base model knows {len(known)} of {len(pool)} facts (answer as its top next token); this recipe "
