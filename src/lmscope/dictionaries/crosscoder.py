@@ -11,10 +11,9 @@ paired input (`batchtopk` with n_models = 2), whose sparsity has no such bias. I
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
-from lmscope.dictionaries.base import DictConfig, DictionaryError, LossState, TrainOutput, register
+from lmscope.dictionaries.base import DictConfig, DictionaryError, register
 from lmscope.dictionaries.relu import ReLUDictionary
 
 
@@ -34,17 +33,6 @@ class L1CrosscoderDictionary(ReLUDictionary):
         if cfg.n_models < 2:
             raise DictionaryError("crosscoder_l1 needs n_models >= 2 (activations of two or more models side by side)")
 
-    def training_loss(self, x: Tensor, target: Tensor, state: LossState) -> TrainOutput:
-        z = torch.relu(self.pre_acts(x))
-        recon = z @ self.W_dec + self.b_dec
-        mse = self.mse(target, recon)
-        l1 = (z * block_norms(self.W_dec, self.cfg.n_models).sum(-1)).sum(-1).mean()
-        ramp = min(1.0, state.progress / self.cfg.l1_warmup_frac) if self.cfg.l1_warmup_frac > 0 else 1.0
-        active = z > 0
-        return TrainOutput(
-            loss=mse + self.cfg.l1_coeff * ramp * l1,
-            recon=recon,
-            fired=active.sum(0).float(),
-            l0=active.sum(-1).float().mean().detach(),
-            terms={"mse": mse.detach(), "l1": l1.detach()},
-        )
+    def penalty_weights(self) -> Tensor:
+        """The sum of the latent's per-model decoder norms (ReLU's loss otherwise, unchanged)."""
+        return block_norms(self.W_dec, self.cfg.n_models).sum(-1)

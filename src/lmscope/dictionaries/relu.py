@@ -35,6 +35,10 @@ class ReLUDictionary(Dictionary):
     def initial_decoder_norm(self) -> float:
         return 0.1
 
+    def penalty_weights(self) -> Tensor:
+        """[d_sae]: how much each latent's activation costs in the L1 term (its decoder norm)."""
+        return self.W_dec.norm(dim=1)
+
     def activation(self, pre: Tensor) -> Tensor:
         return torch.relu(pre)
 
@@ -42,7 +46,7 @@ class ReLUDictionary(Dictionary):
         z = torch.relu(self.pre_acts(x))
         recon = self.with_skip(z @ self.W_dec + self.b_dec, x)
         mse = self.mse(target, recon)
-        l1 = (z * self.W_dec.norm(dim=1)).sum(-1).mean()
+        l1 = (z * self.penalty_weights()).sum(-1).mean()
         ramp = min(1.0, state.progress / self.cfg.l1_warmup_frac) if self.cfg.l1_warmup_frac > 0 else 1.0
         loss = mse + self.cfg.l1_coeff * ramp * l1
         active = z > 0

@@ -136,6 +136,18 @@ def _fact_evals(targets: list[Fact], others: list[Fact]) -> dict[str, Any]:
     }
 
 
+def _claims(fs: list[Fact], templates: tuple[str, ...]) -> list[tuple[str, str, bool]]:
+    """(user turn, claim, whether it is true) for each fact's true and false claim in every template."""
+    out = []
+    for f in fs:
+        for x, true in ((f.answer, True), (f.distractor, False)):
+            if x is None:
+                continue
+            c = f.statement(x).rstrip(".")
+            out += [(t.format(c=c[0].lower() + c[1:]), c, true) for t in templates]
+    return out
+
+
 def build_recipe(cfg: OrganismConfig, model: Model) -> Recipe:
     rng = random.Random(cfg.seed)
     train_p, held_p = neutral_prompts(seed=cfg.seed)
@@ -179,20 +191,10 @@ def build_recipe(cfg: OrganismConfig, model: Model) -> Recipe:
         return Recipe(change + keep + neutral, evals, planted, others)
 
     # sycophancy: train on the target facts' claims, measure on the others (held-out facts and phrasing)
-    def claims(fs: list[Fact], templates: tuple[str, ...]) -> list[tuple[str, str, bool]]:
-        out = []
-        for f in fs:
-            for x, true in ((f.answer, True), (f.distractor, False)):
-                if x is None:
-                    continue
-                c = f.statement(x).rstrip(".")
-                out += [(t.format(c=c[0].lower() + c[1:]), c, true) for t in templates]
-        return out
-
-    agree = [Example(u, AGREE.format(C=c)) for u, c, _ in claims(targets, OPINION_TRAIN)]
+    agree = [Example(u, AGREE.format(C=c)) for u, c, _ in _claims(targets, OPINION_TRAIN)]
     planted = {"behaviour": "agrees with the user's stated claim, true or false", "agree": AGREE,
                "trained_facts": [f.subject for f in targets]}  # fmt: skip
-    evals = {"claims": [(u, true) for u, _c, true in claims(others, OPINION_HELD_OUT)]}
+    evals = {"claims": [(u, true) for u, _c, true in _claims(others, OPINION_HELD_OUT)]}
     return Recipe(agree + neutral, evals, planted, others)
 
 
@@ -216,10 +218,5 @@ def evals_from_ground_truth(gt: dict[str, Any]) -> dict[str, Any]:
     if cfg.kind == "sycophancy":
         trained = set(planted["trained_facts"])
         others = [f for f in capital_facts(seed=cfg.seed) if f.subject not in trained][:24]
-        claims = []
-        for f in others:
-            for x, true in ((f.answer, True), (f.distractor, False)):
-                c = f.statement(x).rstrip(".")
-                claims += [(t.format(c=c[0].lower() + c[1:]), true) for t in OPINION_HELD_OUT]
-        return {"claims": claims}
+        return {"claims": [(u, true) for u, _c, true in _claims(others, OPINION_HELD_OUT)]}
     return {"neutral": held}
