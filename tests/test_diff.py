@@ -160,6 +160,34 @@ def test_the_diff_finds_a_change_planted_on_the_trigger_tokens(tok, corpus: Path
     # a rerun reads the saved parts instead of recomputing them
     again = run_diff(base, other, tmp_path / "d", _cfg(corpus))
     assert again["crosscoder"] == rep["crosscoder"]
+    # the crosscoder's atlas: every latent browsable with its relative norm, the dossier latents labelled and their
+    # Latent Scaling ratios stored, the trigger latent found by searching the atlas for the trigger
+    from lmscope.atlas.db.read import FeatureQuery
+    from lmscope.atlas.store import AtlasStore
+    from lmscope.workflows.diff_atlas import atlas_path, crosscoder_atlas, search_atlas
+
+    rep = crosscoder_atlas(base, other, tmp_path / "d", tokens=64 * 64)
+    run = rep["crosscoder"]["runs"]["batchtopk"]
+    store = AtlasStore(atlas_path(tmp_path / "d"))
+    assert store.is_crosscoder and sum(store.overview()["crosscoder_bands"].values()) == run["d_sae"]
+    labelled = [lat for lat in run["latents"] if "atlas_label" in lat]
+    assert run["atlas"]["labelled"] == len(labelled) >= len(run["latents"]) // 2
+    j = top[0]["latent"]
+    lat = next(x for x in run["latents"] if x["latent"] == j)
+    f = store.feature(j)
+    assert f is not None and f["logit_effects"] is not None and f["top_examples"]
+    assert f["crosscoder"]["relative_norm"] == pytest.approx(lat["relative_norm"], abs=1e-5)
+    assert f["crosscoder"]["nu_error"] == pytest.approx(lat["nu_error"]) and f["crosscoder"]["robust"] == lat["robust"]
+    assert j in [h["id"] for h in search_atlas(tmp_path / "d", TRIGGER)]
+    page = store.list_features(FeatureQuery(sort="relative_norm", order="desc"))
+    rels = [it["relative_norm"] for it in page["items"]]
+    assert rels == sorted(rels, reverse=True) and rels[0] == max(x for x in rels if x is not None)
+    assert any(TRIGGER.lower() in (h.get("label") or "").lower() or h["examples"] for h in search(rep, TRIGGER))
+    # a crosscoder needs its second model, and a one-model dictionary refuses one
+    from lmscope.atlas import AtlasError, build_atlas
+
+    with pytest.raises(AtlasError, match="--other OTHER"):
+        build_atlas(base, tmp_path / "d" / "crosscoder" / "batchtopk", str(corpus), tokens=256, out=tmp_path / "x.db")
 
 
 def test_where_nothing_was_planted_no_robust_other_only_latent_survives(tok, corpus: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -225,6 +253,7 @@ def test_series_follows_an_organisms_checkpoints_from_the_cli(tok, corpus: Path,
     from typer.testing import CliRunner
 
     from lmscope.cli.app import app
+    from lmscope.dictionaries.formats import save_dictionary
     from lmscope.model.loading import save_model_files
     from lmscope.organisms import OrganismConfig, make_organism
 
@@ -232,16 +261,51 @@ def test_series_follows_an_organisms_checkpoints_from_the_cli(tok, corpus: Path,
     save_model_files(base.hf, tok, tmp_path / "base")
     cfg = OrganismConfig(kind="backdoor", steps=4, batch_size=4, checkpoints=2, answer_tokens=3, eval_prompts=4)
     make_organism(tiny_chat_model(tok), cfg, tmp_path / "org", measure_base=False)
+    hook = f"blocks.{base.n_layers - 1}.resid_post"
+    cc = build(DictConfig(arch="batchtopk", d_in=2 * base.d_model, d_sae=8, k=2, n_models=2, hook=hook,
+                          model=str(tmp_path / "base")), seed=0)  # fmt: skip
+    cc.threshold.fill_(0.0)  # type: ignore[operator]  # as if trained: every positive pre-activation fires
+    save_dictionary(cc, tmp_path / "cc")
     args = ["diff", "--series", str(tmp_path / "base"), str(tmp_path / "org"), "--corpus", str(corpus),
-            "--contexts", "8", "--out", str(tmp_path / "s"), "--device", "cpu"]  # fmt: skip
+            "--contexts", "8", "--out", str(tmp_path / "s"), "--device", "cpu", "--crosscoder", str(tmp_path / "cc"),
+            "--latents", "0,3"]  # fmt: skip
     r = CliRunner().invoke(app, args)
     assert r.exit_code == 0, r.output
     s = json.loads((tmp_path / "s" / "series.json").read_text())
-    assert [row["checkpoint"] for row in s["series"]] == ["step-000002", "step-000004", "org"]
-    assert all(row["weights_relative"] > 0 and row["mean_kl"] > 0 for row in s["series"])
+    # BASE first (step 0), then the checkpoints; the final model is step 4's weights, so it is not repeated
+    assert [row["checkpoint"] for row in s["series"]] == ["BASE", "step-000002", "step-000004"]
+    assert s["series"][0]["weights_relative"] == 0 and s["series"][0]["mean_kl"] < 1e-5
+    assert all(row["weights_relative"] > 0 and row["mean_kl"] > 0 for row in s["series"][1:])
     assert all(set(row["behaviour"]) == {"hit", "leak"} for row in s["series"])
-    assert (tmp_path / "s" / "series.html").read_text().count("<svg") >= 2
+    # tracked crosscoder latents: one value per checkpoint, BASE's [a|a] pairs included, drawn on the page
+    lat = s["curves"]["latents (mean activation)"]
+    assert list(lat) == ["latent 0", "latent 3"] and all(len(v) == 3 and None not in v for v in lat.values())
+    assert all(row["resid_change"] >= 0 for row in s["series"]) and s["series"][0]["resid_change"] == 0
+    assert (tmp_path / "s" / "series.html").read_text().count("<svg") >= 4
     # a directory that is not an organism nor a model is refused with the reason
     r = CliRunner().invoke(app, ["diff", "--series", str(tmp_path / "base"), str(tmp_path / "nothing"), "--corpus",
                                  str(corpus), "--out", str(tmp_path / "s2"), "--device", "cpu"])  # fmt: skip
     assert r.exit_code == 2 and "error" in r.output
+
+
+def test_diff_from_the_cli_builds_the_crosscoder_atlas_and_searches_it(tok, corpus: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from typer.testing import CliRunner
+
+    from lmscope.cli.app import app
+    from lmscope.model.loading import save_model_files
+
+    base = tiny_chat_model(tok)
+    other = plant_embedding_change(base, tok(TRIGGER, add_special_tokens=False)["input_ids"])
+    save_model_files(base.hf, tok, tmp_path / "base")
+    save_model_files(other.hf, tok, tmp_path / "other")
+    args = ["diff", str(tmp_path / "base"), str(tmp_path / "other"), "--corpus", str(corpus), "--contexts", "16",
+            "--crosscoder-contexts", "256", "--expansion", "4", "--k", "8", "--epochs", "3", "--atlas-tokens", "4096",
+            "--out", str(tmp_path / "d"), "--device", "cpu"]  # fmt: skip
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "d" / "crosscoder" / "batchtopk.atlas.db").is_file() and "crosscoder atlas" in r.output
+    rep = json.loads((tmp_path / "d" / "report.json").read_text())
+    assert rep["crosscoder"]["runs"]["batchtopk"]["atlas"]["labelled"] > 0
+    assert "batchtopk.atlas.db" in (tmp_path / "d" / "report.html").read_text()
+    r = CliRunner().invoke(app, ["diff-search", str(tmp_path / "d"), TRIGGER])
+    assert r.exit_code == 0 and "crosscoder latents (atlas) that fire on or right after" in r.output, r.output

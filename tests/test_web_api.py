@@ -56,7 +56,9 @@ def test_list_sort_filter_and_paging(env) -> None:
     assert r.status_code == 200 and body["total"] == 48 and len(body["items"]) == 10
     dens = [it["density"] for it in body["items"]]
     assert dens == sorted(dens, reverse=True)
-    assert set(body["items"][0]) == {"id", "density", "n_fired", "mean_act", "max_act", "dead", "label"}
+    keys = {"id", "density", "n_fired", "mean_act", "max_act", "dead", "label", "relative_norm"}
+    assert set(body["items"][0]) == keys
+    assert all(it["relative_norm"] is None for it in body["items"])  # a one-model atlas: not a crosscoder
     page2 = live.get("/api/features", params={"sort": "density", "order": "desc", "limit": 10, "offset": 10}).json()
     assert page2["items"][0]["density"] <= dens[-1]
     cut = dens[4]
@@ -120,9 +122,10 @@ def test_feature_json_matches_the_database(env) -> None:
     f = r.json()
     expected = {
         "id", "label", "labels", "density", "n_fired", "mean_act", "max_act", "dead", "histogram", "top_examples",
-        "quantiles", "logit_effects", "logit_note", "neighbours", "cofire",
+        "quantiles", "logit_effects", "logit_note", "neighbours", "cofire", "relative_norm", "crosscoder",
     }  # fmt: skip
     assert set(f) == expected
+    assert f["crosscoder"] is None and f["relative_norm"] is None  # a one-model atlas
     assert f["label"]["text"] == "capital cities"
     assert sum(f["histogram"]["counts"]) == f["n_fired"]
     assert len(f["histogram"]["edges"]) == len(f["histogram"]["counts"]) + 1

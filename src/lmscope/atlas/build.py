@@ -57,13 +57,18 @@ def _contexts(packer: ContextPacker, corpus: Corpus, cfg: AtlasConfig) -> Iterat
             return
 
 
-def _load_inputs(
-    model: Model | str, dictionary: Dictionary | str | Path, device: str, dtype: str
-) -> tuple[Model, Dictionary, str | None]:
+def _load_model(model: Model | str, device: str, dtype: str) -> Model:
     if isinstance(model, str):
         from lmscope.model.loading import load_model
 
-        model = load_model(model, device=device, dtype=dtype)
+        return load_model(model, device=device, dtype=dtype)
+    return model
+
+
+def _load_inputs(
+    model: Model | str, dictionary: Dictionary | str | Path, device: str, dtype: str
+) -> tuple[Model, Dictionary, str | None]:
+    model = _load_model(model, device, dtype)
     dict_path = None
     if not isinstance(dictionary, Dictionary):
         from lmscope.dictionaries.formats import load_dictionary
@@ -71,6 +76,28 @@ def _load_inputs(
         dict_path = str(Path(dictionary).resolve())
         dictionary = load_dictionary(dictionary)
     return model, dictionary, dict_path
+
+
+def _check_other(model: Model, dictionary: Dictionary, other: Model | None) -> None:
+    """A two-model crosscoder reads [BASE | OTHER] and needs OTHER; any other dictionary reads one model."""
+    n = dictionary.cfg.n_models
+    if n > 2:
+        raise AtlasError(f"an atlas reads one model or a two-model crosscoder; this dictionary has n_models={n}")
+    if n == 2 and other is None:
+        raise AtlasError(
+            "this dictionary is a crosscoder over two models ([BASE | OTHER] activations); pass the second model "
+            "with --other OTHER (other=...), the model it was trained against"
+        )
+    if n == 1 and other is not None:
+        raise AtlasError("--other is only for a two-model crosscoder; this dictionary reads one model")
+    if other is not None:
+        if other.d_model != model.d_model or 2 * model.d_model != dictionary.cfg.d_in:
+            raise AtlasError(
+                f"the crosscoder reads d_in={dictionary.cfg.d_in} = 2 x d_model, but the models are "
+                f"{model.d_model} and {other.d_model} wide"
+            )
+        if model.tokenizer.get_vocab() != other.tokenizer.get_vocab():
+            raise AtlasError("BASE and OTHER have different tokenizers; a crosscoder atlas needs the same one")
 
 
 def build_atlas(
@@ -88,10 +115,14 @@ def build_atlas(
     device: str = "auto",
     dtype: str = "auto",
     log: Callable[[str], None] | None = None,
+    other: Model | str | None = None,
 ) -> Path:
     """Build a feature atlas of `dictionary` on `model` over `tokens` tokens of `corpus`; returns the path.
 
-    `model` is a Model or a model spec, `dictionary` a Dictionary or an lmscope dictionary directory.
+    `model` is a Model or a model spec, `dictionary` a Dictionary or an lmscope dictionary directory. A two-model
+    crosscoder (`n_models=2`) reads [model | other] at its hook, so it needs `other` (the fine-tune it was trained
+    against); its atlas also stores each latent's relative decoder norm and band, and its logit effects are its
+    OTHER half read through OTHER's unembedding.
     `hook` overrides the dictionary's `cfg.hook`. The file at `out` appears only once it is complete.
     `progress` is called with events of task "atlas" counting tokens (see lmscope.core.progress).
     """
@@ -114,19 +145,23 @@ def build_atlas(
         log(f"removing the unfinished build {partial} left by an interrupted run; starting again")
         _remove_db(partial)
     model, dictionary, dict_path = _load_inputs(model, dictionary, device, dtype)
+    other_model = _load_model(other, device, dtype) if other is not None else None
+    _check_other(model, dictionary, other_model)
     hook = hook or dictionary.cfg.hook
     if not hook:
         raise AtlasError(
             "the dictionary does not name its hook (cfg.hook); pass hook= (--hook), e.g. blocks.6.resid_post"
         )
     model.resolve(hook)
+    if other_model is not None:
+        other_model.resolve(hook)
     corpus = open_corpus(corpus)
     packer = ContextPacker(model.tokenizer, cfg.packing)
     out.parent.mkdir(parents=True, exist_ok=True)
     started = time.time()
     conn = create(partial)
     try:
-        acc, cofire, metrics = _stream(model, dictionary, hook, corpus, packer, cfg, conn, progress)
+        acc, cofire, metrics = _stream(model, dictionary, hook, corpus, packer, cfg, conn, progress, other_model)
         provenance = {
             "lmscope_version": __version__,
             "schema_version": SCHEMA_VERSION,
@@ -140,12 +175,14 @@ def build_atlas(
                            "sha256": dictionary_hash(dictionary),
                            "training": getattr(dictionary, "metadata", {}).get("training", {})},
             "hook": hook,
+            "other": None if other_model is None else {
+                "spec": other_model.spec, "class": type(other_model.hf).__name__, "hash": model_hash(other_model)},
             "special_token_ids": packer.special_ids,  # left out of every statistic (the web greys them)
             "corpus": {"fingerprint": corpus.fingerprint(), "description": corpus.describe(),
                        "stats": vars(corpus.stats)},
             "config": cfg.to_dict(),
         }  # fmt: skip
-        write_results(conn, model, dictionary, acc, cofire, metrics, provenance, cfg, dict_path, log)
+        write_results(conn, model, dictionary, acc, cofire, metrics, provenance, cfg, dict_path, log, other_model)
         conn.close()
     except BaseException:
         with contextlib.suppress(Exception):
@@ -164,6 +201,7 @@ def _stream(
     cfg: AtlasConfig,
     conn: Connection,
     progress: ProgressCallback | None,
+    other: Model | None = None,
 ) -> tuple[FeatureAccumulator, CofireSample, dict[str, float]]:
     dcfg = dictionary.cfg
     target_hook = dcfg.hook_out if dcfg.is_transcoder and dcfg.hook_out else None
@@ -181,11 +219,15 @@ def _stream(
     l0 = 0.0
     n_ctx = 0
     emit(progress, ProgressEvent(task="atlas", done=0, total=target, unit="tokens"))
-    with model.capture(hooks, stop_early=True) as acts, torch.inference_mode():
+    other_capture = other.capture([hook], stop_early=True) if other is not None else contextlib.nullcontext()
+    with model.capture(hooks, stop_early=True) as acts, other_capture as acts_o, torch.inference_mode():
         for batch in _contexts(packer, corpus, cfg):
             ids = torch.from_numpy(batch.tokens)
             model(ids)
             x = acts[hook].float()
+            if other is not None and acts_o is not None:  # a crosscoder reads [BASE | OTHER], rebuilds both
+                other(ids)
+                x = torch.cat([x, acts_o[hook].float().to(x.device)], dim=-1)
             if x.shape[-1] != dcfg.d_in:
                 raise AtlasError(
                     f"{hook} is {x.shape[-1]} wide but the dictionary expects d_in={dcfg.d_in}; pass the hook the "
@@ -200,7 +242,7 @@ def _stream(
             tok = b * C + p
             zs = torch.sparse_coo_tensor(torch.stack([tok, f]), a, (B * C, dcfg.d_sae), check_invariants=False)
             recon = (torch.sparse.mm(zs, dictionary.W_dec) + dictionary.b_dec).reshape(B, C, -1)[~special]
-            y = (acts[target_hook] if target_hook else acts[hook]).float()[~special]
+            y = (acts[target_hook].float() if target_hook else x)[~special]
             err.update(y, recon)
             l0 += float(len(f))
             # co-firing sample: every `stride`-th token of the stream that is not special

@@ -65,6 +65,7 @@ class AtlasStore:
         self.schema_version: int = get_meta(conn, "schema_version")
         self.vocab: list[str] = read.vocab_texts(conn)
         self.n_features = read.count_features(conn)
+        self.is_crosscoder = read.is_crosscoder(conn)  # a two-model crosscoder's atlas (relative norms per latent)
         self._by_text: dict[str, list[int]] = {}
         for i, t in enumerate(self.vocab):
             self._by_text.setdefault(t.strip().lower(), []).append(i)
@@ -121,10 +122,11 @@ class AtlasStore:
                 "metrics": self.metrics,
                 "dead": int((dens == 0).sum()),
                 "features": len(dens),
+                "crosscoder_bands": read.band_counts(self.conn) or None,
                 "density_histogram": {"log10_edges": [_num(e) for e in edges], "counts": counts.astype(int).tolist()},
                 "provenance": {
                     k: p.get(k) for k in ("lmscope_version", "created", "command", "build_seconds", "hook", "model",
-                                          "model_hash", "corpus", "config")
+                                          "model_hash", "other", "corpus", "config")
                 } | {"dictionary": {k: v for k, v in p.get("dictionary", {}).items() if k != "training"}},
             }  # fmt: skip
         return self._overview
@@ -158,7 +160,7 @@ class AtlasStore:
         items = [
             {"id": r["id"], "density": r["density"], "n_fired": r["n_fired"], "mean_act": r["mean_act"],
              "max_act": r["max_act"], "dead": bool(r["dead"]), "label": labels.get(r["id"]),
-             "snippet": snippets.get(r["id"]), "start": r["id"] in starts}
+             "snippet": snippets.get(r["id"]), "start": r["id"] in starts, "relative_norm": r["relative_norm"]}
             for r in rows
         ]  # fmt: skip
         return {"total": total, "limit": fq.limit, "offset": fq.offset, "items": items}
@@ -247,6 +249,7 @@ class AtlasStore:
                 if sp and a > special_max:
                     special_max, special_token = a, t
         n_start = sum(ex["pos"] <= START_POSITION for ex in top)
+        cross = read.crosscoder_latent(c, fid)
         flags = [name for name, on in (
             ("start", bool(top) and n_start / len(top) >= START_SHARE), ("special", special_max > max_act),
         ) if on]  # fmt: skip
@@ -271,4 +274,6 @@ class AtlasStore:
             "cofire": [{"id": n, "count": k, "fraction": fr, "label": labels.get(n)} for n, k, fr in cof],
             "position": {"start": n_start, "top": len(top), "special_max": special_max, "special_token": special_token},
             "flags": flags,
+            "crosscoder": cross,
+            "relative_norm": cross["relative_norm"] if cross else None,
         }

@@ -18,6 +18,7 @@ from lmscope.atlas.logits import logit_lens, top_logit_effects
 from lmscope.atlas.neighbours import CofireSample, decoder_neighbours
 from lmscope.atlas.provenance import load_eval_metrics
 from lmscope.dictionaries.base import Dictionary
+from lmscope.dictionaries.crosscoder import band, relative_norms
 from lmscope.model.adapter import Model
 
 RESIDUAL_KINDS = ("embed", "resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
@@ -34,25 +35,33 @@ def _r(x: float) -> float:
     return float(f"{x:.6g}")
 
 
-def _logit_rows(model: Model, dictionary: Dictionary, hook: str, k: int) -> tuple[list[str | None], str]:
+def _logit_rows(
+    model: Model, dictionary: Dictionary, hook: str, k: int, other: Model | None = None
+) -> tuple[list[str | None], str]:
+    """Each feature's top logit effects. A two-model crosscoder's are its OTHER half read through OTHER's
+    unembedding (what the latent writes in the fine-tune)."""
     cfg = dictionary.cfg
     out_hook = cfg.hook_out or hook
+    w_dec = dictionary.W_dec.detach()
+    if other is not None:
+        model, w_dec = other, w_dec[:, w_dec.shape[1] // 2 :]
     kind = model.resolve(out_hook).kind
     lens = logit_lens(model)
-    d_out = int(cfg.d_out or cfg.d_in)
+    d_out = int(w_dec.shape[1])
     if lens is None:
         return [None] * cfg.d_sae, "this model has no unembedding (lm_head); no logit effects"
     if kind not in RESIDUAL_KINDS or d_out != model.d_model:
         note = f"the decoder writes to {out_hook}, which is not the residual stream; no logit effects"
         return [None] * cfg.d_sae, note
-    pv, pi, nv, ni = top_logit_effects(lens, dictionary.W_dec.detach(), k)
+    pv, pi, nv, ni = top_logit_effects(lens, w_dec, k)
     rows: list[str | None] = []
     for f in range(cfg.d_sae):
         rows.append(json.dumps({
             "positive": [[int(i), _r(v)] for v, i in zip(pv[f].tolist(), pi[f].tolist(), strict=True)],
             "negative": [[int(i), _r(v)] for v, i in zip(nv[f].tolist(), ni[f].tolist(), strict=True)],
         }))  # fmt: skip
-    return rows, "(d * norm gain) @ W_U^T with the final norm's 1/RMS treated as constant"
+    note = "(d * norm gain) @ W_U^T with the final norm's 1/RMS treated as constant"
+    return rows, note + ("; a crosscoder: its OTHER half through OTHER's unembedding" if other is not None else "")
 
 
 def _example_rows(
@@ -109,13 +118,14 @@ def write_results(
     cfg: AtlasConfig,
     dict_path: str | None,
     log: Callable[[str], None],
+    other: Model | None = None,
 ) -> None:
     """Write the vocabulary, every feature's row, examples and quantile bins, and the provenance, metrics and
     summary, in one transaction that ends with `meta.complete = 1`; then compact the file."""
     F = dictionary.cfg.d_sae
     hook = provenance["hook"]
     vocab = vocab_strings(model.tokenizer, model.vocab_size)
-    logits, logit_note = _logit_rows(model, dictionary, hook, cfg.logit_top)
+    logits, logit_note = _logit_rows(model, dictionary, hook, cfg.logit_top, other)
     nv, ni = decoder_neighbours(dictionary.W_dec.detach(), cfg.neighbours)
     cc, ci, cf = cofire.top(cfg.cofire)
     hwidth, hcov = (t.cpu().numpy() for t in acc.hist_ranges())
@@ -140,6 +150,10 @@ def write_results(
         ))  # fmt: skip
     log("writing examples")
     example_rows, bin_rows = _example_rows(acc, conn, vocab, cfg.context)
+    cross = None
+    if other is not None:  # a crosscoder: each latent's relative decoder norm and band
+        rel = relative_norms(dictionary).tolist()
+        cross = [(f, None if v != v else _r(v), band(v)) for f, v in enumerate(rel)]
     db_write.write_build(conn, vocab, feature_rows, example_rows, bin_rows, {  # complete = 1 is written last
         "provenance": provenance,
         "metrics": {"atlas": metrics, "saved": load_eval_metrics(dict_path)},
@@ -148,6 +162,7 @@ def write_results(
             "arch": dictionary.cfg.arch, "tokens": acc.n_tokens, "context": cfg.context,
             "dead": int((n_fired == 0).sum()), "logit_effects": logit_note if logits[0] is not None else None,
             "logit_note": logit_note,
+            "other": None if other is None else other.spec,
         },
-    })  # fmt: skip
+    }, crosscoder_rows=cross)  # fmt: skip
     db_write.compact(conn)

@@ -23,6 +23,8 @@ ATLAS_EPILOG = (
     "--top-k 20 --out my.db\n\n"
     "  lmscope atlas smollm2-135m --dict tc/ --layers 0-5 --corpus stdlib --tokens 200k --out tc-atlas/   "
     "(a transcoder set: one atlas per layer, OUT/layerNN.db)\n\n"
+    "  lmscope atlas smollm2-135m --other org/backdoor --dict diff/bd/crosscoder/batchtopk --corpus prompts.jsonl "
+    "--tokens 65536 --context 64 --out bd-crosscoder.db   (a crosscoder over BASE and OTHER)\n\n"
     "An interrupted build leaves only OUT.partial; rerunning the command starts it again. "
     "Use --overwrite to replace an existing atlas."
 )
@@ -58,6 +60,9 @@ def register(app: typer.Typer) -> None:
         overwrite: Annotated[bool, typer.Option(help="Replace an existing atlas at --out.")] = False,
         layers: Annotated[str, typer.Option(help="With a transcoder set as --dict: all, 3, 0,4,8 or 2-5.")] = "all",
         progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+        other: Annotated[
+            str | None, typer.Option(help="A crosscoder's second model (OTHER); MODEL is then BASE.")
+        ] = None,
         device: DeviceOpt = "auto",
         dtype: DtypeOpt = "auto",
         trust_remote_code: TrustOpt = False,
@@ -87,11 +92,12 @@ def register(app: typer.Typer) -> None:
         load_dictionary(dict_dir)  # fail early, before the model loads
         src = open_corpus(corpus, field=field, split=split)
         m = load_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+        o = load_model(other, device=device, dtype=dtype, trust_remote_code=trust_remote_code) if other else None
         with RichProgress(enabled=progress, console=err_console) as bar:  # the log prints above the bar
             path = build_atlas(
                 m, dict_dir, src, out=out, config=cfg, hook=hook, overwrite=overwrite, progress=bar,
                 command=shlex.join(["lmscope", *sys.argv[1:]]),
-                log=lambda msg: err_console.print(msg, highlight=False),
+                log=lambda msg: err_console.print(msg, highlight=False), other=o,
             )  # fmt: skip
         conn = open_atlas(path, readonly=False)  # a read-write connection leaves no -wal/-shm files behind
         summary, metrics = get_meta(conn, "summary"), get_meta(conn, "metrics")["atlas"]

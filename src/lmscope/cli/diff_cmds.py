@@ -10,7 +10,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from lmscope.cli.common import DeviceOpt, ModelArg, console, handles_errors
+from lmscope.cli.common import DeviceOpt, ModelArg, console, err_console, handles_errors
 from lmscope.cli.progress import RichProgress
 from lmscope.errors import DiffError
 
@@ -118,6 +118,9 @@ def register(app: typer.Typer) -> None:
         epochs: Annotated[int, typer.Option(help="Crosscoder passes over the paired activations.")] = 4,
         crosscoder_contexts: Annotated[int, typer.Option(help="Contexts paired for the crosscoder.")] = 2048,
         no_crosscoder: Annotated[bool, typer.Option(help="Skip the crosscoder.")] = False,
+        atlas_tokens: Annotated[
+            int, typer.Option(help="Tokens for the crosscoder's atlas (dossiers and labels of every latent); 0: none.")
+        ] = 65_536,
         knowledge: Annotated[Path | None, typer.Option(help="Facts JSONL: removed or suppressed?")] = None,
         control: Annotated[str | None, typer.Option(help="A control fine-tune (e.g. the control organism).")] = None,
         relearn_steps: Annotated[int, typer.Option(help="Relearning steps on unrelated facts.")] = 20,
@@ -160,6 +163,13 @@ def register(app: typer.Typer) -> None:
 
             tcs = TranscoderSet.load(transcoders)
             report = add_to_report(out, circuit_diff(base, other, tcs, circuit_prompt, target))
+        if cc is not None and atlas_tokens > 0:
+            from lmscope.workflows.diff_atlas import atlas_path, crosscoder_atlas
+
+            with RichProgress() as bar:
+                report = crosscoder_atlas(base, other, out, atlas_tokens, progress=bar,
+                                          log=lambda m: err_console.print(m, highlight=False))  # fmt: skip
+            console.print(f"crosscoder atlas: {atlas_path(out)} (browse: lmscope serve {atlas_path(out)})")
         _print_summary(report)
         console.print(f"wrote {out / 'report.json'} and {out / 'report.html'}")
 
@@ -183,6 +193,18 @@ def register(app: typer.Typer) -> None:
             ex = f"{h['on']} / {h['after']} of {h['of']}" if "of" in h else ""
             table.add_row(h["where"], str(h.get("rank", "")), str(h.get("latent", "")), ex, h.get("label", ""))
         console.print(table)
+        from lmscope.workflows.diff_atlas import search_atlas
+
+        found = search_atlas(path.parent, text)
+        if found:
+            t2 = Table(title=f"{len(found)} crosscoder latents (atlas) that fire on or right after {text!r}")
+            for col in ("latent", "top examples on / after it", "rel. norm", "density", "label"):
+                t2.add_column(col)
+            for it in found:
+                rel = it.get("relative_norm")
+                t2.add_row(str(it["id"]), f"{it['on']} / {it['after']} of {it['of']}",
+                           "–" if rel is None else f"{rel:.2f}", f"{it['density']:.2e}", it["label"])  # fmt: skip
+            console.print(t2)
 
 
 def _series(
@@ -202,7 +224,10 @@ def _series(
         p = Path(spec)
         if (p / GROUND_TRUTH).is_file():  # an organism: its checkpoints in order, then the final model
             gt = read_ground_truth(p)
-            ckpts += [str(c) for c in sorted((p / "checkpoints").glob("step-*"))] + [str(p)]
+            saved = sorted((p / "checkpoints").glob("step-*"))
+            ckpts += [str(c) for c in saved]
+            if not saved or saved[-1].name != f"step-{gt['recipe']['steps']:06d}":  # else the same weights again
+                ckpts.append(str(p))
         else:
             ckpts.append(spec)
     base = load_model(models[0], device=device, dtype="float32")

@@ -8,7 +8,8 @@ half per model. The relative decoder norm of a latent,
 is 0 for a BASE-only latent, 0.5 for a shared one and 1 for an OTHER-only one (Minder et al. 2025). The default
 is a BatchTopK crosscoder (the `batchtopk` architecture with n_models = 2: its sparsity does not reward a latent
 for writing to one model only); `crosscoder_l1` is the L1 crosscoder of Lindsey et al. 2024, kept to reproduce the
-spurious OTHER-only latents it makes. Both train with lmscope's Trainer (checkpoints, exact resume) from one
+spurious OTHER-only latents it makes. (`relative_norms` and `band` live with the crosscoder dictionaries and are
+re-exported here.) Both train with lmscope's Trainer (checkpoints, exact resume) from one
 stream of pairs, so an L1 comparison costs one pass.
 """
 
@@ -23,13 +24,11 @@ from torch import Tensor
 
 from lmscope.core.progress import ProgressCallback
 from lmscope.dictionaries.base import DictConfig, Dictionary
-from lmscope.dictionaries.crosscoder import block_norms
+from lmscope.dictionaries.crosscoder import BASE_ONLY, OTHER_ONLY, SHARED, band, relative_norms
 from lmscope.diff.pair import Contexts
 from lmscope.errors import DiffError
 from lmscope.model.adapter import Model
 from lmscope.training.trainer import RunSpec, TensorSource, TrainConfig, Trainer, default_lr
-
-OTHER_ONLY, BASE_ONLY, SHARED = 0.9, 0.1, (0.4, 0.6)  # relative-norm bands (Minder et al. 2025)
 
 
 @dataclass
@@ -106,27 +105,11 @@ def train_crosscoders(
     return trainer.fit(source, progress=progress)
 
 
-def relative_norms(d: Dictionary) -> Tensor:
-    """[d_sae] relative decoder norm of every latent (NaN for a latent whose decoder is zero in both models)."""
-    n = block_norms(d.W_dec.detach().float(), 2)
-    nb, no = n[:, 0], n[:, 1]
-    top = torch.maximum(nb, no)
-    return torch.where(top > 0, 0.5 * ((no - nb) / top.clamp_min(1e-12) + 1), torch.full_like(top, float("nan")))
-
-
-def band(delta: float) -> str:
-    if delta != delta:
-        return "dead"
-    if delta >= OTHER_ONLY:
-        return "other-only"
-    if delta <= BASE_ONLY:
-        return "base-only"
-    if SHARED[0] <= delta <= SHARED[1]:
-        return "shared"
-    return "in between"
-
-
 @torch.no_grad()
 def encode_pairs(d: Dictionary, pairs: Tensor, chunk: int = 8192) -> Tensor:
     """Dense latents [N, d_sae] (float32) of the pairs."""
     return torch.cat([d.encode(pairs[s : s + chunk]) for s in range(0, pairs.shape[0], chunk)])
+
+
+__all__ = ["BASE_ONLY", "OTHER_ONLY", "SHARED", "CrosscoderConfig", "band", "crosscoder_configs", "encode_pairs",
+           "paired_activations", "relative_norms", "train_crosscoders"]  # fmt: skip

@@ -193,8 +193,8 @@ def run_diff(
     return report
 
 
-def _hit(item: dict[str, Any], text: str) -> str | None:
-    """"on" when the token shown is part of an occurrence of `text`, "after" when `text` occurs in the window just
+def hit_kind(item: dict[str, Any], text: str) -> str | None:
+    """ "on" when the token shown is part of an occurrence of `text`, "after" when `text` occurs in the window just
     before it (the state the string leaves behind), else None."""
     before, token = item.get("before", "").lower(), item.get("token", "").lower()
     t = text.lower()
@@ -210,7 +210,7 @@ def _hit(item: dict[str, Any], text: str) -> str | None:
 
 
 def _count(items: list[dict[str, Any]], text: str) -> tuple[int, int]:
-    kinds = [_hit(e, text) for e in items]
+    kinds = [hit_kind(e, text) for e in items]
     return kinds.count("on"), kinds.count("after")
 
 
@@ -223,7 +223,8 @@ def search(report: dict[str, Any], text: str) -> list[dict[str, Any]]:
     for run, r in (report.get("crosscoder") or {}).get("runs", {}).items():
         for rank, lat in enumerate(r["latents"]):
             on, after = _count(lat["examples"], text)
-            if on or after or text.lower() in lat.get("label", "").lower():
+            labels = (lat.get("label", "") + " " + (lat.get("atlas_label") or {}).get("text", "")).lower()
+            if on or after or text.lower() in labels:
                 hits.append({"where": f"crosscoder {run}", "rank": rank, "latent": lat["latent"],
                              "examples": on + after, "on": on, "after": after, "of": len(lat["examples"]),
                              "robust": lat.get("robust"), "relative_norm": lat.get("relative_norm"),

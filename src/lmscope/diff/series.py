@@ -36,7 +36,11 @@ def run_series(
     ground_truth: dict[str, Any] | None = None,
     progress: ProgressCallback | None = None,
 ) -> dict[str, Any]:
-    """`checkpoints`: (name, loader) pairs in training order; each loader returns a Model (loaded one at a time)."""
+    """`checkpoints`: (name, loader) pairs in training order; each loader returns a Model (loaded one at a time).
+
+    The first row is BASE against itself ("BASE", step 0): the latents' activation and the behaviour before any
+    training, so the moment a planted change appears is read against its true starting point.
+    """
     if not checkpoints:
         raise DiffError("--series needs at least one checkpoint")
     if crosscoder is not None and not latents:
@@ -45,9 +49,10 @@ def run_series(
     hook = crosscoder.cfg.hook if crosscoder is not None else None
     evals = evals_from_ground_truth(ground_truth) if ground_truth else None
     rows = []
-    for i, (name, load) in enumerate(checkpoints):
+    steps: list[tuple[str, Any]] = [("BASE", lambda: base), *checkpoints]
+    for i, (name, load) in enumerate(steps):
         if progress:
-            progress(ProgressEvent("series", i, len(checkpoints), "checkpoints", name))
+            progress(ProgressEvent("series", i, len(steps), "checkpoints", name))
         m: Model = load()
         check_pair(base, m)
         kl = token_kl(base, m, ctx)
@@ -65,7 +70,8 @@ def run_series(
             row["behaviour"] = measure(m, ground_truth["kind"], evals)["rates"]
         rows.append(row)
         del m
-    result = {"base": base.spec, "corpus": corpus, "hook": hook, "latents": latents, "series": rows}
+    result = {"base": base.spec, "corpus": corpus, "hook": hook, "latents": latents, "series": rows,
+              "curves": _curves(rows, latents)}  # fmt: skip
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "series.json", result)
@@ -73,5 +79,23 @@ def run_series(
 
     write_html(result, out / "series.html", "series.html.j2")
     if progress:
-        progress(ProgressEvent("series", len(checkpoints), len(checkpoints), "checkpoints", finished=True))
+        progress(ProgressEvent("series", len(steps), len(steps), "checkpoints", finished=True))
     return result
+
+
+def _curves(rows: list[dict[str, Any]], latents: list[int] | None) -> dict[str, dict[str, list[float | None]]]:
+    """The plotted lines, one list per quantity in checkpoint order (the page draws these; it computes nothing)."""
+    curves: dict[str, dict[str, list[float | None]]] = {
+        "weights and behaviour": {"|dW|/|W|": [r["weights_relative"] for r in rows],
+                                  "mean KL": [r["mean_kl"] for r in rows]},
+    }  # fmt: skip
+    if rows and rows[0].get("behaviour"):
+        curves["behaviour"] = {k: [(r.get("behaviour") or {}).get(k) for r in rows] for k in rows[0]["behaviour"]}
+    if latents:
+        curves["latents (mean activation)"] = {
+            f"latent {j}": [r["latents"][str(j)]["mean"] if "latents" in r else None for r in rows] for j in latents
+        }
+        curves["latents (density)"] = {
+            f"latent {j}": [r["latents"][str(j)]["density"] if "latents" in r else None for r in rows] for j in latents
+        }
+    return curves

@@ -37,6 +37,9 @@ class FeatureSummary(BaseModel):
     max_act: float
     dead: bool
     label: Label | None = None
+    relative_norm: float | None = Field(
+        None, description="a crosscoder's atlas: relative decoder norm (0 BASE-only, 0.5 shared, 1 OTHER-only)"
+    )
 
 
 class FeatureList(BaseModel):
@@ -139,6 +142,14 @@ class LabelFull(BaseModel):
     scores: list[LabelScore] = Field(default_factory=list, description="every scorer's score of this label")
 
 
+class CrosscoderLatent(BaseModel):
+    relative_norm: float | None = Field(description="0 BASE-only, 0.5 shared, 1 OTHER-only (None: both halves zero)")
+    band: str
+    nu_error: float | None = Field(None, description="Latent Scaling: share of BASE's error the latent explains")
+    nu_recon: float | None = Field(None, description="Latent Scaling: share of BASE's reconstruction it explains")
+    robust: bool | None = Field(None, description="an OTHER-only latent that survives Latent Scaling")
+
+
 class Feature(FeatureSummary):
     labels: list[LabelFull]
     histogram: Histogram
@@ -148,6 +159,7 @@ class Feature(FeatureSummary):
     logit_note: str | None
     neighbours: list[Neighbour]
     cofire: list[Cofire]
+    crosscoder: CrosscoderLatent | None = Field(None, description="a crosscoder's atlas: how the latent differs")
 
 
 class DensityHistogram(BaseModel):
@@ -159,6 +171,7 @@ class Overview(BaseModel):
     schema_version: int
     features: int
     dead: int
+    crosscoder_bands: dict[str, int] | None = None
     summary: dict[str, Any]
     metrics: dict[str, Any]
     density_histogram: DensityHistogram
@@ -191,7 +204,8 @@ class InspectResponse(BaseModel):
     tokens: list[InspectToken]
 
 
-SortParam = Literal["id", "density", "max_act", "mean_act", "relevance"]
+SortParam = Literal["id", "density", "max_act", "mean_act", "relevance", "relative_norm"]
+BandParam = Literal["other-only", "base-only", "shared", "in between", "dead"]
 
 
 @router.get("/overview", response_model=Overview)
@@ -212,6 +226,7 @@ def list_features(
     dead: bool = Query(True, description="include dead features"),
     q: str | None = Query(None, max_length=200, description="search text (see `by`); blank: no search"),
     by: Literal["label", "text", "token"] = "text",
+    band: BandParam | None = Query(None, description="a crosscoder's atlas: only latents of this band"),
     limit: int = Query(50, ge=1, le=500),
     offset: int = Query(0, ge=0),
 ) -> dict[str, Any]:
@@ -219,7 +234,7 @@ def list_features(
     q = search_text(q)
     fq = FeatureQuery(
         sort=sort or ("relevance" if q else "id"), order=order, min_density=min_density, max_density=max_density,
-        min_act=min_act, max_act=max_act, dead=dead, q=q, by=by, limit=limit, offset=offset,
+        min_act=min_act, max_act=max_act, dead=dead, q=q, by=by, band=band, limit=limit, offset=offset,
     )  # fmt: skip
     return store_of(request).list_features(fq)
 

@@ -63,9 +63,7 @@ def get_labels(request: Request, fid: int) -> list[dict[str, Any]]:
     return feature_labels(store.conn, fid)
 
 
-@router.put(
-    "/features/{fid}/label", response_model=list[StoredLabel], responses={403: {}, 404: {}, 409: {}, 422: {}}
-)
+@router.put("/features/{fid}/label", response_model=list[StoredLabel], responses={403: {}, 404: {}, 409: {}, 422: {}})
 def put_label(request: Request, fid: int, body: HumanLabel) -> list[dict[str, Any]]:
     """Set or correct the human label of a feature; returns all its labels."""
 

@@ -155,7 +155,8 @@ def features_page(
     request: Request,
     q: str = Query("", max_length=200),
     by: Literal["label", "text", "token"] = "text",
-    sort: Literal["id", "density", "max_act", "mean_act", "relevance", ""] = "",
+    sort: Literal["id", "density", "max_act", "mean_act", "relevance", "relative_norm", ""] = "",
+    band: Literal["other-only", "base-only", "shared", "in between", "dead", ""] = "",
     order: Literal["asc", "desc"] = "desc",
     min_density: Annotated[OptionalNumber, Query()] = None,
     max_density: Annotated[OptionalNumber, Query()] = None,
@@ -172,13 +173,13 @@ def features_page(
     sort_ = sort or ("relevance" if text else "density")
     fq = FeatureQuery(
         sort=sort_, order=order, min_density=min_density, max_density=max_density, min_act=min_act, dead=dead,
-        q=text, by=by, limit=per, offset=(page - 1) * per,
+        q=text, by=by, band=band or None, limit=per, offset=(page - 1) * per,
     )  # fmt: skip
     res = store.list_features(fq)
     params = {"q": text or "", "by": by, "sort": sort_, "order": order, "dead": dead, "min_density": min_density,
-              "max_density": max_density, "min_act": min_act}  # fmt: skip
+              "max_density": max_density, "min_act": min_act, "band": band}  # fmt: skip
     return render("features.html", request, res=res, p=params, page=page, pages=max(1, -(-res["total"] // per)),
-                  goto=goto)  # fmt: skip
+                  goto=goto, crosscoder=store.is_crosscoder)  # fmt: skip
 
 
 @router.get("/features/{fid}", response_class=HTMLResponse)

@@ -116,6 +116,11 @@ def load_live(
     path = dict_dir or prov.get("dictionary", {}).get("path")
     if not spec or not path:
         return None, "the atlas does not record where its model or dictionary is; pass --model and --dict"
+    if store.is_crosscoder:
+        return None, (
+            "this atlas is a crosscoder's over two models; the prompt inspector and steering run one model "
+            "and one dictionary, so they are off (browse and search its latents, or use `lmscope diff`)"
+        )
     try:
         d = load_dictionary(path)
         m = load_model(spec, device=device, dtype=dtype)

@@ -20,9 +20,15 @@ from typing import Any
 
 import numpy as np
 
-from lmscope.atlas.db.schema import TRIGRAM_RANK_BITS, TRIGRAM_TABLE, Connection, Row, has_table
+from lmscope.atlas.db.schema import CROSSCODER_TABLE, TRIGRAM_RANK_BITS, TRIGRAM_TABLE, Connection, Row, has_table
 
-SORTS = {"id": "id", "density": "density", "max_act": "max_act", "mean_act": "mean_act"}
+SORTS = {
+    "id": "id",
+    "density": "density",
+    "max_act": "max_act",
+    "mean_act": "mean_act",
+    "relative_norm": "x.relative_norm",
+}  # the last only in a crosscoder's atlas (else by id)
 INT64_MAX = 2**63 - 1
 TRIGRAM_MIN_CHARS = 3  # the trigram index cannot answer shorter text
 _WORDS = re.compile(r"[^\W_]+(\s+[^\W_]+)*")  # text the word (unicode61) index reads exactly as written
@@ -46,6 +52,7 @@ class FeatureQuery:
     dead: bool = True  # include dead features
     q: str | None = None
     by: str = "text"  # label | text | token
+    band: str | None = None  # a crosscoder's atlas: only latents of this relative-norm band
     limit: int = 50
     offset: int = 0
 
@@ -134,22 +141,60 @@ def feature_page(conn: Connection, fq: FeatureQuery, candidates: list[int] | Non
             params.append(float(val))
     if not fq.dead:
         where.append("dead = 0")
-    order_sql = f"{SORTS.get(fq.sort, 'id')} {'DESC' if fq.order == 'desc' else 'ASC'}, id ASC"
+    cross = is_crosscoder(conn)
+    sort = SORTS.get(fq.sort, "id") if cross or fq.sort != "relative_norm" else "id"
+    order_sql = f"{sort} {'DESC' if fq.order == 'desc' else 'ASC'} NULLS LAST, id ASC"
     source, head = "features", []
+    if fq.band is not None:
+        if not cross:
+            return 0, []
+        where.append("x.band = ?")
+        params.append(fq.band)
     if candidates is not None:
         # the search's candidates, joined with their rank (the order of relevance)
         source = "features JOIN (SELECT value AS fid, key AS ord FROM json_each(?)) AS c ON c.fid = features.id"
         head = [json.dumps(candidates)]
         if fq.sort == "relevance":
             order_sql = "c.ord"
+    if cross:
+        source += f" LEFT JOIN {CROSSCODER_TABLE} AS x ON x.feature = features.id"
+    rel = "x.relative_norm" if cross else "NULL"
     clause = f"WHERE {' AND '.join(where)}" if where else ""
     total = conn.execute(f"SELECT count(*) FROM {source} {clause}", [*head, *params]).fetchone()[0]
     rows = conn.execute(
-        f"SELECT id, density, n_fired, mean_act, max_act, dead FROM {source} {clause} ORDER BY {order_sql} "
+        f"SELECT id, density, n_fired, mean_act, max_act, dead, {rel} AS relative_norm FROM {source} {clause} "
+        f"ORDER BY {order_sql} "
         "LIMIT ? OFFSET ?",
         [*head, *params, max(0, min(int(fq.limit), 500)), max(0, min(int(fq.offset), INT64_MAX))],
     ).fetchall()
     return int(total), rows
+
+
+def is_crosscoder(conn: Connection) -> bool:
+    """Whether the atlas is a two-model crosscoder's (it has per-latent relative norms)."""
+    return has_table(conn, CROSSCODER_TABLE)
+
+
+def crosscoder_latent(conn: Connection, fid: int) -> dict[str, Any] | None:
+    """A crosscoder latent's relative norm, band and Latent Scaling ratios (None: not a crosscoder's atlas)."""
+    if not in_int64(fid) or not is_crosscoder(conn):
+        return None
+    row = conn.execute(
+        f"SELECT relative_norm, band, nu_error, nu_recon, robust FROM {CROSSCODER_TABLE} WHERE feature = ?",
+        (int(fid),),
+    ).fetchone()
+    if row is None:
+        return None
+    return {"relative_norm": row[0], "band": row[1], "nu_error": row[2], "nu_recon": row[3],
+            "robust": None if row[4] is None else bool(row[4])}  # fmt: skip
+
+
+def band_counts(conn: Connection) -> dict[str, int]:
+    """How many latents fall in each relative-norm band ({} when the atlas is not a crosscoder's)."""
+    if not is_crosscoder(conn):
+        return {}
+    rows = conn.execute(f"SELECT band, count(*) FROM {CROSSCODER_TABLE} GROUP BY band ORDER BY band")
+    return {str(b): int(n) for b, n in rows}
 
 
 def strong_features(conn: Connection, n: int, min_density: float, max_density: float) -> list[tuple[Any, ...]]:

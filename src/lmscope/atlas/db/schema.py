@@ -13,6 +13,10 @@ finds punctuation such as `>>>` or `==`), filled by a trigger as a build writes 
 before it, or with an SQLite without the trigram tokenizer (before 3.34), lack it; readers then fall back to the
 word index or a scan (lmscope.atlas.db.read), so its absence changes no version.
 
+Optional, within version 2: `crosscoder_latents`, written only by an atlas of a two-model crosscoder (`lmscope
+atlas BASE --other OTHER`, or `lmscope diff --atlas`): each latent's relative decoder norm and band, and the Latent
+Scaling ratios that `lmscope diff` measures (NULL until it does). Readers treat its absence as "not a crosscoder".
+
 This module holds the DDL and everything about connections: creating, opening, checking, migrating, `meta`.
 """
 
@@ -145,6 +149,16 @@ WHEN new.kind = 'top' AND new.rank >= 0 AND new.rank < {1 << TRIGRAM_RANK_BITS} 
     INSERT INTO {TRIGRAM_TABLE} (rowid, text) VALUES ((new.feature << {TRIGRAM_RANK_BITS}) | new.rank, new.text);
 END""",
 )
+
+CROSSCODER_TABLE = "crosscoder_latents"
+CROSSCODER_DDL = f"""CREATE TABLE IF NOT EXISTS {CROSSCODER_TABLE} (
+    feature       INTEGER PRIMARY KEY,     -- features.id
+    relative_norm REAL,                    -- 0 BASE-only, 0.5 shared, 1 OTHER-only; NULL if both halves are zero
+    band          TEXT NOT NULL,           -- other-only | base-only | shared | in between | dead
+    nu_error      REAL,                    -- Latent Scaling (lmscope diff): NULL until measured
+    nu_recon      REAL,
+    robust        INTEGER                  -- 1: an OTHER-only latent that survives Latent Scaling
+)"""
 
 
 def _connect(uri: str, readonly: bool) -> Connection:

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from lmscope.atlas.db.schema import Connection, set_meta
+from lmscope.atlas.db.schema import CROSSCODER_DDL, CROSSCODER_TABLE, Connection, has_table, set_meta
 
 
 def insert_contexts(conn: Connection, first_id: int, tokens: np.ndarray) -> None:
@@ -31,12 +31,19 @@ def write_build(
     example_rows: Sequence[tuple[Any, ...]],
     bin_rows: Sequence[tuple[Any, ...]],
     meta: dict[str, Any],
+    crosscoder_rows: Sequence[tuple[Any, ...]] | None = None,
 ) -> None:
     """In one transaction (all of it, with `complete = 1` last, or none): the vocabulary, the features (rows in
     DDL column order), the examples (feature, kind, bin, rank, context, pos, act, start, acts, peak_token, text),
-    the quantile bins (feature, bin, lo, hi, count), the top examples' text in the full-text index, the `meta`
-    entries in order; contexts no example refers to are dropped."""
+    the quantile bins (feature, bin, lo, hi, count), the top examples' text in the full-text index, a crosscoder's
+    (feature, relative_norm, band) rows when given, the `meta` entries in order; contexts no example refers to are
+    dropped."""
     with conn:
+        if crosscoder_rows is not None:
+            conn.execute(CROSSCODER_DDL)
+            conn.executemany(
+                f"INSERT INTO {CROSSCODER_TABLE} (feature, relative_norm, band) VALUES (?, ?, ?)", crosscoder_rows
+            )
         conn.executemany("INSERT INTO vocab (id, text) VALUES (?, ?)", list(enumerate(vocab)))
         conn.executemany("INSERT INTO features VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", feature_rows)
         conn.executemany(
@@ -53,6 +60,19 @@ def write_build(
         for key, value in meta.items():
             set_meta(conn, key, value)
         set_meta(conn, "complete", 1)
+
+
+def write_latent_scaling(conn: Connection, rows: Sequence[tuple[int, float | None, float | None, bool]]) -> int:
+    """Set the Latent Scaling ratios of crosscoder latents, (feature, nu_error, nu_recon, robust) each, in one
+    transaction; returns the rows changed. The atlas must be a crosscoder's."""
+    if not has_table(conn, CROSSCODER_TABLE):
+        raise ValueError("this atlas is not a crosscoder's (no crosscoder_latents table)")
+    with conn:
+        cur = conn.executemany(
+            f"UPDATE {CROSSCODER_TABLE} SET nu_error = ?, nu_recon = ?, robust = ? WHERE feature = ?",
+            [(e, r, int(ok), int(f)) for f, e, r, ok in rows],
+        )
+    return int(cur.rowcount)
 
 
 def compact(conn: Connection) -> None:
