@@ -25,3 +25,7 @@ class OrganismError(LmscopeError):
 
 class DiffError(LmscopeError):
     """Two models cannot be compared as asked (tokenizers, widths, facts file, crosscoder, report)."""
+
+
+class AuditError(LmscopeError):
+    """An audit cannot run as asked (battery file, battery too small, reference model, report)."""

@@ -7,6 +7,7 @@ import typer
 from lmscope._version import __version__
 from lmscope.cli import (
     atlas_cmds,
+    audit_cmds,
     circuit_cmds,
     demo_cmd,
     diff_cmds,
@@ -37,6 +38,7 @@ explain_cmds.register(app)
 toy_cmd.register(app)
 circuit_cmds.register(app)
 diff_cmds.register(app)
+audit_cmds.register(app)
 
 
 @app.command(epilog="Examples:\n\n  lmscope version")

@@ -1,0 +1,73 @@
+"""`lmscope audit MODEL`: concept probes with controls, inside vs outside, a backdoor scan, one report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from lmscope.cli.common import DeviceOpt, ModelArg, console, handles_errors
+from lmscope.cli.progress import RichProgress
+
+COLOURS = {"green": "green", "amber": "yellow", "red": "red", "grey": "bright_black"}
+
+
+def register(app: typer.Typer) -> None:
+    @app.command(
+        epilog="Examples:\n\n"
+        "  lmscope audit smollm2-135m --out audit/base\n\n"
+        "  lmscope audit org/backdoor --reference smollm2-135m --corpus prompts.jsonl --out audit/backdoor\n\n"
+        "  lmscope audit org/sycophancy --battery truth --battery sycophancy --no-scan --out audit/syco\n\n"
+        "  lmscope audit smollm2-135m --battery-file my_pairs.jsonl --out audit/mine   (one pair per line: "
+        '{"positive": ..., "negative": ..., "topic": ..., "family": ...})'
+    )
+    @handles_errors
+    def audit(
+        model: ModelArg = "smollm2-135m",
+        out: Annotated[Path, typer.Option(help="Output directory (report.json, report.html, probes, parts/).")] = Path(
+            "audit"
+        ),
+        battery: Annotated[
+            list[str] | None, typer.Option(help="A shipped battery (repeat; default: all of them).")
+        ] = None,
+        battery_file: Annotated[
+            list[Path] | None, typer.Option(help="Your battery: a JSONL of pairs (repeat).")
+        ] = None,
+        reference: Annotated[
+            str | None, typer.Option(help="The model before fine-tuning, for the backdoor scan.")
+        ] = None,
+        corpus: Annotated[
+            str, typer.Option(help="Corpus the backdoor scan reads: stdlib, a path, hf:NAME.")
+        ] = "stdlib",
+        contexts: Annotated[int, typer.Option(help="Backdoor scan: corpus contexts read.", min=1)] = 256,
+        scan: Annotated[bool, typer.Option(help="Run the backdoor scan.")] = True,
+        inside_outside: Annotated[bool, typer.Option(help="Compare stated answers with the truth probe.")] = True,
+        seed: Annotated[int, typer.Option(help="Seed of the splits and controls.")] = 0,
+        device: DeviceOpt = "auto",
+    ) -> None:
+        """Scan MODEL for safety-relevant internals; every finding with the evidence behind it."""
+        from lmscope.audit import AuditConfig, ScanConfig, run_audit
+        from lmscope.audit.batteries import BUILDERS
+        from lmscope.model.loading import load_model
+
+        names = list(battery) if battery else ([] if battery_file else list(BUILDERS))
+        files = [str(f) for f in battery_file or []]
+        cfg = AuditConfig(batteries=names, battery_files=files, inside_outside=inside_outside, seed=seed,
+                          scan=ScanConfig(corpus=corpus, contexts=contexts, seed=seed) if scan else None)  # fmt: skip
+        from lmscope.audit.report import batteries_of
+
+        batteries_of(cfg)  # bad names or files fail before any model loads
+        m = load_model(model, device=device, dtype="float32")
+        ref = load_model(reference, device=device, dtype="float32") if reference else None
+        with RichProgress() as bar:
+            report = run_audit(m, out, cfg, reference=ref, progress=bar)
+        table = Table(title=f"audit of {report['model']}")
+        for col in ("finding", "light", "why"):
+            table.add_column(col)
+        for light in report["summary"]:
+            c = COLOURS.get(light["colour"], "white")
+            table.add_row(light["what"], f"[{c}]●[/] {light['light']}", light["why"])
+        console.print(table)
+        console.print(f"wrote {out / 'report.json'} and {out / 'report.html'}")
