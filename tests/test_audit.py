@@ -188,3 +188,35 @@ def test_audit_cli_bad_input(tmp_path: Path) -> None:
     r = CliRunner().invoke(app, ["audit", "--battery-file", str(tmp_path / "b.jsonl"), "--out", str(tmp_path / "a")])
     assert r.exit_code == 2 and "b.jsonl:1: missing negative, topic" in r.output
     assert not (tmp_path / "a").exists()  # nothing written
+
+
+def test_steering_checks_and_feature_links_join_the_report(tok, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from atlas_helpers import CFG
+    from lmscope.atlas import build_atlas
+    from lmscope.dictionaries import DictConfig, build
+    from lmscope.dictionaries.formats import save_dictionary
+    from lmscope.workflows.audit_checks import feature_links, steering_checks
+
+    m = tiny_chat_model(tok)
+    cfg = AuditConfig(batteries=["sentiment"], scan=None, inside_outside=False)
+    run_audit(m, tmp_path / "a", cfg)
+    rep = steering_checks(m, tmp_path / "a", strength=8.0)
+    s = rep["steering"]["concepts"]["sentiment"]
+    assert s["negatives"] > 0 and np.isfinite(s["gap_closed"]) and np.isfinite(s["random_gap_closed"])
+    # a tiny model's output barely depends on anything, but the concept's own direction must move it toward the
+    # positives more than a random direction of the same norm does
+    assert s["gap_closed"] > s["random_gap_closed"]
+    d = build(DictConfig(arch="topk", d_in=m.d_model, d_sae=32, k=4, hook="blocks.1.resid_post"), seed=0)
+    save_dictionary(d, tmp_path / "sae")
+    corpus = write_prompt_corpus(tmp_path / "p.jsonl", tok, 64)
+    atlas = build_atlas(m, tmp_path / "sae", str(corpus), out=tmp_path / "atlas.db", config=CFG, progress=False)
+    rep = feature_links(m, tmp_path / "a", d, atlas)
+    f = rep["features"]["concepts"]["sentiment"]
+    assert len(f["by_auroc"]) == 8 and all(r["page"] == f"/features/{r['feature']}" for r in f["by_auroc"])
+    assert abs(f["by_auroc"][0]["auroc"] - 0.5) >= abs(f["by_auroc"][-1]["auroc"] - 0.5)
+    whats = [light["what"] for light in rep["summary"]]
+    assert "steering: sentiment" in whats and "features: sentiment" in whats
+    html = (tmp_path / "a" / "report.html").read_text()
+    assert "Steering checks" in html and "From probes to features" in html
+    with pytest.raises(AuditError, match="no audit report"):
+        steering_checks(m, tmp_path / "nothing")

@@ -35,15 +35,16 @@ def last_token_states(
     batch_size: int = 16,
     want_logits: bool = False,
     edit: dict[str, Callable[..., torch.Tensor]] | None = None,
+    layers: Sequence[int] | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """([n, n_layers, d] float32 residuals after every block at each text's last token, and [n, vocab]
-    log-probabilities there when `want_logits`). `edit`: activation writers applied during the forward
-    (model.intervene), e.g. a steering vector."""
+    """([n, n_layers, d] float32 residuals after every block (or only `layers`, in that order) at each text's last
+    token, and [n, vocab] log-probabilities there when `want_logits`). `edit`: activation writers applied during
+    the forward (model.intervene), e.g. a steering vector."""
     tok = model.tokenizer
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     ids = [model.encode(render(model, t), add_special_tokens=False)[0] for t in texts]
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-    hooks = resid_hooks(model)
+    hooks = resid_hooks(model) if layers is None else [f"blocks.{i}.resid_post" for i in layers]
     out = np.zeros((len(ids), len(hooks), model.d_model), dtype=np.float32)
     logps = np.zeros((len(ids), model.vocab_size), dtype=np.float32) if want_logits else None
     for s in range(0, len(order), batch_size):

@@ -46,7 +46,7 @@ def auroc(y: np.ndarray, s: np.ndarray) -> float | None:
     return float(roc_auc_score(y, s))
 
 
-def _logistic(X: np.ndarray, y: np.ndarray, c: float) -> tuple[np.ndarray, float, np.ndarray, np.ndarray]:
+def fit_logistic(X: np.ndarray, y: np.ndarray, c: float) -> tuple[np.ndarray, float, np.ndarray, np.ndarray]:
     """(weights in the standardised space, bias, mean, scale): score(x) = ((x - mean) / scale) @ w + b."""
     from sklearn.linear_model import LogisticRegression
 
@@ -107,7 +107,7 @@ def probe_battery(acts: np.ndarray, items: list[Item], cfg: ProbeConfig) -> dict
     probes = []
     for layer in range(L):
         X = acts[:, layer]
-        p = _logistic(X[tr], y[tr], cfg.c)
+        p = fit_logistic(X[tr], y[tr], cfg.c)
         probes.append(p)
         s = _score(X, p)
         curves["val"].append(auroc(y[va], s[va]))
@@ -115,12 +115,12 @@ def probe_battery(acts: np.ndarray, items: list[Item], cfg: ProbeConfig) -> dict
         curves["transfer"].append(auroc(y[tf], s[tf]))
         dm = X[tr][y[tr] == 1].mean(0) - X[tr][y[tr] == 0].mean(0)
         curves["diff_means_test"].append(auroc(y[te], X[te] @ dm))
-        ps = _logistic(X[tr], y_shuf[tr], cfg.c)
+        ps = fit_logistic(X[tr], y_shuf[tr], cfg.c)
         curves["shuffled_test"].append(auroc(y[te], _score(X[te], ps)))
-        pa = _logistic(X[in_a], y[in_a], cfg.c)
+        pa = fit_logistic(X[in_a], y[in_a], cfg.c)
         curves["seen_topics"].append(auroc(y[in_b], _score(X[in_b], pa)))
         a_idx = tr & np.array([p_ in half for p_ in pair])  # topic probe: fit on one half of the pairs
-        pt = _logistic(X[a_idx], y_topic[a_idx], cfg.c)
+        pt = fit_logistic(X[a_idx], y_topic[a_idx], cfg.c)
         curves["topic_readout"].append(auroc(y_topic[in_b], _score(X[in_b], pt)))
     val = [v if v is not None else -1.0 for v in curves["val"]]
     best = int(np.argmax(val))

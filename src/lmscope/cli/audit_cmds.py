@@ -18,6 +18,7 @@ def register(app: typer.Typer) -> None:
     @app.command(
         epilog="Examples:\n\n"
         "  lmscope audit smollm2-135m --out audit/base\n\n"
+        "  lmscope audit smollm2-135m --dict runs/sae/blocks.6.resid_post --atlas atlas.db --out audit/base\n\n"
         "  lmscope audit org/backdoor --reference smollm2-135m --corpus prompts.jsonl --out audit/backdoor\n\n"
         "  lmscope audit org/sycophancy --battery truth --battery sycophancy --no-scan --out audit/syco\n\n"
         "  lmscope audit smollm2-135m --battery-file my_pairs.jsonl --out audit/mine   (one pair per line: "
@@ -45,6 +46,11 @@ def register(app: typer.Typer) -> None:
         scan: Annotated[bool, typer.Option(help="Run the backdoor scan.")] = True,
         inside_outside: Annotated[bool, typer.Option(help="Compare stated answers with the truth probe.")] = True,
         seed: Annotated[int, typer.Option(help="Seed of the splits and controls.")] = 0,
+        dict_dir: Annotated[
+            Path | None, typer.Option("--dict", help="A dictionary (residual stream) to link each probe to features.")
+        ] = None,
+        atlas: Annotated[Path | None, typer.Option(help="The dictionary's atlas: labels, pages, search.")] = None,
+        steer: Annotated[bool, typer.Option(help="Steering checks: add each probe direction, measure.")] = True,
         device: DeviceOpt = "auto",
     ) -> None:
         """Scan MODEL for safety-relevant internals; every finding with the evidence behind it."""
@@ -61,8 +67,22 @@ def register(app: typer.Typer) -> None:
         batteries_of(cfg)  # bad names or files fail before any model loads
         m = load_model(model, device=device, dtype="float32")
         ref = load_model(reference, device=device, dtype="float32") if reference else None
+        d = None
+        if dict_dir is not None:
+            from lmscope.dictionaries.formats import load_dictionary
+
+            d = load_dictionary(dict_dir)
         with RichProgress() as bar:
             report = run_audit(m, out, cfg, reference=ref, progress=bar)
+        if steer or d is not None:
+            from lmscope.workflows.audit_checks import feature_links, steering_checks
+
+            if steer:
+                console.print("steering checks ...")
+                report = steering_checks(m, out)
+            if d is not None:
+                console.print("linking probes to dictionary features ...")
+                report = feature_links(m, out, d, atlas)
         table = Table(title=f"audit of {report['model']}")
         for col in ("finding", "light", "why"):
             table.add_column(col)
