@@ -220,3 +220,28 @@ def test_steering_checks_and_feature_links_join_the_report(tok, tmp_path: Path) 
     assert "Steering checks" in html and "From probes to features" in html
     with pytest.raises(AuditError, match="no audit report"):
         steering_checks(m, tmp_path / "nothing")
+
+
+def test_the_explorer_lists_and_shows_audit_reports(tok, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from fastapi.testclient import TestClient
+
+    from atlas_helpers import make_tiny_atlas
+    from lmscope.web.app import create_app
+
+    m = tiny_chat_model(tok)
+    run_audit(m, tmp_path / "audits" / "tiny", AuditConfig(batteries=["sentiment"], scan=None, inside_outside=False))
+    (tmp_path / "audits" / "broken").mkdir()
+    (tmp_path / "audits" / "broken" / "report.json").write_text("{")
+    _, _, _, atlas = make_tiny_atlas(tmp_path / "atlas")
+    c = TestClient(create_app(atlas, audits=tmp_path / "audits"), raise_server_exceptions=False)
+    lst = c.get("/api/audits").json()
+    assert [a["name"] for a in lst["audits"]] == ["tiny"] and sum(lst["audits"][0]["lights"].values()) >= 1
+    assert c.get("/api/audits/tiny").json()["model"] == "tiny-chat"
+    page = c.get("/audits/tiny")
+    assert page.status_code == 200 and 'id="summary"' in page.text and "all audits" in page.text
+    assert "audit-table" in c.get("/audits").text and 'id="nav-audits"' in c.get("/features").text
+    assert c.get("/audits/broken").status_code == 422 and c.get("/api/audits/..").status_code == 404
+    assert c.get("/audits/nothing").status_code == 404
+    off = TestClient(create_app(atlas), raise_server_exceptions=False)
+    r = off.get("/api/audits")
+    assert r.status_code == 404 and "--audits DIR" in r.text
