@@ -48,9 +48,13 @@ def test_quick_demo_killed_mid_stage_resumes_without_redoing_finished_stages(smo
     assert "✓ harvest (verified, skipped)" in resumed.stdout
     stages = _record(run)
     assert stages["harvest"]["finished"] == harvested  # not redone
-    assert set(stages) == {"harvest", "train", "eval", "atlas", "explain", "transcoders", "circuit"}
+    assert set(stages) == {"harvest", "train", "eval", "atlas", "explain", "transcoders", "circuit", "audit"}
     assert "most clearly labelled features" in resumed.stdout and "lmscope steer smollm2-135m" in resumed.stdout
     assert "Attribution graph of 'The capital of France is'" in " ".join(resumed.stdout.split())
+    assert "audit (open /audits/demo in the explorer)" in resumed.stdout
+    audit = json.loads((run / "audits" / "demo" / "report.json").read_text())
+    assert set(audit["concepts"]) == {"sentiment"} and audit["steering"] and audit["features"]["concepts"]["sentiment"]
+    assert audit["backdoor"]["mode"] == "alone" and audit["summary"]
     graph = json.loads((run / "graphs" / "demo-circuit.json").read_text())
     assert graph["nodes"] and graph["links"] and graph["metadata"]["lmscope"]["scores"]["unpruned"]["completeness"] > 0
 

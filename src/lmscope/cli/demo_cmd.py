@@ -81,7 +81,7 @@ def register(app: typer.Typer) -> None:
 
             console.print(f"\n[bold]Serving the atlas at http://{host}:{port}/[/]  (Ctrl-C to stop)")
             live = Live(job.model, job.dictionary())
-            app_ = create_app(run_dir / "atlas.db", live=live, graphs=run_dir / "graphs")
+            app_ = create_app(run_dir / "atlas.db", live=live, graphs=run_dir / "graphs", audits=run_dir / "audits")
             uvicorn.run(app_, host=host, port=port, log_level="warning")
 
 
@@ -139,4 +139,12 @@ def print_summary(s: dict) -> None:
             highlight=False,
         )
         console.print(f"  [bold]{c['command']}[/]", highlight=False)
+    if s.get("audit"):
+        a = s["audit"]
+        at = Table("finding", "light", title="audit (open /audits/demo in the explorer)")
+        colour = {"green": "green", "amber": "yellow", "red": "red", "grey": "bright_black"}
+        for light in a["lights"]:
+            at.add_row(light["what"], f"[{colour.get(light['colour'], 'white')}]●[/] {light['light']}")
+        console.print(at)
+        console.print(f"  another audit: [bold]{a['command']}[/]", highlight=False)
     console.print(f"\nRun directory: {s['run_dir']} · total {s['total_seconds']:.0f} s")

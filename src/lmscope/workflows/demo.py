@@ -1,8 +1,9 @@
 """The main job: the whole MRI of a model in one run directory.
 
 harvest a layer -> train a TopK dictionary -> evaluate it -> build the atlas -> label and score the features
-offline -> train a transcoder at every layer -> build one attribution graph -> (serve the web explorer, graph view
-included). Each stage is verified before it is skipped on a rerun (`pipeline.py`).
+offline -> train a transcoder at every layer -> build one attribution graph -> audit the model (concept probes with
+controls, inside vs outside, a backdoor scan, steering and feature checks) -> (serve the web explorer, graph and
+audit views included). Each stage is verified before it is skipped on a rerun (`pipeline.py`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from lmscope.workflows.pipeline import Pipeline, Stage
 
 ACTS, TRAIN, ATLAS, EVAL = "acts", "train", "atlas.db", "eval.json"
 TRANSCODERS, GRAPHS, GRAPH_SLUG = "transcoders", "graphs", "demo-circuit"
+AUDITS, AUDIT_NAME = "audits", "demo"
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,9 @@ class DemoConfig:
     circuit_expansion: int = 2
     circuit_prompt: str = "The capital of France is"
     circuit_features: int = 256
+    # the audit stage: a few concept batteries, inside vs outside, a backdoor scan, steering and feature checks
+    audit_batteries: str = "truth,refusal,sentiment"  # comma-separated shipped battery names
+    audit_contexts: int = 64
 
     @classmethod
     def quick(cls, **overrides: Any) -> DemoConfig:
@@ -56,6 +61,8 @@ class DemoConfig:
             "explain_limit": 64,
             "circuit_tokens": 8_192,
             "circuit_features": 64,
+            "audit_batteries": "sentiment",
+            "audit_contexts": 16,
         }
         return cls(**{**base, **{k: v for k, v in overrides.items() if v is not None}})
 
@@ -284,6 +291,26 @@ class Demo:
 
         read_neuronpedia(run / GRAPHS / f"{GRAPH_SLUG}.json")
 
+    def audit(self, run: Path) -> dict[str, Any]:
+        from lmscope.audit import AuditConfig, ScanConfig, run_audit
+        from lmscope.workflows.audit_checks import feature_links, steering_checks
+
+        out = run / AUDITS / AUDIT_NAME
+        scan = ScanConfig(corpus=self.cfg.corpus, contexts=self.cfg.audit_contexts, prompts=8, null=12, candidates=6,
+                          seed=self.cfg.seed)  # fmt: skip
+        names = [b.strip() for b in self.cfg.audit_batteries.split(",") if b.strip()]
+        cfg = AuditConfig(batteries=names, scan=scan, inside_outside="truth" in names, seed=self.cfg.seed)
+        run_audit(self.model, out, cfg)
+        steering_checks(self.model, out)
+        report = feature_links(self.model, out, self.dictionary(), run / ATLAS)
+        colours = [light["colour"] for light in report["summary"]]
+        return {"report": str(out / "report.html"), **{c: colours.count(c) for c in ("red", "amber", "green", "grey")}}
+
+    def verify_audit(self, run: Path) -> None:
+        p = run / AUDITS / AUDIT_NAME / "report.json"
+        if not p.is_file() or "features" not in json.loads(p.read_text()):
+            raise LmscopeError(f"{p} is missing or incomplete: the audit stage did not finish")
+
     def stages(self) -> list[Stage]:
         return [
             Stage("harvest", "harvest activations", self.harvest, self.verify_harvest),
@@ -293,6 +320,7 @@ class Demo:
             Stage("explain", "label and score every feature offline", self.explain, self.verify_explain),
             Stage("transcoders", "train a transcoder at every layer", self.transcoders, self.verify_transcoders),
             Stage("circuit", "build an attribution graph", self.circuit, self.verify_circuit),
+            Stage("audit", "audit the model (probes, inside vs outside, backdoor scan)", self.audit, self.verify_audit),
         ]
 
     def pipeline(self) -> Pipeline:
@@ -363,6 +391,11 @@ def demo_summary(job: Demo) -> dict[str, Any]:
     summary: dict[str, Any] = {
         "run_dir": str(run), "hook": job.hook, "features": total, "live": live, "metrics": metrics, "labels": labels,
     }  # fmt: skip
+    audit = run / AUDITS / AUDIT_NAME / "report.json"
+    if audit.is_file():
+        summary["audit"] = {"name": AUDIT_NAME, "lights": json.loads(audit.read_text())["summary"],
+                            "command": f"lmscope audit {job.cfg.model} --dict {job.dict_dir()} --atlas {run / ATLAS} "
+                                       f"--out {run / AUDITS}/NAME"}  # fmt: skip
     graph = run / GRAPHS / f"{GRAPH_SLUG}.json"
     if graph.is_file():
         meta = json.loads(graph.read_text())["metadata"]
