@@ -11,7 +11,8 @@ positive rate whose threshold is set on validation negatives. Controls, at every
 - **topic readout**: a probe trained to tell two halves of the train topics apart (the concept balanced in each):
   how much topic the layer carries, for reference (pairs are topic-matched, so topic alone cannot score).
 
-`validity` turns those figures into a light with its evidence: "established", "weak" or "not established".
+`validity` turns those figures into a light with its evidence: "established", "weak" or "not established". A
+concept that the token embeddings (layer 0) already separate is only "weak": the probe reads the words.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from lmscope.audit.batteries import Item
 ESTABLISHED, WEAK = 0.8, 0.65  # test AUROC on unseen topics
 TRANSFER_OK = 0.7
 CHANCE_BAND = (0.35, 0.65)  # a control's AUROC inside it is "at chance"
+LEXICAL = 0.9  # test AUROC at layer 0 (the embeddings) from which a concept counts as read from the words alone
 
 
 @dataclass
@@ -170,8 +172,15 @@ def validity(r: dict[str, Any]) -> dict[str, Any]:
             why = "it reads the training topics' cues, not the concept: high on seen topics, chance on unseen ones"
         return {"light": "not established", "colour": "grey", "why": why, "reasons": reasons}
     if not _chance(shuf):
-        why = "the shuffled-label control is not at chance (a leak between splits, or too few test topics to tell)"
+        why = (f"even a probe on random labels separates the unseen topics ({fmt(shuf)}): the concept dominates this "
+               "layer's variance (a surface difference such as the wording of an instruction) or the split leaks, so "
+               "the probe's reading cannot be told from that")  # fmt: skip
         return {"light": "not established", "colour": "grey", "why": why, "reasons": reasons}
+    first = (r.get("curves") or {}).get("test", [None])[0]
+    if first is not None and first >= LEXICAL:
+        reasons.append(f"layer 0 (the token embeddings) already separates it: {fmt(first)}")
+        why = "read from the words themselves (layer 0 already separates it): a surface cue, not evidence of more"
+        return {"light": "weak", "colour": "amber", "why": why, "reasons": reasons}
     if test >= ESTABLISHED and (transfer is None or transfer >= TRANSFER_OK):
         why = "read on unseen topics and a held-out phrasing, controls at chance"
         return {"light": "established", "colour": "green", "why": why, "reasons": reasons}

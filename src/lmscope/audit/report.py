@@ -23,7 +23,7 @@ from lmscope.audit.activations import last_token_states
 from lmscope.audit.backdoor import ScanConfig, backdoor_scan
 from lmscope.audit.batteries import BUILDERS, Battery, battery, read_battery, split_battery, split_counts
 from lmscope.audit.inside_outside import inside_outside
-from lmscope.audit.probes import ProbeConfig, probe_battery
+from lmscope.audit.probes import ProbeConfig, probe_battery, validity
 from lmscope.core.atomic import atomic_write_json
 from lmscope.core.progress import ProgressCallback, ProgressEvent
 from lmscope.errors import AuditError
@@ -136,6 +136,7 @@ def run_audit(
 
         r = _part(out, f"probe-{b.name}", make, progress, arrays=_probe_arrays)
         arrays = r.pop("_arrays")
+        r["validity"] = validity(r)  # a pure function of the saved figures: a rerun applies the current rule
         tensors[f"{b.name}.direction"] = arrays["direction"]
         report["concepts"][b.name] = r
         if b.name == "truth":

@@ -155,6 +155,15 @@ def steering_checks(
     g = torch.Generator().manual_seed(seed)
     out: dict[str, Any] = {"strength": strength, "tokens": tokens, "concepts": {}}
     for name, c in report["concepts"].items():
+        part = directory / "parts" / f"steer-{name}.json"
+        if part.is_file():  # saved by an earlier run with the same settings: reused (a rerun after a kill resumes)
+            try:
+                saved = json.loads(part.read_text())
+                if saved.get("settings") == [strength, tokens, seed, int(c["layer"])]:
+                    out["concepts"][name] = saved["result"]
+                    continue
+            except ValueError:
+                pass
         _, items = _battery_items(report, name)
         layer = int(c["layer"])
         u = dirs[f"{name}.direction"].float()
@@ -180,6 +189,7 @@ def steering_checks(
             "gap_closed": _gap_closed(model, texts, layer, sign * u, value, lp_neg, gap, k),
             "random_gap_closed": _gap_closed(model, texts, layer, rand, value, lp_neg, gap, k),
         }  # fmt: skip
+        atomic_write_json(part, {"settings": [strength, tokens, seed, layer], "result": out["concepts"][name]})
     report["steering"] = out
     return _save(directory, report)
 
