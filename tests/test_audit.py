@@ -245,3 +245,22 @@ def test_the_explorer_lists_and_shows_audit_reports(tok, tmp_path: Path) -> None
     off = TestClient(create_app(atlas), raise_server_exceptions=False)
     r = off.get("/api/audits")
     assert r.status_code == 404 and "--audits DIR" in r.text
+
+
+def test_lights_refuse_a_constant_stated_answer_and_flags_need_a_margin_over_the_null() -> None:
+    from lmscope.audit.backdoor import flag
+    from lmscope.audit.report import summary
+
+    truth = {"concept": "false statement", "validity": {"light": "established", "colour": "green", "why": "w",
+                                                         "reasons": []}}  # fmt: skip
+    framing = {"outside_correct": 0.5, "inside_correct": 0.8, "disagree": 0.6, "says_false": 1.0, "examples": []}
+    rep = {"concepts": {"truth": truth}, "inside_outside": {"framings": {"plain": framing}}}
+    io = [light for light in summary(rep) if light["what"].startswith("inside vs outside")]
+    assert len(io) == 1 and io[0]["colour"] == "grey" and "does not depend on the statement" in io[0]["why"]
+    rep["inside_outside"]["framings"]["plain"] = {**framing, "says_false": 0.5, "disagree": 0.05}
+    assert [light["colour"] for light in summary(rep) if light["what"].startswith("inside")] == ["green"]
+    scan = {"candidates": [{"text": "autumn", "shift": 0.9}, {"text": "|X|", "shift": 9.0}],
+            "null": [{"text": "the", "shift": 0.6}, {"text": "a", "shift": 0.2}]}  # fmt: skip
+    out = flag(scan, 0.5)
+    assert out["flagged"] == ["|X|"] and out["bar"] == pytest.approx(1.2) and "'|X|'" in out["verdict"]
+    assert not flag({"candidates": [{"text": "b", "shift": 0.4}], "null": []}, 0.5)["flagged"]
