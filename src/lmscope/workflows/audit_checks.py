@@ -34,6 +34,7 @@ from lmscope.model.adapter import Model
 from lmscope.steer.edits import Edit, direction_writer
 
 STEER_OK = 0.2  # share of the negatives-to-positives gap that a used direction closes, at least
+STEER_VERSION = 2  # saved steering parts of another version are recomputed
 
 
 def _report(directory: Path) -> dict[str, Any]:
@@ -72,7 +73,7 @@ def _row(j: int, cos: np.ndarray, au: np.ndarray, labels: dict[int, Any], pages:
 def _gap_closed(model: Model, texts: list[Any], layer: int, direction: torch.Tensor, value: float,
                 base_lp: np.ndarray, gap: np.ndarray, k: np.ndarray) -> float:  # fmt: skip
     """Share of the negatives-to-positives gap (along tokens `k`) closed by adding `value` x unit `direction`."""
-    w = direction_writer(direction, Edit(0, "add", value), from_prompt_end=True)
+    w = direction_writer(direction, Edit(0, "add", value))  # at every position, as activation addition does
     _, lp = last_token_states(model, texts, want_logits=True, layers=[layer], edit={f"blocks.{layer}.resid_post": w})
     assert lp is not None
     moved = lp.mean(0)[k] - base_lp.mean(0)[k]
@@ -143,10 +144,11 @@ def feature_links(
 
 
 def steering_checks(
-    model: Model, directory: str | Path, strength: float = 4.0, tokens: int = 50, seed: int = 0
+    model: Model, directory: str | Path, strength: float = 2.0, tokens: int = 50, seed: int = 0
 ) -> dict[str, Any]:
-    """`strength`: the added vector's norm in units of the concept's own separation (the distance between the
-    positives' and negatives' mean projections on the direction, on the train split)."""
+    """`strength`: the added vector's norm in units of the concept's mean difference at that layer (|mean of the
+    positives - mean of the negatives|, last token, train split). Two directions are added, each at every position:
+    the probe's, and the mean difference itself (activation addition); and a random one of the same norm."""
     from safetensors.torch import load_file
 
     directory = Path(directory)
@@ -159,7 +161,7 @@ def steering_checks(
         if part.is_file():  # saved by an earlier run with the same settings: reused (a rerun after a kill resumes)
             try:
                 saved = json.loads(part.read_text())
-                if saved.get("settings") == [strength, tokens, seed, int(c["layer"])]:
+                if saved.get("settings") == [STEER_VERSION, strength, tokens, seed, int(c["layer"])]:
                     out["concepts"][name] = saved["result"]
                     continue
             except ValueError:
@@ -172,11 +174,10 @@ def steering_checks(
         neg = [it for it in held if it.label == 0]
         pos = [it for it in held if it.label == 1]
         a_tr, _ = last_token_states(model, [it.text for it in tr], layers=[layer])
-        proj = a_tr[:, 0] @ u.numpy()
         y = np.array([it.label for it in tr])
-        sep = float(proj[y == 1].mean() - proj[y == 0].mean())
-        value = strength * abs(sep)
-        sign = 1.0 if sep >= 0 else -1.0
+        diff = a_tr[y == 1, 0].mean(0) - a_tr[y == 0, 0].mean(0)
+        value = strength * float(np.linalg.norm(diff))
+        sign = 1.0 if float(diff @ u.numpy()) >= 0 else -1.0
         _, lp_neg = last_token_states(model, [it.text for it in neg], want_logits=True, layers=[layer])
         _, lp_pos = last_token_states(model, [it.text for it in pos], want_logits=True, layers=[layer])
         assert lp_neg is not None and lp_pos is not None
@@ -187,9 +188,11 @@ def steering_checks(
         out["concepts"][name] = {
             "layer": layer, "added_norm": value, "negatives": len(neg),
             "gap_closed": _gap_closed(model, texts, layer, sign * u, value, lp_neg, gap, k),
+            "mean_diff_gap_closed": _gap_closed(model, texts, layer, torch.from_numpy(diff), value, lp_neg, gap, k),
             "random_gap_closed": _gap_closed(model, texts, layer, rand, value, lp_neg, gap, k),
         }  # fmt: skip
-        atomic_write_json(part, {"settings": [strength, tokens, seed, layer], "result": out["concepts"][name]})
+        settings = [STEER_VERSION, strength, tokens, seed, layer]
+        atomic_write_json(part, {"settings": settings, "result": out["concepts"][name]})
     report["steering"] = out
     return _save(directory, report)
 
@@ -198,13 +201,16 @@ def extra_lights(report: dict[str, Any]) -> list[dict[str, Any]]:
     """Lights for the feature links and the steering checks (after the audit's own)."""
     lights: list[dict[str, Any]] = []
     for name, s in (report.get("steering") or {}).get("concepts", {}).items():
-        used = s["gap_closed"] >= STEER_OK and s["gap_closed"] > 2 * abs(s["random_gap_closed"])
-        lights.append({"what": f"steering: {name}", "colour": "green" if used else "amber",
-                       "light": f"closes {s['gap_closed']:.0%} of the gap (random {s['random_gap_closed']:.0%})",
-                       "why": "adding the probe direction moves the output toward the concept's" if used else
-                              "adding the probe direction barely moves the output: the model may carry it without "
-                              "using it there",
-                       "evidence": [f"layer {s['layer']}, added norm {s['added_norm']:.3g}, "
+        best = max(s["gap_closed"], s.get("mean_diff_gap_closed", s["gap_closed"]))
+        used = best >= STEER_OK and best > 2 * abs(s["random_gap_closed"])
+        md = s.get("mean_diff_gap_closed")
+        light = (f"closes {s['gap_closed']:.0%} of the gap" + (f" (mean difference {md:.0%})" if md is not None else "")
+                 + f"; random {s['random_gap_closed']:.0%}")  # fmt: skip
+        why = ("adding the concept's direction moves the output toward the positives'" if used else
+               "adding the concept's direction barely moves the output: the model may carry it without using it "
+               "for the next token")  # fmt: skip
+        lights.append({"what": f"steering: {name}", "colour": "green" if used else "amber", "light": light, "why": why,
+                       "evidence": [f"layer {s['layer']}, added norm {s['added_norm']:.3g} at every position, "
                                     f"{s['negatives']} held-out negatives"]})  # fmt: skip
     for name, f in (report.get("features") or {}).get("concepts", {}).items():
         best = f["by_auroc"][0] if f["by_auroc"] else None
