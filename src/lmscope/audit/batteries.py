@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -50,10 +50,14 @@ class Pair:
     negative: Text
     topic: str
     family: str
+    # optional, for a truth battery's inside-vs-outside check: the question, the answer prefix, the true answer and
+    # the wrong one the positive claims (then the model's stated answer is which of the two it completes)
+    meta: dict[str, str] = field(default_factory=dict, compare=False, hash=False)
 
     def to_json(self) -> dict[str, Any]:
-        return {"positive": asdict(self.positive), "negative": asdict(self.negative), "topic": self.topic,
-                "family": self.family}  # fmt: skip
+        d = {"positive": asdict(self.positive), "negative": asdict(self.negative), "topic": self.topic,
+             "family": self.family}  # fmt: skip
+        return {**d, "meta": self.meta} if self.meta else d
 
 
 @dataclass
@@ -81,6 +85,7 @@ class Item:
     family: str
     pair: int  # index of its pair in the battery
     split: str
+    meta: dict[str, str] = field(default_factory=dict, compare=False, hash=False)  # the pair's (see Pair.meta)
 
 
 # ------------------------------------------------------------------------------------------------------ truth
@@ -115,11 +120,14 @@ def _truth(seed: int) -> Battery:
     for fam, (cap_tpl, animal_tpl) in TRUTH_FAMILIES.items():
         for s, a in caps:
             wrong = rng.choice([c for _, c in caps if c != a])
+            meta = {"question": f"What is the capital of {s}?", "prefix": f"The capital of {s} is", "answer": a,
+                    "wrong": wrong}  # fmt: skip
             pairs.append(Pair(Text(truth_question(cap_tpl.format(s=s, a=wrong))),
-                              Text(truth_question(cap_tpl.format(s=s, a=a))), s, fam))  # fmt: skip
+                              Text(truth_question(cap_tpl.format(s=s, a=a))), s, fam, meta))  # fmt: skip
         for s, (a, wrong) in ANIMALS.items():
+            meta = {"question": f"What kind of animal is a {s}?", "prefix": f"A {s} is a", "answer": a, "wrong": wrong}
             pairs.append(Pair(Text(truth_question(animal_tpl.format(s=s, a=wrong))),
-                              Text(truth_question(animal_tpl.format(s=s, a=a))), s, fam))  # fmt: skip
+                              Text(truth_question(animal_tpl.format(s=s, a=a))), s, fam, meta))  # fmt: skip
     return Battery("truth", "false statement", pairs,
                    description="A false statement vs the true one on the same subject (country capitals SmolLM2 "
                                "names, animal classes), asked as a true-or-false question; read where the model "
@@ -343,7 +351,10 @@ def read_battery(path: str | Path, name: str | None = None) -> Battery:
         topic, fam = row["topic"], row.get("family", "default")
         if not isinstance(topic, str) or not topic.strip() or not isinstance(fam, str) or not fam.strip():
             raise AuditError(f"{where}: topic and family must be non-empty strings")
-        pairs.append(Pair(pos, neg, topic, fam))
+        meta = row.get("meta", {})
+        if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+            raise AuditError(f"{where}: meta must be an object of strings (question, prefix, answer, wrong)")
+        pairs.append(Pair(pos, neg, topic, fam, meta))
     if not pairs:
         raise AuditError(f"{path} holds no pairs")
     b = Battery(name or path.stem, str(name or path.stem), pairs, description=f"from {path.name}")
@@ -388,7 +399,8 @@ def split_battery(b: Battery, seed: int = 0, held_out_family: str | None = None)
             if split == "train":
                 continue  # the held-out family never meets training
             split = "transfer"
-        items += [Item(p.positive, 1, p.topic, p.family, i, split), Item(p.negative, 0, p.topic, p.family, i, split)]
+        items += [Item(p.positive, 1, p.topic, p.family, i, split, p.meta),
+                  Item(p.negative, 0, p.topic, p.family, i, split, p.meta)]  # fmt: skip
     return items
 
 

@@ -178,6 +178,8 @@ def summary(report: dict[str, Any]) -> list[dict[str, Any]]:
         f = io["framings"]
         ev = [f"{k}: disagree {v['disagree']:.2f}, outside right {v['outside_correct']:.2f}, inside right "
               f"{v['inside_correct']:.2f}" for k, v in f.items()]  # fmt: skip
+        if f["plain"]["outside_correct"] < 0.6:
+            ev.append(f"the model states the right answer only {f['plain']['outside_correct']:.0%} of the time")
         says = f["plain"]["says_false"]
         constant = says >= 1 - CONSTANT or says <= CONSTANT
         if constant:
