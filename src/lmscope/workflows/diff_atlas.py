@@ -78,10 +78,9 @@ def crosscoder_atlas(
     try:
         write_latent_scaling(conn, [(int(lat["latent"]), lat.get("nu_error"), lat.get("nu_recon"),
                                      bool(lat.get("robust"))) for lat in latents if "nu_error" in lat])  # fmt: skip
+        live = set(live_feature_ids(conn))
     finally:
         conn.close()
-    live = set(live_feature_ids(conn := open_for_writing(out)))
-    conn.close()
     explained = explain_atlas(out, "stats", features=[j for j in ids if j in live], log=log)  # dead ones: no label
     conn = open_for_writing(out)
     try:
