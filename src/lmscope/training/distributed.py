@@ -6,6 +6,7 @@ gradients, so N ranks with global batch B take the same steps as one process wit
 
 from __future__ import annotations
 
+import atexit
 import os
 
 import torch
@@ -47,7 +48,18 @@ def init_from_env(device: str = "auto") -> torch.device:
         if use_cuda:
             torch.cuda.set_device(dev)
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        atexit.register(shutdown)
     return dev
+
+
+def shutdown() -> None:
+    """Leave the process group cleanly (registered at exit by `init_from_env`).
+
+    A process that exits with its gloo group alive lets C++ destroy still-joinable worker threads, which aborts
+    ("terminate called without an active exception") and turns a finished run into a failed one under torchrun.
+    """
+    if is_distributed():
+        dist.destroy_process_group()
 
 
 def shard(batch: Tensor) -> Tensor:
