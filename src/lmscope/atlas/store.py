@@ -107,6 +107,10 @@ class AtlasStore:
         its (latest) score, the scorer that gave it, and the explainer that wrote it (a human's author)."""
         return shown_labels(self.conn, ids)
 
+    def densities(self) -> np.ndarray:
+        """Every feature's firing rate on the atlas's corpus, indexed by feature id."""
+        return np.array(read.densities(self.conn), dtype=np.float64)
+
     # ------------------------------------------------------------------ overview
     def overview(self) -> dict[str, Any]:
         if self._overview is None:

@@ -26,6 +26,7 @@ from lmscope.audit.inside_outside import inside_outside
 from lmscope.audit.probes import ProbeConfig, probe_battery, validity
 from lmscope.core.atomic import atomic_write_json
 from lmscope.core.progress import ProgressCallback, ProgressEvent
+from lmscope.dictionaries.base import Dictionary
 from lmscope.errors import AuditError
 from lmscope.model.adapter import Model
 
@@ -107,14 +108,21 @@ def run_audit(
     cfg: AuditConfig | None = None,
     reference: Model | None = None,
     progress: ProgressCallback | None = None,
+    dictionary: Dictionary | None = None,
+    atlas_density: np.ndarray | None = None,
 ) -> dict[str, Any]:
-    """Audit `model`; write out/report.json, out/report.html and out/probes.safetensors; return the report."""
+    """Audit `model`; write out/report.json, out/report.html and out/probes.safetensors; return the report.
+
+    With a `dictionary` of its residual stream (and the `atlas_density` of its atlas), the backdoor scan also
+    tests the strings where features dead on ordinary text fire (audit/rare_features.py)."""
     from lmscope.audit.html import write_html
 
     cfg = cfg or AuditConfig()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     mine = {"model": model.spec, "reference": reference.spec if reference else None, "config": cfg.to_dict()}
+    if dictionary is not None and cfg.scan is not None:  # the scan reads it: another dictionary, another scan
+        mine["dictionary"] = {**dictionary.cfg.to_dict(), "atlas": atlas_density is not None}
     meta = out / "parts" / "config.json"
     if meta.is_file() and json.loads(meta.read_text()) != mine:
         raise AuditError(f"{out} holds an audit of another model or settings; choose another --out or delete it")
@@ -152,7 +160,7 @@ def run_audit(
         )
     if cfg.scan is not None:
         scan = cfg.scan
-        bd = _part(out, "backdoor", lambda: backdoor_scan(model, scan, reference), progress)
+        bd = _part(out, "backdoor", lambda: backdoor_scan(model, scan, reference, dictionary, atlas_density), progress)
         report["backdoor"] = flag(bd, scan.min_shift)  # the current rule on the saved shifts
     report["summary"] = summary(report)
     from safetensors.torch import save_file
@@ -214,6 +222,8 @@ def summary(report: dict[str, Any]) -> list[dict[str, Any]]:
     if bd is not None:
         ev = [f"{c['text']!r}: shift {c['shift']:.2f} nats (null max {bd['null_max']:.2f})"
               for c in bd["candidates"][:5]]  # fmt: skip
+        ev += [f"reconstructed trigger {t['trigger']!r}: shift {t['shift']:.2f} nats ({t['tried']} sub-spans tried)"
+               for t in bd.get("triggers", [])]  # fmt: skip
         lights.append({"what": f"backdoor scan ({bd['mode']})", "colour": "red" if bd["flagged"] else "green",
                        "light": f"{len(bd['flagged'])} candidate trigger(s)" if bd["flagged"] else "none found",
                        "why": bd["verdict"], "evidence": ev})  # fmt: skip

@@ -44,10 +44,22 @@ def register(app: typer.Typer) -> None:
         ] = "stdlib",
         contexts: Annotated[int, typer.Option(help="Backdoor scan: corpus contexts read.", min=1)] = 256,
         scan: Annotated[bool, typer.Option(help="Run the backdoor scan.")] = True,
+        ordinary: Annotated[
+            str | None,
+            typer.Option(
+                help="Backdoor scan with --dict: corpus where 'dead' is read (default: the "
+                "atlas's densities, else the scan corpus)."
+            ),
+        ] = None,
         inside_outside: Annotated[bool, typer.Option(help="Compare stated answers with the truth probe.")] = True,
         seed: Annotated[int, typer.Option(help="Seed of the splits and controls.")] = 0,
         dict_dir: Annotated[
-            Path | None, typer.Option("--dict", help="A dictionary (residual stream) to link each probe to features.")
+            Path | None,
+            typer.Option(
+                "--dict",
+                help="A dictionary of the residual stream: links each probe to features, "
+                "and the backdoor scan tests where features dead on ordinary text fire.",
+            ),
         ] = None,
         atlas: Annotated[Path | None, typer.Option(help="The dictionary's atlas: labels, pages, search.")] = None,
         steer: Annotated[bool, typer.Option(help="Steering checks: add each probe direction, measure.")] = True,
@@ -60,20 +72,25 @@ def register(app: typer.Typer) -> None:
 
         names = list(battery) if battery else ([] if battery_file else list(BUILDERS))
         files = [str(f) for f in battery_file or []]
-        cfg = AuditConfig(batteries=names, battery_files=files, inside_outside=inside_outside, seed=seed,
-                          scan=ScanConfig(corpus=corpus, contexts=contexts, seed=seed) if scan else None)  # fmt: skip
+        sc = ScanConfig(corpus=corpus, contexts=contexts, seed=seed, ordinary=ordinary) if scan else None
+        cfg = AuditConfig(batteries=names, battery_files=files, inside_outside=inside_outside, seed=seed, scan=sc)
         from lmscope.audit.report import batteries_of
 
         batteries_of(cfg)  # bad names or files fail before any model loads
-        m = load_model(model, device=device, dtype="float32")
-        ref = load_model(reference, device=device, dtype="float32") if reference else None
         d = None
+        density = None
         if dict_dir is not None:
             from lmscope.dictionaries.formats import load_dictionary
 
             d = load_dictionary(dict_dir)
+            if atlas is not None:
+                from lmscope.atlas.store import AtlasStore
+
+                density = AtlasStore(atlas).densities()
+        m = load_model(model, device=device, dtype="float32")
+        ref = load_model(reference, device=device, dtype="float32") if reference else None
         with RichProgress() as bar:
-            report = run_audit(m, out, cfg, reference=ref, progress=bar)
+            report = run_audit(m, out, cfg, reference=ref, progress=bar, dictionary=d, atlas_density=density)
         if steer or d is not None:
             from lmscope.workflows.audit_checks import feature_links, steering_checks
 

@@ -55,6 +55,22 @@ def chat_prompt(tokenizer: Any, user: str) -> str:
     return f"User: {user}\nAssistant:"
 
 
+def template_pieces(tokenizer: Any) -> list[list[int]]:
+    """The token sequences `chat_prompt` wraps around a user turn (before it, after it), as the tokenizer reads
+    them, plus each without its boundary token (which can merge with the user's text): the chat markup, which no
+    user typed and no scan should report as a string of theirs."""
+    sentinel = "\u2063lmscope\u2063"
+    text = chat_prompt(tokenizer, sentinel)
+    before, _, after = text.partition(sentinel)
+    pieces: list[list[int]] = []
+    for part, trim in ((before, slice(None, -1)), (after, slice(1, None))):
+        ids = list(tokenizer(part, add_special_tokens=False)["input_ids"]) if part else []
+        for p in (ids, ids[trim]):
+            if p and p not in pieces:
+                pieces.append(p)
+    return pieces
+
+
 def end_of_turn(tokenizer: Any) -> str:
     """The text that closes an assistant turn (`<|im_end|>` for ChatML), or the EOS token."""
     tpl = getattr(tokenizer, "chat_template", None) or ""

@@ -34,7 +34,7 @@ from lmscope.model.adapter import Model
 from lmscope.steer.edits import Edit, direction_writer
 
 STEER_OK = 0.2  # share of the negatives-to-positives gap that a used direction closes, at least
-STEER_VERSION = 2  # saved steering parts of another version are recomputed
+STEER_VERSION = 3  # saved steering parts of another version are recomputed
 
 
 def _report(directory: Path) -> dict[str, Any]:
@@ -144,11 +144,12 @@ def feature_links(
 
 
 def steering_checks(
-    model: Model, directory: str | Path, strength: float = 2.0, tokens: int = 50, seed: int = 0
+    model: Model, directory: str | Path, strength: float = 2.0, tokens: int = 50, seed: int = 0, randoms: int = 4
 ) -> dict[str, Any]:
     """`strength`: the added vector's norm in units of the concept's mean difference at that layer (|mean of the
     positives - mean of the negatives|, last token, train split). Two directions are added, each at every position:
-    the probe's, and the mean difference itself (activation addition); and a random one of the same norm."""
+    the probe's, and the mean difference itself (activation addition); and `randoms` random ones of the same norm
+    (one alone is a noisy control at the large norms some concepts need: their mean and largest are reported)."""
     from safetensors.torch import load_file
 
     directory = Path(directory)
@@ -161,7 +162,7 @@ def steering_checks(
         if part.is_file():  # saved by an earlier run with the same settings: reused (a rerun after a kill resumes)
             try:
                 saved = json.loads(part.read_text())
-                if saved.get("settings") == [STEER_VERSION, strength, tokens, seed, int(c["layer"])]:
+                if saved.get("settings") == [STEER_VERSION, strength, tokens, seed, int(c["layer"]), randoms]:
                     out["concepts"][name] = saved["result"]
                     continue
             except ValueError:
@@ -184,14 +185,16 @@ def steering_checks(
         gap = lp_pos.mean(0) - lp_neg.mean(0)
         k = np.argsort(-np.abs(gap))[:tokens]  # the tokens where positives and negatives differ most
         texts = [it.text for it in neg]
-        rand = torch.randn(u.shape, generator=g)
+        rand = [torch.randn(u.shape, generator=g) for _ in range(randoms)]
+        each = [_gap_closed(model, texts, layer, r, value, lp_neg, gap, k) for r in rand]
         out["concepts"][name] = {
             "layer": layer, "added_norm": value, "negatives": len(neg),
             "gap_closed": _gap_closed(model, texts, layer, sign * u, value, lp_neg, gap, k),
             "mean_diff_gap_closed": _gap_closed(model, texts, layer, torch.from_numpy(diff), value, lp_neg, gap, k),
-            "random_gap_closed": _gap_closed(model, texts, layer, rand, value, lp_neg, gap, k),
+            "random_gap_closed": float(np.mean(each)), "random_max_abs": float(np.max(np.abs(each))),
+            "random_each": each,
         }  # fmt: skip
-        settings = [STEER_VERSION, strength, tokens, seed, layer]
+        settings = [STEER_VERSION, strength, tokens, seed, layer, randoms]
         atomic_write_json(part, {"settings": settings, "result": out["concepts"][name]})
     report["steering"] = out
     return _save(directory, report)
@@ -202,10 +205,12 @@ def extra_lights(report: dict[str, Any]) -> list[dict[str, Any]]:
     lights: list[dict[str, Any]] = []
     for name, s in (report.get("steering") or {}).get("concepts", {}).items():
         best = max(s["gap_closed"], s.get("mean_diff_gap_closed", s["gap_closed"]))
-        used = best >= STEER_OK and best > 2 * abs(s["random_gap_closed"])
+        noise = max(2 * abs(s["random_gap_closed"]), s.get("random_max_abs", 0.0))
+        used = best >= STEER_OK and best > noise  # beyond twice the random mean and every single random one
         md = s.get("mean_diff_gap_closed")
         light = (f"closes {s['gap_closed']:.0%} of the gap" + (f" (mean difference {md:.0%})" if md is not None else "")
-                 + f"; random {s['random_gap_closed']:.0%}")  # fmt: skip
+                 + f"; random {s['random_gap_closed']:.0%}"
+                 + (f" (largest {s['random_max_abs']:.0%})" if "random_max_abs" in s else ""))  # fmt: skip
         why = ("adding the concept's direction moves the output toward the positives'" if used else
                "adding the concept's direction barely moves the output: the model may carry it without using it "
                "for the next token")  # fmt: skip

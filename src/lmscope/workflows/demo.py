@@ -300,9 +300,12 @@ class Demo:
                           seed=self.cfg.seed)  # fmt: skip
         names = [b.strip() for b in self.cfg.audit_batteries.split(",") if b.strip()]
         cfg = AuditConfig(batteries=names, scan=scan, inside_outside="truth" in names, seed=self.cfg.seed)
-        run_audit(self.model, out, cfg)
+        from lmscope.atlas.store import AtlasStore
+
+        d = self.dictionary()
+        run_audit(self.model, out, cfg, dictionary=d, atlas_density=AtlasStore(run / ATLAS).densities())
         steering_checks(self.model, out)
-        report = feature_links(self.model, out, self.dictionary(), run / ATLAS)
+        report = feature_links(self.model, out, d, run / ATLAS)
         colours = [light["colour"] for light in report["summary"]]
         return {"report": str(out / "report.html"), **{c: colours.count(c) for c in ("red", "amber", "green", "grey")}}
 

@@ -123,8 +123,8 @@ def max_acts(conn: Connection, fids: list[int]) -> dict[int, float]:
 
 
 def densities(conn: Connection) -> list[float]:
-    """Every feature's density."""
-    return [float(r[0]) for r in conn.execute("SELECT density FROM features")]
+    """Every feature's density, in feature order."""
+    return [float(r[0]) for r in conn.execute("SELECT density FROM features ORDER BY id")]
 
 
 def feature_page(conn: Connection, fq: FeatureQuery, candidates: list[int] | None = None) -> tuple[int, list[Row]]:
