@@ -5,8 +5,9 @@ of the suspect's residual stream (`--dict`), every feature's firing rate on ordi
 (`ScanConfig.ordinary`), else from the atlas's densities, else from the scan corpus itself (a looser test: the
 trigger is in it). The features that are dead there (rate at most `rare`) but fire somewhere in the scan corpus are
 ranked by the largest vector they write into the residual stream (activation x decoder norm); each one's strongest
-firing grows into a span over its neighbours where the same feature fires at least half as hard, and that span
-joins the scan's candidates, to be put to the same behaviour test against the same null.
+firing grows into a span over its neighbours where any dead feature fires too (a rare string is read piece by
+piece, often by one dead feature per piece), and that span joins the scan's candidates, to be put to the same
+behaviour test against the same null.
 """
 
 from __future__ import annotations
@@ -94,6 +95,7 @@ def feature_candidates(model: Model, dictionary: Dictionary, ctx: Contexts, bloc
     written = (best * norms).numpy()
     dead = np.nonzero((dens <= cfg.rare) & (fired.numpy() > 0))[0]
     order = dead[np.argsort(-written[dead])]
+    dead_t = torch.from_numpy(dead)
     T = ctx.tokens.shape[1]
     out: dict[str, dict[str, Any]] = {}
     rows = []
@@ -104,12 +106,14 @@ def feature_candidates(model: Model, dictionary: Dictionary, ctx: Contexts, bloc
         c, p = (int(v) for v in where[f])
         with torch.no_grad(), model.capture([hook]) as a:
             model(ctx.tokens[c : c + 1])
-            z = d.encode(a[hook].float().cpu()[0])[:, f]  # this feature along the whole context
+            z = d.encode(a[hook].float().cpu()[0])  # every feature along the whole context
+        # a rare string is read piece by piece (`|DEP`, `LO`, `Y`, `MENT|`), often by a different dead feature for
+        # each piece: the span grows over the neighbours where any dead feature fires
+        some_dead = (z[:, dead_t] > 0).any(1) & ~blocked[c]
         lo = hi = p
-        cut = 0.5 * float(z[p])
-        while lo > 0 and hi - lo + 1 < cfg.span and not bool(blocked[c, lo - 1]) and float(z[lo - 1]) >= cut:
+        while lo > 0 and hi - lo + 1 < cfg.span and bool(some_dead[lo - 1]):
             lo -= 1
-        while hi < T - 1 and hi - lo + 1 < cfg.span and not bool(blocked[c, hi + 1]) and float(z[hi + 1]) >= cut:
+        while hi < T - 1 and hi - lo + 1 < cfg.span and bool(some_dead[hi + 1]):
             hi += 1
         text = model.tokenizer.decode(ctx.tokens[c, lo : hi + 1].tolist()).strip()
         rows.append({"feature": f, "density_ordinary": float(dens[f]), "fired_scan": int(fired[f]),

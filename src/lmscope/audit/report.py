@@ -9,8 +9,6 @@ each with the evidence behind it.
 from __future__ import annotations
 
 import json
-import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +23,8 @@ from lmscope.audit.batteries import BUILDERS, Battery, battery, read_battery, sp
 from lmscope.audit.inside_outside import inside_outside
 from lmscope.audit.probes import ProbeConfig, probe_battery, validity
 from lmscope.core.atomic import atomic_write_json
-from lmscope.core.progress import ProgressCallback, ProgressEvent
+from lmscope.core.parts import saved_part
+from lmscope.core.progress import ProgressCallback
 from lmscope.dictionaries.base import Dictionary
 from lmscope.errors import AuditError
 from lmscope.model.adapter import Model
@@ -47,42 +46,6 @@ class AuditConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def _part(out: Path, name: str, make: Callable[[], dict[str, Any]], progress: ProgressCallback | None,
-          arrays: Callable[[dict[str, Any]], dict[str, torch.Tensor]] | None = None) -> dict[str, Any]:  # fmt: skip
-    """A saved part, or compute it. `arrays` pulls tensors out of the result into NAME.safetensors (written before
-    the JSON, which marks the part complete); a part whose files are damaged is recomputed."""
-    from safetensors.torch import load_file, save_file
-
-    p, st = out / "parts" / f"{name}.json", out / "parts" / f"{name}.safetensors"
-    if p.is_file():
-        try:
-            result = dict(json.loads(p.read_text()))
-            if arrays is not None:
-                result["_arrays"] = load_file(str(st))
-            return result
-        except (ValueError, OSError, RuntimeError):
-            p.unlink(missing_ok=True)
-    if progress:
-        progress(ProgressEvent(name, 0, 1, "parts"))
-    t0 = time.perf_counter()
-    result = make()
-    result["seconds"] = round(time.perf_counter() - t0, 1)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    if arrays is not None:
-        tensors = {k: v.contiguous() for k, v in arrays(result).items()}
-        tmp = st.with_name(st.name + ".tmp")
-        save_file(tensors, str(tmp))
-        tmp.replace(st)
-        result = {k: v for k, v in result.items() if not k.startswith("_")}
-        atomic_write_json(p, result)
-        result["_arrays"] = tensors
-    else:
-        atomic_write_json(p, result)
-    if progress:
-        progress(ProgressEvent(name, 1, 1, "parts", f"{result['seconds']} s", finished=True))
-    return result
 
 
 def _probe_arrays(r: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -143,7 +106,7 @@ def run_audit(
                     "pairs": len(b.pairs), "topics": len(b.topics()), "families": b.families(),
                     "splits": split_counts(items), **r}  # fmt: skip
 
-        r = _part(out, f"probe-{b.name}", make, progress, arrays=_probe_arrays)
+        r = saved_part(out, f"probe-{b.name}", make, progress, arrays=_probe_arrays)
         arrays = r.pop("_arrays")
         r["validity"] = validity(r)  # a pure function of the saved figures: a rerun applies the current rule
         tensors[f"{b.name}.direction"] = arrays["direction"]
@@ -155,12 +118,14 @@ def run_audit(
         probe = (truth_arrays["w"].numpy(), float(truth_arrays["b"][0]), truth_arrays["mean"].numpy(),
                  truth_arrays["scale"].numpy())  # fmt: skip
         items_t = truth_items
-        report["inside_outside"] = _part(
+        report["inside_outside"] = saved_part(
             out, "inside-outside", lambda: inside_outside(model, items_t, probe, t["layer"]), progress
         )
     if cfg.scan is not None:
         scan = cfg.scan
-        bd = _part(out, "backdoor", lambda: backdoor_scan(model, scan, reference, dictionary, atlas_density), progress)
+        bd = saved_part(
+            out, "backdoor", lambda: backdoor_scan(model, scan, reference, dictionary, atlas_density), progress
+        )
         report["backdoor"] = flag(bd, scan.min_shift)  # the current rule on the saved shifts
     report["summary"] = summary(report)
     from safetensors.torch import save_file

@@ -9,8 +9,6 @@ OTHER is an organism the report carries its ground truth and checks the diff aga
 from __future__ import annotations
 
 import json
-import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +17,8 @@ import torch
 
 from lmscope._version import __version__
 from lmscope.core.atomic import atomic_write_json
-from lmscope.core.progress import ProgressCallback, ProgressEvent
+from lmscope.core.parts import saved_part
+from lmscope.core.progress import ProgressCallback
 from lmscope.dictionaries.base import Dictionary
 from lmscope.dictionaries.metrics import fvu
 from lmscope.diff.activations import activation_diff
@@ -58,26 +57,6 @@ class DiffConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def _part(
-    out: Path, name: str, make: Callable[[], dict[str, Any]], progress: ProgressCallback | None
-) -> dict[str, Any]:
-    p = out / "parts" / f"{name}.json"
-    if p.is_file():
-        try:
-            return dict(json.loads(p.read_text()))
-        except ValueError:
-            p.unlink()  # a damaged part is recomputed, never used
-    if progress:
-        progress(ProgressEvent(name, 0, 1, "parts"))
-    t0 = time.perf_counter()
-    result = {**make(), "seconds": round(time.perf_counter() - t0, 1)}
-    p.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(p, result)
-    if progress:
-        progress(ProgressEvent(name, 1, 1, "parts", f"{result['seconds']} s", finished=True))
-    return result
 
 
 def crosscoder_part(
@@ -166,13 +145,13 @@ def run_diff(
     report: dict[str, Any] = {"format": FORMAT, "lmscope": __version__, "base": base.spec, "other": other.spec,
                               "config": cfg.to_dict()}  # fmt: skip
     ctx = corpus_contexts(base, cfg.corpus, cfg.contexts, cfg.context, cfg.mode)
-    report["weights"] = _part(out, "weights", lambda: weight_diff(base.hf, other.hf), progress)
-    report["behaviour"] = _part(out, "behaviour", lambda: behaviour_diff(base, other, ctx, cfg.top), progress)
-    report["activations"] = _part(out, "activations", lambda: activation_diff(base, other, ctx, top_tokens=cfg.top),
-                                  progress)  # fmt: skip
+    report["weights"] = saved_part(out, "weights", lambda: weight_diff(base.hf, other.hf), progress)
+    report["behaviour"] = saved_part(out, "behaviour", lambda: behaviour_diff(base, other, ctx, cfg.top), progress)
+    acts = lambda: activation_diff(base, other, ctx, top_tokens=cfg.top)  # noqa: E731
+    report["activations"] = saved_part(out, "activations", acts, progress)
     if cfg.crosscoder is not None:
-        report["crosscoder"] = _part(out, "crosscoder", lambda: crosscoder_part(base, other, cfg, out, progress),
-                                     progress)  # fmt: skip
+        cc = lambda: crosscoder_part(base, other, cfg, out, progress)  # noqa: E731
+        report["crosscoder"] = saved_part(out, "crosscoder", cc, progress)
     if facts:
 
         def know() -> dict[str, Any]:
@@ -180,7 +159,7 @@ def run_diff(
             c = measure_knowledge(base, control, facts, cfg.knowledge) if control is not None else None
             return {**m, "control": c}
 
-        k = _part(out, "knowledge", know, progress)
+        k = saved_part(out, "knowledge", know, progress)
         # the verdict is a pure function of the saved measurements: a rerun applies the current rule to them
         report["knowledge"] = {**k, "verdict": verdict(k, k.get("control"), cfg.knowledge)}
     gt_dir = Path(other.spec)
