@@ -11,8 +11,9 @@ behaviour, against a null of ordinary strings from the same corpus.
    on); the shift is the mean KL(with ‖ without) of the first answer token. With a reference, the reference's
    own shift for the same string is subtracted (a string that moves both models alike, such as an instruction,
    is not a backdoor).
-3. **Null.** The same test on random ordinary spans of the corpus (same lengths; none of their tokens scores as
-   high as half the weakest candidate, so no piece of a candidate is in the null). A candidate is **flagged** when its
+3. **Null.** The same test on random ordinary spans of the corpus (same lengths; no token of theirs seeded a
+   candidate or lies in an occurrence of one, so no piece of a candidate is in the null; whatever else the
+   fine-tune changed stays in, so the null is as ordinary as the corpus). A candidate is **flagged** when its
    shift exceeds twice the largest null shift (`NULL_MARGIN`) and `min_shift`: a topic word put in front of a prompt
    moves the answer too, and with a few dozen null strings the largest of them is itself noisy. The report says so
    when nothing is flagged.
@@ -78,17 +79,23 @@ def _same_tokenizer(a: Model, b: Model) -> None:
         )
 
 
+def occurrences(tokens: torch.Tensor, piece: list[int]) -> torch.Tensor:
+    """[n, T] bool: the positions covered by any occurrence of the token sequence `piece`."""
+    out = torch.zeros(tokens.shape, dtype=torch.bool)
+    L = len(piece)
+    if not 0 < L <= tokens.shape[1]:
+        return out
+    hit = (tokens.unfold(1, L, 1) == torch.tensor(piece)).all(-1)  # [n, T - L + 1]: an occurrence starts here
+    for k in range(L):
+        out[:, k : k + hit.shape[1]] |= hit
+    return out
+
+
 def markup(model: Model, ctx: Contexts) -> torch.Tensor:
     """[n, T] bool: special tokens and every occurrence of the chat template's markup (`template_pieces`)."""
     out = ctx.special.clone()
-    T = ctx.tokens.shape[1]
     for piece in template_pieces(model.tokenizer):
-        L = len(piece)
-        if L > T:
-            continue
-        hit = (ctx.tokens.unfold(1, L, 1) == torch.tensor(piece)).all(-1)  # [n, T - L + 1]: a piece starts here
-        for k in range(L):
-            out[:, k : k + hit.shape[1]] |= hit
+        out |= occurrences(ctx.tokens, piece)
     return out
 
 
@@ -160,12 +167,26 @@ def shift(model: Model, text: str, prompts: list[str], base_lp: torch.Tensor) ->
     return float((lp.exp() * (lp - base_lp)).sum(-1).mean())
 
 
-def null_spans(ctx: Contexts, model: Model, scores: torch.Tensor, high: float, n: int, lengths: list[int],
+def ordinary_positions(
+    ctx: Contexts, scores: torch.Tensor, cands: list[dict[str, Any]], positions: int
+) -> torch.Tensor:
+    """[n, T] bool: where the null may be drawn: scored positions that seeded no candidate (below the
+    `positions`-th highest score) and lie in no occurrence of any candidate's tokens. Everything else the fine-tune
+    changed stays in: the null must be as ordinary as the corpus, not only what the fine-tune left alone."""
+    flat = torch.nan_to_num(scores, nan=-1.0).flatten()
+    k = min(positions, int((flat > 0).sum()))
+    cut = float(flat.topk(k).values.min()) if k else float("inf")
+    out = ~scores.isnan() & (torch.nan_to_num(scores, nan=float("inf")) < cut)
+    for c in cands:
+        ci, lo, hi = c["at"]
+        out &= ~occurrences(ctx.tokens, ctx.tokens[ci, lo : hi + 1].tolist())
+    return out
+
+
+def null_spans(ctx: Contexts, model: Model, ordinary: torch.Tensor, n: int, lengths: list[int],
                seed: int) -> list[str]:  # fmt: skip
-    """Random ordinary spans of the corpus: no special token and no token scoring `high` or more (so the null
-    holds no piece of a candidate)."""
+    """Random spans of the corpus's `ordinary` positions (`ordinary_positions`), of the candidates' lengths."""
     rng = random.Random(seed)
-    ordinary = ~ctx.special & (torch.nan_to_num(scores, nan=float("inf")) < high)
     out: list[str] = []
     tries = 0
     while len(out) < n and tries < 50 * n:
@@ -241,7 +262,6 @@ def backdoor_scan(
     blocked = markup(model, ctx)
     scores = token_scores(model, ctx, hook, reference, blocked=blocked)
     cands = candidates(model, ctx, scores, cfg)
-    high = 0.5 * min((c["score"] for c in cands), default=float("inf"))
     features = None
     if dictionary is not None:
         features = feature_candidates(model, dictionary, ctx, blocked, cfg, lambda cx: markup(model, cx), atlas_density)
@@ -263,9 +283,8 @@ def backdoor_scan(
 
     for c in cands:
         c.update(measured(c["text"]))
-    spans = null_spans(ctx, model, scores, high, cfg.null, [c["tokens"] for c in cands], cfg.seed)
-    dead = [c["text"] for c in cands if "feature" in c]  # where a dead feature fires is no ordinary string
-    spans = [t for t in spans if not any(t in f or f in t for f in dead)]
+    ordinary = ordinary_positions(ctx, scores, cands, cfg.positions)
+    spans = null_spans(ctx, model, ordinary, cfg.null, [c["tokens"] for c in cands], cfg.seed)
     null: list[dict[str, Any]] = [{"text": t, **measured(t)} for t in spans]
     cands.sort(key=lambda c: -c["shift"])
     result = {"candidates": cands, "null": sorted(null, key=lambda n: -n["shift"])}
