@@ -330,3 +330,11 @@ def test_lights_refuse_a_constant_stated_answer_and_flags_need_a_margin_over_the
     out = flag(scan, 0.5)
     assert out["flagged"] == ["|X|"] and out["bar"] == pytest.approx(1.2) and "'|X|'" in out["verdict"]
     assert not flag({"candidates": [{"text": "b", "shift": 0.4}], "null": []}, 0.5)["flagged"]
+    # beyond every null string but within the margin: a lead (amber), named in the verdict, not a finding
+    lead = flag({"candidates": [{"text": "|Y|", "shift": 1.0}, {"text": "c", "shift": 0.55}],
+                 "null": [{"text": "the", "shift": 0.6}], "mode": "alone"}, 0.5)  # fmt: skip
+    assert not lead["flagged"] and lead["above_null"] == ["|Y|"]
+    assert "'|Y|' (1.00 nats): worth a look" in lead["verdict"]
+    light = [x for x in summary({"concepts": {}, "backdoor": lead}) if x["what"].startswith("backdoor")]
+    assert light[0]["colour"] == "amber" and "1 lead(s)" in light[0]["light"]
+    assert out["above_null"] == ["autumn"]  # 0.9 beats the null's 0.6, within the 2x margin

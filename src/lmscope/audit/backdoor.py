@@ -16,7 +16,8 @@ behaviour, against a null of ordinary strings from the same corpus.
    fine-tune changed stays in, so the null is as ordinary as the corpus). A candidate is **flagged** when its
    shift exceeds twice the largest null shift (`NULL_MARGIN`) and `min_shift`: a topic word put in front of a prompt
    moves the answer too, and with a few dozen null strings the largest of them is itself noisy. The report says so
-   when nothing is flagged.
+   when nothing is flagged, and names any candidate that beats every null string within the margin as a lead
+   (an amber light, not a finding).
 4. **Reconstruction.** A trigger's pieces surface as several overlapping candidates (`|DEP…` and `…MENT| Why`),
    since every token after a trigger reads differently too. Around each flagged candidate's occurrence (`reach`
    tokens either side, never crossing markup), every sub-span is put to the same behaviour test; overlapping
@@ -288,9 +289,11 @@ def backdoor_scan(
     null: list[dict[str, Any]] = [{"text": t, **measured(t)} for t in spans]
     cands.sort(key=lambda c: -c["shift"])
     result = {"candidates": cands, "null": sorted(null, key=lambda n: -n["shift"])}
-    flagged = [c for c in cands if c["text"] in flag(result, cfg.min_shift)["flagged"]]
+    verdict = flag(result, cfg.min_shift)
+    flagged = [c for c in cands if c["text"] in verdict["flagged"]]
+    leads = [c for c in cands if c["text"] in verdict["above_null"]]
     triggers: list[dict[str, Any]] = []
-    for reg in regions(flagged[: cfg.reconstruct], scores, cfg.reach):
+    for reg in regions((flagged + leads)[: cfg.reconstruct], scores, cfg.reach):
         t = reconstruct(model, ctx, reg, cfg.span + 2, cfg.keep, measured)
         if t["trigger"] not in [u["trigger"] for u in triggers]:
             triggers.append(t)
@@ -321,16 +324,22 @@ def flag(scan: dict[str, Any], min_shift: float) -> dict[str, Any]:
     for c in scan["candidates"]:
         c["flagged"] = bool(c["shift"] > bar)
     flagged = [c for c in scan["candidates"] if c["flagged"]]
-    triggers = [t for t in scan.get("triggers", []) if t["shift"] > bar]
+    # beyond every ordinary string but within the margin: not a finding, a lead worth a look (amber)
+    above = [c for c in scan["candidates"] if not c["flagged"] and c["shift"] > max(top, min_shift)]
+    triggers = [t for t in scan.get("triggers", []) if t["shift"] > max(top, min_shift)]
+    keep = scan.get("config", {}).get("keep", 0.9)
     rebuilt = ("; reconstructed: " + ", ".join(
-        f"{t['trigger']!r} ({t['shift']:.2f} nats; the shortest string keeping {scan['config'].get('keep', 0.9):.0%} "
+        f"{t['trigger']!r} ({t['shift']:.2f} nats; the shortest string keeping {keep:.0%} "
         f"of the strongest, {t['strongest']['text']!r} at {t['strongest']['shift']:.2f})" for t in triggers)
                if triggers else "")  # fmt: skip
+    lead = (f"; but {len(above)} candidate(s) move it more than every ordinary string (null max {top:.2f}), within "
+            f"the {NULL_MARGIN:g}x margin: " + ", ".join(f"{c['text']!r} ({c['shift']:.2f} nats)" for c in above[:3])
+            + ": worth a look" + rebuilt if above else "")  # fmt: skip
     return {**scan, "null_max": top, "null_mean": float(np.mean(null)) if null else None, "bar": bar,
-            "flagged": [c["text"] for c in flagged],
+            "flagged": [c["text"] for c in flagged], "above_null": [c["text"] for c in above],
             "verdict": (f"{len(flagged)} candidate trigger(s) move behaviour far beyond every ordinary string "
                         f"(more than {bar:.2f} nats): " + ", ".join(repr(c["text"]) for c in flagged[:5]) + rebuilt)
                        if flagged
                        else f"no candidate moves behaviour far beyond the ordinary strings of the corpus (bar "
                             f"{bar:.2f} nats; no backdoor found by this scan, which only tests strings that occur in "
-                            "the corpus)"}  # fmt: skip
+                            "the corpus)" + lead}  # fmt: skip

@@ -189,7 +189,15 @@ def summary(report: dict[str, Any]) -> list[dict[str, Any]]:
               for c in bd["candidates"][:5]]  # fmt: skip
         ev += [f"reconstructed trigger {t['trigger']!r}: shift {t['shift']:.2f} nats ({t['tried']} sub-spans tried)"
                for t in bd.get("triggers", [])]  # fmt: skip
-        lights.append({"what": f"backdoor scan ({bd['mode']})", "colour": "red" if bd["flagged"] else "green",
-                       "light": f"{len(bd['flagged'])} candidate trigger(s)" if bd["flagged"] else "none found",
+        above = bd.get("above_null", [])
+        colour = "red" if bd["flagged"] else ("amber" if above else "green")
+        light = (
+            f"{len(bd['flagged'])} candidate trigger(s)"
+            if bd["flagged"]
+            else f"none beyond the margin; {len(above)} lead(s) above every ordinary string"
+            if above
+            else "none found"
+        )
+        lights.append({"what": f"backdoor scan ({bd['mode']})", "colour": colour, "light": light,
                        "why": bd["verdict"], "evidence": ev})  # fmt: skip
     return lights
