@@ -210,9 +210,17 @@ def test_human_label_and_steering_panel(server: str, page) -> None:
     page.fill("#steer-tokens", "6")
     page.click("#steer-go")
     page.wait_for_function("document.getElementById('steer-measure').rows.length === 4")
-    assert page.locator("#steer-baseline .prompt").inner_text() == "The capital of France is"
-    assert page.locator("#steer-steered .cont").count() == 1
     assert "1=add:8" in page.locator("#steer-measure").inner_text()
+    # every measurement with one line on what it means
+    assert all(page.locator("#steer-measure tr").nth(i).locator("td").count() == 2 for i in range(4))
+    assert "fluency cost" in page.locator("#steer-measure").inner_text()
+    # then the feature's activation shaded on every token of both continuations (a clean read-back)
+    page.wait_for_function("document.getElementById('steer-status').textContent.includes('shaded')")
+    for box in ("#steer-baseline", "#steer-steered"):
+        prompt = page.locator(f"{box} .tok.prompt")
+        assert "".join(prompt.nth(i).inner_text() for i in range(prompt.count())).strip() == "The capital of France is"
+        cont = page.locator(f"{box} .tok.cont")
+        assert cont.count() > 0 and all(cont.nth(i).get_attribute("data-focus") for i in range(cont.count()))
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "feature_steer.png"), full_page=True)
     # a request over the cap is refused with the server's message (sent around the input's max)

@@ -165,3 +165,39 @@ def test_numeric_search_snippets_and_favicon(server, page) -> None:
     assert marks.count() > 0 and marks.first.inner_text() == "Paris"
     page.goto(server.url + "/features?q=(")
     assert page.locator("#feature-table td.snippet mark").first.inner_text() == "("
+
+
+def test_test_this_feature_on_its_page_and_a_shared_inspector_view(server, page) -> None:
+    """'Test this feature': the feature page colours typed text by that feature alone, against its atlas max; the
+    inspector's single-feature view goes into the address, and opening that address runs it again."""
+    fid = server.ids["plain"]
+    page.goto(server.url + f"/features/{fid}")
+    page.fill("#inspect-text", "The capital of France is Paris.")
+    page.click("#inspect-go")
+    page.wait_for_selector("#inspect-tokens .tok")
+    status = page.locator("#inspect-status").inner_text()
+    assert f"feature #{fid} fires on" in status and "atlas max" in status
+    toks = page.locator("#inspect-tokens .tok")
+    focus = [float(toks.nth(i).get_attribute("data-focus") or "nan") for i in range(toks.count())]
+    assert all(f == f for f in focus)  # every token carries this feature's activation
+    sent = [s for s in page.sent if s.startswith("POST") and "/api/inspect" in s]
+    assert sent, page.sent
+    # the inspector, one feature, shared through its address
+    page.goto(server.url + "/inspect")
+    page.fill("#inspect-text", "Paris is the capital of France.")
+    page.fill("#inspect-feature", str(fid))
+    page.click("#inspect-go")
+    page.wait_for_selector("#inspect-tokens .tok[data-focus]")
+    shared = page.url
+    assert f"feature={fid}" in shared and "text=Paris" in shared
+    page.goto(server.url + "/features")
+    page.goto(shared)  # opening the address runs the same view
+    page.wait_for_selector("#inspect-tokens .tok[data-focus]")
+    assert page.eval_on_selector("#inspect-text", "el => el.value") == "Paris is the capital of France."
+    assert page.eval_on_selector("#inspect-feature", "el => el.value") == str(fid)
+    # a feature id that is not a whole number is refused in the page, not sent
+    before = _posts(page, "/api/inspect")
+    page.fill("#inspect-feature", "-3")
+    page.click("#inspect-go")
+    page.wait_for_function("document.getElementById('inspect-status').textContent.includes('whole number')")
+    assert _posts(page, "/api/inspect") == before

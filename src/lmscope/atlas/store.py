@@ -107,6 +107,10 @@ class AtlasStore:
         its (latest) score, the scorer that gave it, and the explainer that wrote it (a human's author)."""
         return shown_labels(self.conn, ids)
 
+    def max_acts(self, ids: list[int]) -> dict[int, float]:
+        """The observed max activation of each of `ids` that exists."""
+        return read.max_acts(self.conn, ids)
+
     def densities(self) -> np.ndarray:
         """Every feature's firing rate on the atlas's corpus, indexed by feature id."""
         return np.array(read.densities(self.conn), dtype=np.float64)

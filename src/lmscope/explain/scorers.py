@@ -37,6 +37,22 @@ from lmscope.explain.rules import Rule, parse
 from lmscope.explain.stats_explainer import window_kinds
 
 SCORERS = ("detection", "fuzzing", "simulation")
+SCORER_MEANINGS = {  # one line each, for anyone reading a score beside a label
+    "detection": "balanced accuracy of a reader who, given only the label, tells held-out windows where the feature "
+    "fires from windows where it does not (0.5 is chance, 1 perfect)",
+    "fuzzing": "balanced accuracy of a reader who, given the label, tells the truly firing tokens of held-out windows "
+    "from as many random tokens marked instead (0.5 is chance, 1 perfect)",
+    "simulation": "correlation of the activations a reader predicts from the label with the real ones on held-out "
+    "windows (0 is chance, 1 perfect)",
+}
+
+
+def score_meaning(scorer: str | None) -> str:
+    """What a score from `scorer` means (its name may carry a suffix, e.g. the reader: 'detection/rule')."""
+    if not scorer:
+        return "how well the label predicts where the feature fires, on held-out examples"
+    base = next((k for k in SCORER_MEANINGS if scorer.startswith(k)), None)
+    return f"{scorer}: {SCORER_MEANINGS[base]}" if base else f"{scorer}: a score of the label on held-out examples"
 KindsFn = Callable[[Window], list[str]]
 
 

@@ -180,6 +180,7 @@ class Overview(BaseModel):
 
 class InspectRequest(BaseModel):
     text: str = Field(description="the prompt; at most 2000 characters")
+    feature: int | None = Field(None, description="also this feature's activation at every token (`focus`)")
 
 
 class InspectFeature(BaseModel):
@@ -196,12 +197,16 @@ class InspectToken(BaseModel):
     n_active: int = Field(0, description=f"features that fire on the token; `features` shows the strongest "
                           f"{MAX_FEATURES_PER_TOKEN}")  # fmt: skip
     features: list[InspectFeature]
+    focus: float | None = Field(None, description="the requested feature's activation on this token")
 
 
 class InspectResponse(BaseModel):
     model: str
     hook: str
     tokens: list[InspectToken]
+    feature: int | None = Field(None, description="the feature asked for, if any")
+    feature_max_act: float | None = Field(None, description="its max activation over the atlas's tokens")
+    feature_label: Label | None = None
 
 
 SortParam = Literal["id", "density", "max_act", "mean_act", "relevance", "relative_norm"]
@@ -283,10 +288,18 @@ def inspect(request: Request, body: InspectRequest) -> dict[str, Any]:
         )
     if not body.text.strip():
         raise HTTPException(422, "the text is empty; type a prompt to inspect")
-    tokens = live.inspect(body.text)
     store = store_of(request)
+    fid = body.feature
+    n = min(store.n_features, live.dictionary.cfg.d_sae)
+    if fid is not None and not 0 <= fid < n:
+        raise HTTPException(404, f"feature {fid} does not exist; ids run from 0 to {n - 1}")
+    tokens = live.inspect(body.text, feature=fid)
     labels = store.labels(sorted({f["id"] for t in tokens for f in t["features"]}))
     for t in tokens:
         for f in t["features"]:
             f["label"] = labels.get(f["id"])
-    return {"model": live.model.spec, "hook": live.hook, "tokens": tokens}
+    out: dict[str, Any] = {"model": live.model.spec, "hook": live.hook, "tokens": tokens}
+    if fid is not None:
+        mx = store.max_acts([fid]).get(fid)
+        out |= {"feature": fid, "feature_max_act": mx, "feature_label": store.labels([fid]).get(fid)}
+    return out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -13,6 +14,7 @@ from markupsafe import Markup
 
 from lmscope.atlas.store import FeatureQuery
 from lmscope.explain.labels import MAX_LABEL_CHARS
+from lmscope.explain.scorers import SCORER_MEANINGS, score_meaning
 from lmscope.web.state import (
     MAX_FEATURES_PER_TOKEN,
     MAX_INSPECT_CHARS,
@@ -54,7 +56,8 @@ def tojson_safe(obj: Any) -> Markup:
     return Markup(json.dumps(obj).replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026"))
 
 
-_env.filters.update(tok=show_token, fmt=fmt, pct=pct, tojson_safe=tojson_safe)
+_env.filters.update(tok=show_token, fmt=fmt, pct=pct, tojson_safe=tojson_safe, meaning=score_meaning)
+_env.globals["scorer_meanings"] = SCORER_MEANINGS
 
 
 def render(template: str, request: Request, **ctx: Any) -> str:
@@ -190,11 +193,23 @@ def feature_page(request: Request, fid: int) -> str:
         raise HTTPException(404, f"feature {fid} does not exist; ids run from 0 to {store.n_features - 1}")
     return render(
         "feature.html", request, f=data, n_features=store.n_features, max_label=MAX_LABEL_CHARS,
-        read_only=is_read_only(request),
+        read_only=is_read_only(request), max_inspect=MAX_INSPECT_CHARS,
         steer={"max_chars": MAX_STEER_CHARS, "max_tokens": MAX_STEER_TOKENS, "max_strength": MAX_STRENGTH},
     )  # fmt: skip
 
 
 @router.get("/inspect", response_class=HTMLResponse)
-def inspect_page(request: Request) -> str:
-    return render("inspect.html", request, max_chars=MAX_INSPECT_CHARS, per_token=MAX_FEATURES_PER_TOKEN)
+def inspect_page(
+    request: Request,
+    text: Annotated[str, Query(description="a prompt to inspect on load (a shared view)")] = "",
+    feature: Annotated[OptionalNumber, Query(description="colour by this feature alone")] = None,
+) -> str:
+    """The prompt inspector; `?text=...&feature=N` opens a shared view (the page writes them into its URL)."""
+    store = store_of(request)
+    fid = None
+    if feature is not None:
+        if not math.isfinite(feature) or feature != int(feature) or not 0 <= feature < store.n_features:
+            raise HTTPException(404, f"feature {feature:g} does not exist; ids run from 0 to {store.n_features - 1}")
+        fid = int(feature)
+    return render("inspect.html", request, max_chars=MAX_INSPECT_CHARS, per_token=MAX_FEATURES_PER_TOKEN, text=text,
+                  feature=fid)  # fmt: skip

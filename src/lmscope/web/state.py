@@ -76,10 +76,10 @@ class Live:
         self.model.resolve(self.hook)
         self.dictionary = self.dictionary.to(self.model.device).float().eval()
 
-    def inspect(self, text: str, top: int = MAX_FEATURES_PER_TOKEN) -> list[dict[str, Any]]:
+    def inspect(self, text: str, top: int = MAX_FEATURES_PER_TOKEN, feature: int | None = None) -> list[dict[str, Any]]:
         """Per token of `text` (BOS first, as in the atlas contexts): the `top` strongest features that fire,
         strongest first; `n_active`, how many fire in all; `special`, whether it is a special token (BOS/EOS/pad),
-        which the atlas leaves out of its statistics."""
+        which the atlas leaves out of its statistics; with `feature`, `focus`: that feature's activation there."""
         hook = self.hook
         assert hook is not None  # __post_init__ set it
         tok = self.model.tokenizer
@@ -97,8 +97,11 @@ class Live:
         for i, t in enumerate(ids):
             feats = [{"id": int(f), "act": float(v)} for v, f in zip(vals[i].tolist(), idx[i].tolist(), strict=True)
                      if v > 0]  # fmt: skip
-            out.append({"token": tok.decode([t]), "token_id": int(t), "special": int(t) in special,
-                        "n_active": int(n_active[i]), "features": feats})  # fmt: skip
+            row = {"token": tok.decode([t]), "token_id": int(t), "special": int(t) in special,
+                   "n_active": int(n_active[i]), "features": feats}  # fmt: skip
+            if feature is not None:
+                row["focus"] = float(z[i, feature])
+            out.append(row)
         return out
 
 

@@ -43,6 +43,7 @@ function fmtInt(n) { return n.toLocaleString("en-US"); }
 
 function renderDetail(tok) {
   const box = document.getElementById("inspect-detail");
+  if (!box) return;
   const rows = tok.features.map((f) =>
     `<tr><td><a href="/features/${f.id}">#${f.id}</a></td><td class="num">${f.act.toPrecision(3)}</td>` +
     `<td>${f.label ? esc(f.label.text) : '<span class="label none">unlabelled</span>'}</td></tr>`).join("");
@@ -78,6 +79,13 @@ function setupInspector() {
   };
   area.addEventListener("input", count);
   count();
+  const featureBox = document.getElementById("inspect-feature");
+  // one feature to colour by: fixed on a feature page (data-feature), typed on the inspector page (or none)
+  const focusFeature = () => {
+    if (form.dataset.feature !== undefined) return parseInt(form.dataset.feature, 10);
+    const v = featureBox ? featureBox.value.trim() : "";
+    return v === "" ? null : Number(v);
+  };
   form.addEventListener("submit", async (ev) => {
     ev.preventDefault();
     const text = area.value;
@@ -86,12 +94,24 @@ function setupInspector() {
       status.className = "warn";
       return;
     }
+    const feature = focusFeature();
+    if (feature !== null && !(Number.isInteger(feature) && feature >= 0)) {
+      status.textContent = "the feature must be a whole number, 0 or more (or empty for all features)";
+      status.className = "warn";
+      return;
+    }
+    if (form.dataset.url) {  // the view lives in the address, so it can be shared
+      const q = new URLSearchParams({ text: text });
+      if (feature !== null) q.set("feature", String(feature));
+      history.replaceState(null, "", "/inspect?" + q.toString());
+    }
     status.textContent = "running…";
     status.className = "muted";
     let res;
     try {
       res = await fetch("/api/inspect", {
-        method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify({ text: text }),
+        method: "POST", headers: { "Content-Type": "application/json" },
+        body: JSON.stringify(feature === null ? { text: text } : { text: text, feature: feature }),
       });
     } catch (e) {
       status.textContent = "request failed: " + e;
@@ -104,24 +124,33 @@ function setupInspector() {
       return;
     }
     status.className = "muted";
-    // the colour scale, like the atlas's statistics, leaves special tokens (the BOS) out
-    const best = (t) => (t.features.length ? t.features[0].act : 0);
+    // the colour scale, like the atlas's statistics, leaves special tokens (the BOS) out; with one feature, each
+    // token is coloured by that feature alone, against its max activation over the atlas (as the examples are)
+    const single = feature !== null;
+    const best = single ? (t) => Math.max(0, t.focus || 0) : (t) => (t.features.length ? t.features[0].act : 0);
     const textTokens = data.tokens.filter((t) => !t.special);
-    const top = Math.max(1e-9, ...textTokens.map(best));
+    const here = Math.max(0, ...textTokens.map(best));
+    const top = Math.max(1e-9, here, single ? data.feature_max_act || 0 : 0);
     const nSpecial = data.tokens.length - textTokens.length;
-    status.textContent = `${data.tokens.length} tokens · max activation ${textTokens.length ? top.toPrecision(3) : "–"}` +
+    const nOn = textTokens.filter((t) => best(t) > 0).length;
+    status.textContent = (single
+      ? `feature #${feature} fires on ${nOn} of ${textTokens.length} tokens · max here ${here.toPrecision(3)}` +
+        (data.feature_max_act ? ` (atlas max ${data.feature_max_act.toPrecision(3)})` : "")
+      : `${data.tokens.length} tokens · max activation ${textTokens.length ? top.toPrecision(3) : "–"}`) +
       (nSpecial ? ` (${nSpecial} special token${nSpecial === 1 ? "" : "s"} greyed, left out of the scale)` : "") +
       ` · ${data.model} · ${data.hook}`;
     const box = document.getElementById("inspect-tokens");
     box.innerHTML = "";
     data.tokens.forEach((t, i) => {
       const span = document.createElement("span");
-      span.className = "tok" + (t.special ? " special" : t.features.length ? " on" : "");
+      span.className = "tok" + (t.special ? " special" : best(t) > 0 ? " on" : "");
+      if (single) span.dataset.focus = String(t.focus === undefined || t.focus === null ? 0 : t.focus);
       span.dataset.index = String(i);
       span.dataset.nfeatures = String(t.features.length);
       span.dataset.nactive = String(t.n_active === undefined ? t.features.length : t.n_active);
       if (!t.special) span.style.backgroundColor = `rgba(255, 115, 0, ${Math.min(1, best(t) / top).toFixed(3)})`;
-      const feats = t.features.slice(0, 3).map((f) => `#${f.id} ${f.act.toPrecision(3)}`).join(", ");
+      const feats = single ? `#${feature} ${(t.focus || 0).toPrecision(3)}`
+        : t.features.slice(0, 3).map((f) => `#${f.id} ${f.act.toPrecision(3)}`).join(", ");
       span.title = t.special ? `special token (left out of the colour scale)${feats ? ": " + feats : ""}` : feats;
       span.textContent = showToken(t.token);
       span.addEventListener("click", () => {
@@ -132,8 +161,9 @@ function setupInspector() {
       box.appendChild(span);
     });
     const firstOn = data.tokens.findIndex((t) => !t.special && t.features.length);
-    if (firstOn >= 0) box.children[firstOn].click();
+    if (firstOn >= 0 && document.getElementById("inspect-detail")) box.children[firstOn].click();
   });
+  if (form.dataset.autorun && area.value) form.requestSubmit();  // a shared view runs on load
 }
 
 function setupFilters() {

@@ -69,21 +69,61 @@ function renderSteer(data) {
     box.append(p, g);
   }
   const m = data.measure;
-  const rows = [
-    ["edit", data.edit],
-    ["feature activation (baseline → steered)", `${fmtNum(m.activation_baseline)} → ${fmtNum(m.activation_steered)}`],
-    ["KL at first new token", fmtNum(m.kl_first_position)],
-    ["perplexity (baseline → steered)", `${fmtNum(m.perplexity_baseline)} → ${fmtNum(m.perplexity_steered)}`],
+  const rows = [  // each measurement with one line on what it means
+    ["edit", data.edit, "the change made at every position: feature=mode:strength, as `lmscope steer --feature` takes it"],
+    ["feature activation (baseline → steered)", `${fmtNum(m.activation_baseline)} → ${fmtNum(m.activation_steered)}`,
+      "the feature's mean activation over each continuation, read back by a clean (unedited) pass: does the text " +
+      "the edit produced carry the feature?"],
+    ["KL at first new token", fmtNum(m.kl_first_position),
+      "how far the edit moves the model's first prediction, in nats (0: not at all)"],
+    ["perplexity (baseline → steered)", `${fmtNum(m.perplexity_baseline)} → ${fmtNum(m.perplexity_steered)}`,
+      "of each continuation under the unedited model: the fluency cost of the edit (higher is less fluent)"],
   ];
   const table = document.getElementById("steer-measure");
   table.textContent = "";
-  for (const [k, v] of rows) {
+  for (const [k, v, why] of rows) {
     const tr = table.insertRow();
     const th = document.createElement("th");
     th.textContent = k;
     tr.appendChild(th);
     tr.insertCell().textContent = v;
+    const note = tr.insertCell();
+    note.className = "muted small";
+    note.textContent = why;
   }
+}
+
+// The feature's activation on every token of both continuations (a clean pass over prompt + continuation, as the
+// read-back above), shaded against the larger of the two, so the eye sees where the steered text carries it.
+async function highlightSteer(fid, data, maxChars) {
+  const boxes = [["steer-baseline", data.baseline], ["steer-steered", data.steered]];
+  const reads = [];
+  for (const [, cont] of boxes) {
+    const text = data.prompt + cont;
+    if (text.length > maxChars) return `not highlighted: prompt and continuation exceed ${maxChars} characters`;
+    const r = await callJSON("/api/inspect", "POST", { text: text, feature: Number(fid) });
+    if (!r.ok) return "not highlighted: " + r.message;
+    reads.push(r.data.tokens);
+  }
+  const top = Math.max(1e-9, ...reads.flat().filter((t) => !t.special).map((t) => Math.max(0, t.focus || 0)));
+  boxes.forEach(([id], i) => {
+    const box = document.getElementById(id);
+    box.textContent = "";
+    let at = 0;
+    for (const t of reads[i]) {
+      if (t.special) continue;
+      const span = document.createElement("span");
+      const a = Math.max(0, t.focus || 0);
+      span.className = "tok" + (at >= data.prompt.length ? " cont" : " prompt");
+      span.dataset.focus = String(t.focus || 0);
+      span.style.backgroundColor = `rgba(255, 115, 0, ${Math.min(1, a / top).toFixed(3)})`;
+      span.title = `#${fid} ${(t.focus || 0).toPrecision(3)}`;
+      span.textContent = t.token;
+      at += t.token.length;
+      box.appendChild(span);
+    }
+  });
+  return `feature #${fid} shaded on both continuations (max ${top.toPrecision(3)})`;
 }
 
 // A strength as typed: a plain decimal number (no nan, no inf), within the server's limit, else why not.
@@ -146,6 +186,8 @@ function setupSteering() {
       if (!r.ok) { setStatus(status, r.message, true); return; }
       renderSteer(r.data);
       setStatus(status, `${r.data.model} · ${r.data.hook} · seed ${r.data.seed}`, false);
+      const shaded = await highlightSteer(fid, r.data, maxChars);
+      setStatus(status, `${r.data.model} · ${r.data.hook} · seed ${r.data.seed} · ${shaded}`, false);
     } catch (e) {
       setStatus(status, "request failed: " + e, true);
     } finally {
