@@ -163,7 +163,10 @@ def test_inspect_runs_the_model(env) -> None:
     r = live.post("/api/inspect", json={"text": "The capital of France is Paris."})
     assert r.status_code == 200, r.text
     body = r.json()
-    assert body["hook"] == HOOK and set(body) == {"model", "hook", "tokens"}
+    assert body["hook"] == HOOK
+    assert set(body) == {"model", "hook", "tokens", "feature", "feature_max_act", "feature_label"}
+    assert body["feature"] is body["feature_max_act"] is body["feature_label"] is None  # no single feature asked for
+    assert all(t["focus"] is None for t in body["tokens"])
     ids = [t["token_id"] for t in body["tokens"]]
     assert ids[0] == model.tokenizer.bos_token_id
     with model.capture([HOOK]) as acts, torch.no_grad():

@@ -101,3 +101,19 @@ def test_every_score_says_what_it_means(env) -> None:
     fid, lab = scored
     page = html.unescape(env.client.get(f"/features/{fid}").text)
     assert f'title="{score_meaning(lab["scorer"])}"' in page
+
+
+def test_the_overview_leads_with_ce_recovered_and_explains_each_card(env, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import re
+
+    from lmscope.web.pages import headline_cards
+
+    ov = env.client.get("/api/overview").json()
+    with_eval = {**ov, "metrics": {**ov["metrics"], "saved": {"eval.json": {"ce_recovered": 0.9377, "fvu": 0.3}}}}
+    cards = headline_cards(with_eval)
+    assert cards[0]["k"] == "CE recovered" and cards[0]["v"] == "0.938" and "clean model" in cards[0]["note"]
+    assert headline_cards({**ov, "metrics": {**ov["metrics"], "saved": {}}})[0]["k"] == "FVU"
+    assert all(c["note"] for c in cards)
+    page = env.client.get("/").text
+    shown = re.findall(r'<div class="k">([^<]+)</div><div class="v" id="[^"]+">[^<]*</div><div class="note', page)
+    assert shown[:2] == (["CE recovered", "FVU"] if ov["metrics"].get("saved") else ["FVU", "L0"]), shown

@@ -144,13 +144,40 @@ def metric_rows(metrics: dict[str, Any], notes: dict[str, str], source: str) -> 
     return rows
 
 
+def headline_cards(ov: dict[str, Any]) -> list[dict[str, Any]]:
+    """The overview's cards, most telling first: CE recovered (from a saved evaluation, when one was found beside
+    the dictionary), then the atlas build's FVU, L0, dead and dense counts; each with one line on what it means."""
+    atlas = ov["metrics"].get("atlas") or {}
+    saved = [m for m in (ov["metrics"].get("saved") or {}).values() if isinstance(m, dict)]
+    ce = next((m["ce_recovered"] for m in saved if isinstance(m.get("ce_recovered"), int | float)), None)
+    cards: list[dict[str, Any]] = []
+    if ce is not None:
+        note = ("how much of the model's next-token loss survives with the dictionary's reconstruction in place of "
+                "the activation: 1 is the clean model, 0 as bad as zeroing it (saved eval)")
+        cards.append({"id": "card-ce", "k": "CE recovered", "v": fmt(ce, 3), "note": note})
+    cards += [
+        {"id": "card-fvu", "k": "FVU", "v": fmt(atlas.get("fvu")) if "fvu" in atlas else "–",
+         "note": "variance of the activation the reconstruction misses: 0 is perfect, 1 no better than the mean"},
+        {"id": "card-l0", "k": "L0", "v": fmt(atlas.get("l0")) if "l0" in atlas else "–",
+         "note": "features firing per token on average: the sparsity"},
+        {"id": "n-dead", "k": "dead", "v": str(ov["dead"]),
+         "note": "features that never fired on the atlas's tokens"},
+        {"id": "card-dense", "k": "dense (>10%)", "v": str(atlas.get("dense", "–")),
+         "note": "features firing on more than 10% of tokens: often too broad to mean one thing"},
+        {"id": "n-features", "k": "features", "v": str(ov["features"]), "note": "the dictionary's width"},
+        {"id": "card-tokens", "k": "tokens scanned", "v": f"{ov['summary']['tokens']:,}",
+         "note": "text tokens the atlas was built on (special tokens left out)"},
+    ]  # fmt: skip
+    return cards
+
+
 @router.get("/", response_class=HTMLResponse)
 def overview_page(request: Request) -> str:
     ov = store_of(request).overview()
     saved = {name: metric_rows(m, SAVED_METRICS, name) for name, m in (ov["metrics"].get("saved") or {}).items()
              if isinstance(m, dict)}  # fmt: skip
     return render("overview.html", request, ov=ov, atlas_metrics=metric_rows(ov["metrics"].get("atlas") or {},
-                  ATLAS_METRICS, "the atlas build"), saved_metrics=saved)  # fmt: skip
+                  ATLAS_METRICS, "the atlas build"), saved_metrics=saved, cards=headline_cards(ov))  # fmt: skip
 
 
 @router.get("/features", response_class=HTMLResponse, response_model=None)
