@@ -201,3 +201,16 @@ def test_test_this_feature_on_its_page_and_a_shared_inspector_view(server, page)
     page.click("#inspect-go")
     page.wait_for_function("document.getElementById('inspect-status').textContent.includes('whole number')")
     assert _posts(page, "/api/inspect") == before
+
+
+def test_an_example_opens_to_its_whole_context(server, page) -> None:
+    page.goto(server.url + f"/features/{server.ids['plain']}")
+    ex = page.locator("#top-examples .example").first
+    more = ex.locator(".more")
+    assert more.count() > 0 and not more.first.is_visible()
+    shown = ex.locator(".tokens").inner_text()
+    ex.locator(".expand").click()
+    assert more.first.is_visible() and ex.locator(".expand").inner_text() == "less context"
+    assert len(ex.locator(".tokens").inner_text()) > len(shown)
+    ex.locator(".expand").click()
+    assert not more.first.is_visible()

@@ -117,3 +117,24 @@ def test_the_overview_leads_with_ce_recovered_and_explains_each_card(env, tmp_pa
     page = env.client.get("/").text
     shown = re.findall(r'<div class="k">([^<]+)</div><div class="v" id="[^"]+">[^<]*</div><div class="note', page)
     assert shown[:2] == (["CE recovered", "FVU"] if ov["metrics"].get("saved") else ["FVU", "L0"]), shown
+
+
+def test_an_example_expands_to_its_whole_context(env) -> None:
+    import sqlite3
+
+    import numpy as np
+
+    f = env.client.get("/api/features/3").json()
+    ex = f["top_examples"][0]
+    conn = sqlite3.connect(env.out)
+    blob = conn.execute("SELECT tokens FROM contexts WHERE id = ?", (ex["context"],)).fetchone()[0]
+    ids = np.frombuffer(blob, "<i4").tolist()
+    assert len(ex["before"]) == ex["start"] and len(ex["before"]) + len(ex["tokens"]) + len(ex["after"]) == len(ids)
+    whole = ex["before"] + ex["tokens"] + ex["after"]
+    from lmscope.atlas.store import AtlasStore
+
+    store = AtlasStore(env.out)
+    assert whole == [store.token_text(t) for t in ids]  # the whole context, in order, as the atlas shows tokens
+    assert ex["tokens"] == [store.token_text(t) for t in ex["token_ids"]]
+    page = env.client.get("/features/3").text
+    assert 'class="expand small"' in page and '<span class="more" hidden>' in page

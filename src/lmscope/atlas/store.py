@@ -216,6 +216,9 @@ class AtlasStore:
             "token_ids": ids,
             "acts": [float(a) for a in acts],
             "text": r["text"],
+            # the rest of the context, to expand the window (activations are recorded for the window only)
+            "before": [self.token_text(int(t)) for t in ctx[: r["start"]]],
+            "after": [self.token_text(int(t)) for t in ctx[r["start"] + len(acts) :]],
         }
 
     def feature(self, fid: int) -> dict[str, Any] | None:

@@ -85,6 +85,9 @@ class Example(BaseModel):
         "feature's statistics, and of colour scales",
     )  # fmt: skip
     text: str
+    before: list[str] = Field(default_factory=list, description="the context's tokens before the window")
+    after: list[str] = Field(default_factory=list, description="the context's tokens after the window (the "
+                             "atlas records activations for the window only)")  # fmt: skip
 
 
 class QuantileBin(BaseModel):

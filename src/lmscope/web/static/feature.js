@@ -196,4 +196,18 @@ function setupSteering() {
   });
 }
 
-document.addEventListener("DOMContentLoaded", () => { setupLabelEditor(); setupSteering(); });
+// "more context": an example window opens to its whole context (the tokens around it, uncoloured: the atlas
+// records the feature's activations for the window only)
+function setupExpand() {
+  document.querySelectorAll(".example .expand").forEach((btn) => {
+    btn.addEventListener("click", () => {
+      const more = btn.parentElement.querySelectorAll(".more");
+      const open = btn.dataset.open === "1";
+      more.forEach((m) => { m.hidden = open; });
+      btn.dataset.open = open ? "0" : "1";
+      btn.textContent = open ? "more context" : "less context";
+    });
+  });
+}
+
+document.addEventListener("DOMContentLoaded", () => { setupLabelEditor(); setupSteering(); setupExpand(); });
