@@ -214,3 +214,22 @@ def test_an_example_opens_to_its_whole_context(server, page) -> None:
     assert len(ex.locator(".tokens").inner_text()) > len(shown)
     ex.locator(".expand").click()
     assert not more.first.is_visible()
+
+
+def test_a_strength_sweep_plots_what_each_strength_does(server, page) -> None:
+    page.goto(server.url + "/features/1")
+    page.fill("#steer-prompt", "The capital of France is")
+    page.fill("#steer-tokens", "3")
+    page.fill("#steer-strength", "8")
+    before = _posts(page, "/steer")
+    page.click("#steer-sweep")
+    page.wait_for_selector("#sweep-plot[data-rendered='1']", timeout=60_000)
+    assert _posts(page, "/steer") == before + 5  # 0, 1/4, 1/2, 1 and 2 x the strength
+    rows = page.locator("#sweep-table tr")
+    assert rows.count() == 6
+    strengths = [rows.nth(i).locator("td").first.inner_text() for i in range(1, 6)]
+    assert strengths == ["0.00", "2.00", "4.00", "8.00", "16.0"]
+    assert "perplexity" in rows.first.inner_text()
+    page.select_option("#steer-mode", "ablate")
+    page.click("#steer-sweep")
+    page.wait_for_function("document.getElementById('steer-status').textContent.includes('choose add or clamp')")

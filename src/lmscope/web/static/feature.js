@@ -126,6 +126,45 @@ async function highlightSteer(fid, data, maxChars) {
   return `feature #${fid} shaded on both continuations (max ${top.toPrecision(3)})`;
 }
 
+const SWEEP = [0, 0.25, 0.5, 1, 2];  // multiples of the typed strength
+
+function renderSweep(points, mode) {
+  const out = document.getElementById("sweep-out");
+  out.hidden = false;
+  const x = points.map((p) => p.strength);
+  const series = [
+    ["activation_steered", "feature activation (read back)", "y"],
+    ["kl_first_position", "KL at first new token", "y2"],
+    ["perplexity_steered", "perplexity", "y3"],
+  ];
+  const table = document.getElementById("sweep-table");
+  table.textContent = "";
+  const head = table.insertRow();
+  for (const h of [`${mode} strength`, ...series.map((s) => s[1])]) {
+    const th = document.createElement("th");
+    th.textContent = h;
+    head.appendChild(th);
+  }
+  for (const p of points) {
+    const tr = table.insertRow();
+    tr.insertCell().textContent = fmtNum(p.strength);
+    for (const [k] of series) tr.insertCell().textContent = fmtNum(p[k]);
+  }
+  const div = document.getElementById("sweep-plot");
+  if (typeof Plotly === "undefined") { div.textContent = "plotly is not available; the values are in the table"; return; }
+  const traces = series.map(([k, name, axis]) => ({
+    x: x, y: points.map((p) => p[k]), name: name, yaxis: axis, mode: "lines+markers", type: "scatter",
+  }));
+  Plotly.newPlot(div, traces, {
+    margin: { l: 45, r: 90, t: 10, b: 40 }, xaxis: { title: { text: `${mode} strength` }, domain: [0, 0.82] },
+    yaxis: { title: { text: "activation" } },
+    yaxis2: { title: { text: "KL" }, overlaying: "y", side: "right" },
+    yaxis3: { title: { text: "perplexity" }, overlaying: "y", side: "right", anchor: "free", position: 0.95 },
+    legend: { orientation: "h", y: -0.25 },
+  }, { displayModeBar: false, responsive: true });
+  div.dataset.rendered = "1";
+}
+
 // A strength as typed: a plain decimal number (no nan, no inf), within the server's limit, else why not.
 const NUMBER = /^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$/;
 
@@ -152,9 +191,9 @@ function setupSteering() {
   const maxChars = parseInt(prompt.dataset.max || "2000", 10);
   mode.addEventListener("change", () => { strength.disabled = mode.value === "ablate"; });
   strength.addEventListener("input", () => strength.removeAttribute("aria-invalid"));
-  form.addEventListener("submit", async (ev) => {
-    ev.preventDefault();
-    // checked here, as the API checks them: a strength that is not a finite number is never sent (as 0 or at all)
+  // the request as typed, checked here as the API checks it: a strength that is not a finite number is never sent
+  // (as 0 or at all); null (with the reason shown) when something is wrong
+  const request = () => {
     let value = 0;
     if (mode.value !== "ablate") {
       const st = parseStrength(strength.value, maxStrength);
@@ -162,22 +201,54 @@ function setupSteering() {
         strength.setAttribute("aria-invalid", "true");
         setStatus(status, st.error, true);
         strength.focus();
-        return;
+        return null;
       }
       value = st.value;
     }
     if (prompt.value.length > maxChars) {
       setStatus(status, `the prompt is ${prompt.value.length.toLocaleString("en-US")} characters; steering accepts ` +
         `at most ${maxChars.toLocaleString("en-US")}: shorten it`, true);
-      return;
+      return null;
     }
-    const body = {
+    return {
       prompt: prompt.value,
       mode: mode.value,
       strength: value,
       max_new_tokens: parseInt(document.getElementById("steer-tokens").value, 10),
       seed: parseInt(document.getElementById("steer-seed").value || "0", 10),
     };
+  };
+  const sweep = document.getElementById("steer-sweep");
+  if (sweep) {
+    sweep.addEventListener("click", async () => {
+      const body = request();
+      if (body === null) return;
+      if (body.mode === "ablate") {
+        setStatus(status, "a sweep varies the strength: choose add or clamp", true);
+        return;
+      }
+      sweep.disabled = true;
+      const points = [];
+      try {
+        for (const f of SWEEP) {
+          setStatus(status, `sweep: strength ${fmtNum(f * body.strength)} (${points.length + 1} of ${SWEEP.length})…`, false);
+          const r = await callJSON(`/api/features/${fid}/steer`, "POST", { ...body, strength: f * body.strength });
+          if (!r.ok) { setStatus(status, r.message, true); return; }
+          points.push({ strength: f * body.strength, ...r.data.measure });
+        }
+        renderSweep(points, body.mode);
+        setStatus(status, `sweep of ${points.length} strengths · seed ${body.seed}`, false);
+      } catch (e) {
+        setStatus(status, "request failed: " + e, true);
+      } finally {
+        sweep.disabled = false;
+      }
+    });
+  }
+  form.addEventListener("submit", async (ev) => {
+    ev.preventDefault();
+    const body = request();
+    if (body === null) return;
     setStatus(status, "generating…", false);
     const go = document.getElementById("steer-go");
     go.disabled = true;
