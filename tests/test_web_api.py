@@ -258,7 +258,8 @@ def test_list_views_show_label_score_and_explainer(env) -> None:
         "text": "Python code", "source": "machine", "score": 0.8, "explainer": "test-explainer", "scorer": "detection"
     }  # fmt: skip
     page = live.get("/features", params={"q": "Python code", "by": "label"}).text
-    assert "Python code" in page and "test-explainer" in page and "0.8" in page and 'title="scorer: detection"' in page
+    assert "Python code" in page and "test-explainer" in page and "0.8" in page
+    assert 'title="detection: balanced accuracy of a reader who' in page  # what the score means, beside the label
     spec = live.get("/api/openapi.json").json()["components"]["schemas"]
     assert {"explainer", "scorer"} <= set(spec["Label"]["properties"])
     # a neighbour view names the explainer of a labelled neighbour

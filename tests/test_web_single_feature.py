@@ -137,4 +137,4 @@ def test_an_example_expands_to_its_whole_context(env) -> None:
     assert whole == [store.token_text(t) for t in ids]  # the whole context, in order, as the atlas shows tokens
     assert ex["tokens"] == [store.token_text(t) for t in ex["token_ids"]]
     page = env.client.get("/features/3").text
-    assert 'class="expand small"' in page and '<span class="more" hidden>' in page
+    assert 'class="expand small"' in page and '<span class="more ctx" hidden>' in page

@@ -28,6 +28,11 @@ ATLAS_EPILOG = (
     "An interrupted build leaves only OUT.partial; rerunning the command starts it again. "
     "Use --overwrite to replace an existing atlas."
 )
+EXPORT_EPILOG = (
+    "Examples:\n\n"
+    "  lmscope export atlas.db --static site/              (open site/index.html, or host the folder)\n\n"
+    "  lmscope export big.db --static site/ --limit 20000  (the first 20,000 features of a large atlas)"
+)
 SERVE_EPILOG = (
     "Examples:\n\n"
     "  lmscope serve atlas.db                       (http://127.0.0.1:8000, inspector uses the atlas's model)\n\n"
@@ -159,6 +164,30 @@ def register(app: typer.Typer) -> None:
         with _sigterm_stops_cleanly():
             uvicorn.run(app_, host=host, port=port, log_level="warning")  # Ctrl-C: shuts down, returns
         console.print("stopped", highlight=False)
+
+    @app.command(epilog=EXPORT_EPILOG)
+    @handles_errors
+    def export(
+        atlas: Annotated[Path, typer.Argument(help="An atlas file made by `lmscope atlas`.")],
+        static: Annotated[
+            Path, typer.Option("--static", help="Folder to write the static site into (new or empty).")
+        ],
+        limit: Annotated[
+            int | None, typer.Option(help="Export only the first N features (a large atlas's in-browser search).")
+        ] = None,
+        progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    ) -> None:
+        """Write ATLAS as a static site: the same pages, read-only, searchable in the browser, no server."""
+        from lmscope.cli.progress import RichProgress
+        from lmscope.web.static_site import export_static
+
+        if not atlas.is_file():
+            raise LmscopeError(f"no atlas at {atlas}; build one with `lmscope atlas MODEL --dict DIR --out {atlas}`")
+        with RichProgress(enabled=progress, console=err_console) as bar:
+            r = export_static(atlas, static, limit=limit, progress=bar)
+        index = Path(r["out"]) / "index.html"
+        console.print(f"wrote {r['features']:,} of {r['total']:,} features to {r['out']}; open {index} in a browser, "
+                      "or host the folder anywhere", highlight=False)  # fmt: skip
 
 
 class _Stopped(Exception):

@@ -12,7 +12,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from markupsafe import Markup
 
-from lmscope.atlas.store import FeatureQuery
+from lmscope.atlas.store import AtlasStore, FeatureQuery
 from lmscope.explain.labels import MAX_LABEL_CHARS
 from lmscope.explain.scorers import SCORER_MEANINGS, score_meaning
 from lmscope.web.state import (
@@ -171,13 +171,18 @@ def headline_cards(ov: dict[str, Any]) -> list[dict[str, Any]]:
     return cards
 
 
-@router.get("/", response_class=HTMLResponse)
-def overview_page(request: Request) -> str:
-    ov = store_of(request).overview()
+def overview_context(store: AtlasStore) -> dict[str, Any]:
+    """What the overview page shows (also rendered by the static export)."""
+    ov = store.overview()
     saved = {name: metric_rows(m, SAVED_METRICS, name) for name, m in (ov["metrics"].get("saved") or {}).items()
              if isinstance(m, dict)}  # fmt: skip
-    return render("overview.html", request, ov=ov, atlas_metrics=metric_rows(ov["metrics"].get("atlas") or {},
-                  ATLAS_METRICS, "the atlas build"), saved_metrics=saved, cards=headline_cards(ov))  # fmt: skip
+    return {"ov": ov, "atlas_metrics": metric_rows(ov["metrics"].get("atlas") or {}, ATLAS_METRICS, "the atlas build"),
+            "saved_metrics": saved, "cards": headline_cards(ov)}  # fmt: skip
+
+
+@router.get("/", response_class=HTMLResponse)
+def overview_page(request: Request) -> str:
+    return render("overview.html", request, **overview_context(store_of(request)))
 
 
 @router.get("/features", response_class=HTMLResponse, response_model=None)
@@ -218,11 +223,16 @@ def feature_page(request: Request, fid: int) -> str:
     data = store.feature(fid) if 0 <= fid < store.n_features else None
     if data is None:
         raise HTTPException(404, f"feature {fid} does not exist; ids run from 0 to {store.n_features - 1}")
-    return render(
-        "feature.html", request, f=data, n_features=store.n_features, max_label=MAX_LABEL_CHARS,
-        read_only=is_read_only(request), max_inspect=MAX_INSPECT_CHARS,
-        steer={"max_chars": MAX_STEER_CHARS, "max_tokens": MAX_STEER_TOKENS, "max_strength": MAX_STRENGTH},
-    )  # fmt: skip
+    return render("feature.html", request, **feature_context(store, data, is_read_only(request)))
+
+
+def feature_context(store: AtlasStore, data: dict[str, Any], read_only: bool) -> dict[str, Any]:
+    """What a feature page shows, given `store.feature(id)` (also rendered by the static export)."""
+    return {
+        "f": data, "n_features": store.n_features, "max_label": MAX_LABEL_CHARS, "read_only": read_only,
+        "max_inspect": MAX_INSPECT_CHARS,
+        "steer": {"max_chars": MAX_STEER_CHARS, "max_tokens": MAX_STEER_TOKENS, "max_strength": MAX_STRENGTH},
+    }  # fmt: skip
 
 
 @router.get("/inspect", response_class=HTMLResponse)
