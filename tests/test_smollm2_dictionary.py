@@ -72,7 +72,7 @@ def test_ablating_a_feature_zeroes_its_read_back_activation(smollm2, smollm2_sae
     assert float(z[0, :, feature].max()) > 1.0
     with steer(smollm2, d, {feature: ("ablate", 0.0)}), smollm2.capture([HOOK], stop_early=False) as edited:
         ablated = smollm2(ids)
-    read_back = d.encode(edited[HOOK])[0, :, feature]
+    read_back = d.encode(edited[HOOK])[0, :, feature].detach()
     assert float(read_back.abs().max()) < 0.1 * float(z[0, :, feature].max())
     assert not torch.equal(ablated, plain)
     assert torch.equal(smollm2(ids), plain) and smollm2.hooks_active() == 0
