@@ -23,10 +23,11 @@ from lmscope.errors import AuditError
 from lmscope.model.adapter import Model
 
 
-def dictionary_hook(dictionary: Dictionary, model: Model) -> str:
+def dictionary_hook(dictionary: Dictionary, model: Model, what: str = "the scan") -> str:
+    """The residual-stream hook `dictionary` reads (`blocks.L.resid_post`), checked against `model`'s shape."""
     hook = dictionary.cfg.hook
     if not hook or not hook.startswith("blocks.") or not hook.endswith(".resid_post"):
-        raise AuditError(f"the scan reads features of the residual stream after a block; this dictionary reads "
+        raise AuditError(f"{what} reads features of the residual stream after a block; this dictionary reads "
                          f"{hook!r}: pass a residual-stream dictionary or leave out --dict")  # fmt: skip
     layer = int(hook.split(".")[1])
     if not 0 <= layer < model.n_layers or dictionary.cfg.d_in != model.d_model:
@@ -41,8 +42,8 @@ def dictionary_hook(dictionary: Dictionary, model: Model) -> str:
 def _encode(model: Model, dictionary: Dictionary, hook: str, ctx: Contexts, blocked: torch.Tensor,
             batch: int = 8) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """Per feature: how many scored tokens it fires on, its largest activation, and where ([m, 2]: context,
-    position); plus the number of scored tokens."""
-    d = dictionary.to(torch.device("cpu")).float()
+    position). `dictionary` is on the CPU in float32 (activations are read back there)."""
+    d = dictionary
     m = d.cfg.d_sae
     fired = torch.zeros(m, dtype=torch.float64)
     best = torch.zeros(m)
@@ -79,10 +80,11 @@ def feature_candidates(model: Model, dictionary: Dictionary, ctx: Contexts, bloc
     """{"candidates": spans where dead features fire (with "feature" and "at"), "features": the dead features that
     fired, "ordinary": where their rates were read}."""
     hook = dictionary_hook(dictionary, model)
-    fired, best, where = _encode(model, dictionary, hook, ctx, blocked)
+    d = dictionary.to(torch.device("cpu")).float()
+    fired, best, where = _encode(model, d, hook, ctx, blocked)
     n_tok = max(1, int((~blocked).sum()))
     if cfg.ordinary:
-        dens = _densities(model, dictionary, hook, cfg.ordinary, cfg.context, cfg.contexts, blocked_of)
+        dens = _densities(model, d, hook, cfg.ordinary, cfg.context, cfg.contexts, blocked_of)
         source = f"corpus {cfg.ordinary}"
     elif atlas_density is not None:
         if len(atlas_density) != dictionary.cfg.d_sae:
@@ -91,7 +93,7 @@ def feature_candidates(model: Model, dictionary: Dictionary, ctx: Contexts, bloc
         dens, source = np.asarray(atlas_density, dtype=np.float64), "the atlas's densities"
     else:
         dens, source = (fired / n_tok).numpy(), "the scan corpus itself"
-    norms = dictionary.W_dec.detach().float().norm(dim=1).cpu()
+    norms = d.W_dec.detach().norm(dim=1)
     written = (best * norms).numpy()
     dead = np.nonzero((dens <= cfg.rare) & (fired.numpy() > 0))[0]
     order = dead[np.argsort(-written[dead])]
@@ -99,7 +101,6 @@ def feature_candidates(model: Model, dictionary: Dictionary, ctx: Contexts, bloc
     T = ctx.tokens.shape[1]
     out: dict[str, dict[str, Any]] = {}
     rows = []
-    d = dictionary.to(torch.device("cpu")).float()
     for f in order.tolist():
         if len(out) >= cfg.feature_candidates:
             break

@@ -26,6 +26,7 @@ import torch
 from lmscope.audit.activations import last_token_states
 from lmscope.audit.batteries import Battery, Item, battery, read_battery, split_battery
 from lmscope.audit.probes import ProbeConfig, auroc, fit_logistic, raw_direction
+from lmscope.audit.rare_features import dictionary_hook
 from lmscope.audit.report import summary
 from lmscope.core.atomic import atomic_write_json
 from lmscope.dictionaries.base import Dictionary
@@ -85,9 +86,7 @@ def feature_links(
 ) -> dict[str, Any]:
     directory = Path(directory)
     report = _report(directory)
-    hook = dictionary.cfg.hook
-    if not hook or not hook.startswith("blocks.") or not hook.endswith(".resid_post"):
-        raise AuditError(f"feature links read the residual stream after a block; this dictionary reads {hook!r}")
+    hook = dictionary_hook(dictionary, model, "feature links")
     layer = int(hook.split(".")[1])
     store = None
     if atlas is not None:

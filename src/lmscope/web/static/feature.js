@@ -95,13 +95,11 @@ function renderSteer(data) {
 
 // The feature's activation on every token of both continuations (a clean pass over prompt + continuation, as the
 // read-back above), shaded against the larger of the two, so the eye sees where the steered text carries it.
-async function highlightSteer(fid, data, maxChars) {
+async function highlightSteer(fid, data) {
   const boxes = [["steer-baseline", data.baseline], ["steer-steered", data.steered]];
   const reads = [];
-  for (const [, cont] of boxes) {
-    const text = data.prompt + cont;
-    if (text.length > maxChars) return `not highlighted: prompt and continuation exceed ${maxChars} characters`;
-    const r = await callJSON("/api/inspect", "POST", { text: text, feature: Number(fid) });
+  for (const [, cont] of boxes) {  // the inspector's own limit applies, and its message says so
+    const r = await callJSON("/api/inspect", "POST", { text: data.prompt + cont, feature: Number(fid) });
     if (!r.ok) return "not highlighted: " + r.message;
     reads.push(r.data.tokens);
   }
@@ -257,7 +255,7 @@ function setupSteering() {
       if (!r.ok) { setStatus(status, r.message, true); return; }
       renderSteer(r.data);
       setStatus(status, `${r.data.model} · ${r.data.hook} · seed ${r.data.seed}`, false);
-      const shaded = await highlightSteer(fid, r.data, maxChars);
+      const shaded = await highlightSteer(fid, r.data);
       setStatus(status, `${r.data.model} · ${r.data.hook} · seed ${r.data.seed} · ${shaded}`, false);
     } catch (e) {
       setStatus(status, "request failed: " + e, true);
