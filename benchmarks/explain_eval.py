@@ -51,7 +51,7 @@ from lmscope.explain.scorers import (
     lm_score,
     rule_score,
 )
-from lmscope.explain.stats_explainer import explain_stats
+from lmscope.explain.stats_explainer import explain_stats, text_frequencies
 
 HOOK = "blocks.6.resid_post"
 RULE_READER = ("offline rule reader (lmscope.explain.rules.parse): parses the label with the stats explainer's own "
@@ -186,6 +186,65 @@ def evaluate(labels: dict[int, str], evs: dict[int, FeatureEvidence], score: Any
     return out
 
 
+def _diff(a: list[float | None], b: list[float | None]) -> dict[str, Any]:
+    """Paired change b - a (features scored by both)."""
+    pairs = [(x, y) for x, y in zip(a, b, strict=True) if x is not None and y is not None]
+    if not pairs:
+        return {"n": 0}
+    d = np.array([y - x for x, y in pairs])
+    return {"n": len(d), "mean": round(float(d.mean()), 4), "raised": int((d > 0).sum()),
+            "lowered": int((d < 0).sum()), "same": int((d == 0).sum())}  # fmt: skip
+
+
+def context_comparison(feats: list[int], evs: dict[int, FeatureEvidence], src: AtlasEvidence, stats: dict[int, Any],
+                       freq: dict[str, float], seed: int) -> dict[str, Any]:  # fmt: skip
+    """Context labels against the token-list labels of the same features, on the same held-out examples (rule
+    reader), with the shuffled-label control, and each context part switched off in turn (ablation)."""
+    from lmscope.explain.stats_explainer import PARTS, StatsConfig
+
+    def score(scorer: str, rule: Any, f: int) -> float | None:
+        return rule_score(scorer, rule, evs[f], kinds=src.kinds).score
+
+    out: dict[str, Any] = {}
+    ctx = [f for f in feats if stats[f].rule.extras() > 0]
+    out["more_than_token_list"] = {"features": len(ctx), "share": round(len(ctx) / max(1, len(feats)), 4)}
+    uses: dict[str, int] = {}
+    for f in ctx:
+        for c, _v in stats[f].rule.conditions():
+            if c not in ("tokens", "class"):
+                uses[c] = uses.get(c, 0) + 1
+    out["parts_used"] = uses
+    for scorer in ("detection", "fuzzing"):
+        tok = [score(scorer, stats[f].token_rule, f) for f in feats]
+        own = [score(scorer, stats[f].rule, f) for f in feats]
+        kept_tok = [t for t, f in zip(tok, feats, strict=True) if f in ctx]
+        kept_own = [o for o, f in zip(own, feats, strict=True) if f in ctx]
+        out[scorer] = {"token_list": distribution(tok), "chosen": distribution(own), "change_all": _diff(tok, own),
+                       "change_where_context_kept": _diff(kept_tok, kept_own)}  # fmt: skip
+    # each part off in turn: the held-out change of the labels it would have changed
+    ablation: dict[str, Any] = {}
+    for part in PARTS:
+        cfg = StatsConfig(parts=tuple(p for p in PARTS if p != part))
+        without = {f: explain_stats(evs[f], freq, src.vocab, kinds=src.kinds, cfg=cfg, promoted=src.promoted(f))
+                   for f in feats}  # fmt: skip
+        changed = [f for f in feats if without[f].rule != stats[f].rule]
+        row: dict[str, Any] = {"labels_changed": len(changed)}
+        for scorer in ("detection", "fuzzing"):
+            row[scorer] = _diff([score(scorer, without[f].rule, f) for f in changed],
+                                [score(scorer, stats[f].rule, f) for f in changed])  # fmt: skip
+        ablation[part] = row
+    out["ablation_part_on_vs_off"] = ablation
+    rng = np.random.default_rng(seed + 1)
+    pick = sorted(int(f) for f in rng.choice(feats, size=min(10, len(feats)), replace=False))
+    out["random_examples"] = [
+        {"feature": f, "token_list": stats[f].token_text, "label": stats[f].text,
+         "detection": [score("detection", stats[f].token_rule, f), score("detection", stats[f].rule, f)],
+         "fuzzing": [score("fuzzing", stats[f].token_rule, f), score("fuzzing", stats[f].rule, f)]}
+        for f in pick
+    ]  # fmt: skip
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--atlas", type=Path, default=None)
@@ -217,9 +276,9 @@ def main() -> None:
     rng = np.random.default_rng(args.seed)
     feats = sorted(int(f) for f in rng.choice(live, size=min(args.features, len(live)), replace=False))
     evs = {f: src.evidence(f) for f in feats}
-    freq = src.token_freq()
+    freq = text_frequencies(src.token_freq(), src.vocab)
     t1 = time.time()
-    stats = {f: explain_stats(evs[f], freq, src.vocab, kinds=src.kinds) for f in feats}
+    stats = {f: explain_stats(evs[f], freq, src.vocab, kinds=src.kinds, promoted=src.promoted(f)) for f in feats}
     offline = evaluate({f: s.text for f, s in stats.items()}, evs,
                        lambda sc, lab, ev: rule_score(sc, lab, ev, kinds=src.kinds).score)  # fmt: skip
     conf = np.array([stats[f].confidence for f in feats])
@@ -240,6 +299,9 @@ def main() -> None:
                         "explainer writes); the quoted-token reader does not, and scores the same labels "
                         "independently of those templates",
     }  # fmt: skip
+    t3 = time.time()
+    result["context_vs_token_list"] = context_comparison(feats, evs, src, stats, freq, args.seed)
+    result["context_vs_token_list"]["seconds"] = round(time.time() - t3, 1)
     if args.local:
         t2 = time.time()
         usage = Usage()

@@ -156,6 +156,7 @@ def build_atlas(
     if other_model is not None:
         other_model.resolve(hook)
     corpus = open_corpus(corpus)
+    corpus.record_names = True  # the atlas says which document each context came from (context_sources)
     packer = ContextPacker(model.tokenizer, cfg.packing)
     out.parent.mkdir(parents=True, exist_ok=True)
     started = time.time()
@@ -253,6 +254,8 @@ def _stream(
                 sel = pick[tok]
                 cofire.add(row_of[tok[sel]], f[sel], int(pick.sum()))
             db_write.insert_contexts(conn, n_ctx, batch.tokens)
+            if any(corpus.names):
+                db_write.insert_context_sources(conn, n_ctx, batch.document, corpus.names)
             n_ctx += B
             emit(progress, ProgressEvent(task="atlas", done=n_ctx * C, total=target, unit="tokens"))
     db_write.commit(conn)

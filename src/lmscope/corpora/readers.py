@@ -90,6 +90,11 @@ class Corpus:
 
     def __init__(self) -> None:
         self.stats = CorpusStats()
+        # With `record_names` set, `names[i]` is the source of the i-th document of the current pass ("" if
+        # unknown): a file's path, a record's `source`/`path`/`url`/`title`/`id` field. Off by default (a long
+        # harvest need not keep a name per document).
+        self.record_names = False
+        self.names: list[str] = []
 
     def documents(self) -> Iterator[str]:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -105,13 +110,28 @@ class Corpus:
 
     def _start(self) -> None:
         self.stats = CorpusStats()
+        self.names = []
 
-    def _emit(self, text: str) -> str | None:
+    def _emit(self, text: str, name: str = "") -> str | None:
         if not text:
             self.stats.empty_documents += 1
             return None
         self.stats.documents += 1
+        if self.record_names:
+            self.names.append(name)
         return text
+
+
+NAME_FIELDS = ("source", "path", "file", "filename", "url", "title", "id")
+
+
+def record_name(obj: Any, skip: str) -> str:
+    """The source of a record: its first non-empty NAME_FIELDS field other than the document's own field."""
+    for key in NAME_FIELDS:
+        v = obj.get(key) if key != skip else None
+        if isinstance(v, str | int) and not isinstance(v, bool) and str(v).strip():
+            return str(v).strip()[:200]
+    return ""
 
 
 def expand_paths(spec: str | os.PathLike[str], suffixes: tuple[str, ...] = ()) -> tuple[list[Path], Path | None]:
@@ -163,7 +183,8 @@ class TextCorpus(Corpus):
             if bad:
                 self.stats.replaced_bytes += bad
                 self.stats.files_with_replacements += 1
-            if (doc := self._emit(text)) is not None:
+            name = path.relative_to(self.root).as_posix() if self.root else path.name
+            if (doc := self._emit(text, name)) is not None:
                 yield doc
 
     def fingerprint(self) -> str:
@@ -221,7 +242,7 @@ class JsonlCorpus(_FieldFilesCorpus):
                     if value is None:
                         self.stats.empty_documents += 1
                         continue
-                    if (doc := self._emit(str(value))) is not None:
+                    if (doc := self._emit(str(value), record_name(obj, self.field))) is not None:
                         yield doc
 
 
@@ -302,7 +323,7 @@ class HFDatasetCorpus(Corpus):
             if value is None:
                 self.stats.empty_documents += 1
                 continue
-            if (doc := self._emit(str(value))) is not None:
+            if (doc := self._emit(str(value), record_name(row, self.field))) is not None:
                 yield doc
 
     def fingerprint(self) -> str:
@@ -354,7 +375,7 @@ class StdlibCorpus(Corpus):
         self._start()
         topics = self._topics()
         for i in range(max(len(topics), len(self.files))):
-            if i < len(topics) and (doc := self._emit(topics[i][1])) is not None:
+            if i < len(topics) and (doc := self._emit(topics[i][1], f"pydoc topic {topics[i][0]}")) is not None:
                 yield doc
             if i < len(self.files):
                 data = self.files[i].read_bytes()
@@ -362,7 +383,7 @@ class StdlibCorpus(Corpus):
                 text, bad = decode_bytes(data)
                 self.stats.replaced_bytes += bad
                 self.stats.files_with_replacements += bool(bad)
-                if (doc := self._emit(text)) is not None:
+                if (doc := self._emit(text, self.files[i].relative_to(self.root).as_posix())) is not None:
                     yield doc
 
     def fingerprint(self) -> str:

@@ -17,6 +17,7 @@ import numpy as np
 
 from lmscope.atlas.db import read
 from lmscope.atlas.db.schema import Connection
+from lmscope.explain.syntax import Annotated
 
 
 @dataclass
@@ -63,7 +64,15 @@ class AtlasEvidence:
         self.context_ids: list[int] = read.context_ids(conn)
         self._ctx: dict[int, np.ndarray] = {}
         self._freq: np.ndarray | None = None
-        self._kinds: dict[int, list[str]] = {}
+        self._kinds: dict[int, tuple[list[str], list[str], list[str], list[str]]] = {}
+        from lmscope.atlas.db.schema import get_meta
+        from lmscope.atlas.store import SPECIAL_TEXT
+
+        recorded = (get_meta(conn, "provenance") or {}).get("special_token_ids")
+        if not isinstance(recorded, list):  # an atlas built before the ids were recorded: read the texts
+            recorded = [i for i, t in enumerate(self.vocab) if SPECIAL_TEXT.fullmatch(t)]
+        ids = recorded
+        self.special_texts = frozenset(self.text(int(i)) for i in ids)
 
     def text(self, tid: int) -> str:
         return self.vocab[tid] if 0 <= tid < len(self.vocab) else f"<id {tid}>"
@@ -74,13 +83,32 @@ class AtlasEvidence:
             self._ctx[cid] = toks.astype(np.int64) if toks is not None else np.zeros(0, np.int64)
         return self._ctx[cid]
 
-    def kinds(self, w: Window) -> list[str]:
-        """The context kind (rules.CONTEXT_KINDS) of each token of `w`, classified over its whole context."""
-        from lmscope.explain.rules import classify_context
+    def kinds(self, w: Window) -> Annotated:
+        """The annotations of `w` (syntax.Annotated): context kind, syntax class and document of each token,
+        classified over its whole context, with the context's tokens just before and after the window."""
+        from lmscope.explain.rules import LINE_LOOKBACK
+        from lmscope.explain.syntax import classify_context, classify_syntax
 
         if w.context not in self._kinds:
-            self._kinds[w.context] = classify_context([self.text(t) for t in self.context(w.context).tolist()])
-        return self._kinds[w.context][w.start : w.start + len(w.tokens)]
+            texts = [self.text(t) for t in self.context(w.context).tolist()]
+            kinds = classify_context(texts)
+            sources = [""] * len(texts)
+            for s, name in read.context_sources(self.conn, w.context):
+                sources[s:] = [name] * (len(texts) - s)
+            self._kinds[w.context] = (texts, kinds, classify_syntax(texts, kinds), sources)
+        texts, kinds, syntax, sources = self._kinds[w.context]
+        a, b = w.start, w.start + len(w.tokens)
+        return Annotated(kinds[a:b], syntax[a:b], sources[a:b], texts[max(0, a - LINE_LOOKBACK) : a], texts[b : b + 1],
+                         self.special_texts)  # fmt: skip
+
+    def promoted(self, feature: int, n: int = 10) -> list[str]:
+        """The texts of the `n` tokens the feature's decoder direction promotes most (its positive logit effects)."""
+        row = read.feature_row(self.conn, feature)
+        if row is None or not row["logits"]:
+            return []
+        import json
+
+        return [self.text(int(t)) for t, _v in json.loads(row["logits"]).get("positive", [])[:n]]
 
     def token_freq(self) -> np.ndarray:
         """Relative frequency of each token id over every context stored in the atlas (position 0 excluded)."""

@@ -18,7 +18,7 @@ from lmscope.explain.labels import labelled, labels_to_score, open_rw, set_score
 from lmscope.explain.ops import ExplainError, JsonCache, OpsConfig, Usage, run_limited
 from lmscope.explain.prompts import explain_messages, parse_label, with_prefill
 from lmscope.explain.scorers import SCORERS, Score, ScoreConfig, lm_score, rule_score
-from lmscope.explain.stats_explainer import explain_stats
+from lmscope.explain.stats_explainer import explain_stats, text_frequencies
 
 Log = Callable[[str], None]
 
@@ -121,10 +121,10 @@ def explain_atlas(
         log(f"{report.name}: {len(todo)} features to label, {report.skipped} already labelled (skipped)")
         evs = {f: ev_src.evidence(f) for f in todo}
         if caller is None:
-            freq = ev_src.token_freq()
+            freq = text_frequencies(ev_src.token_freq(), ev_src.vocab)
             for f in todo:
                 ev = evs[f]
-                lab = explain_stats(ev, freq, ev_src.vocab, kinds=ev_src.kinds)
+                lab = explain_stats(ev, freq, ev_src.vocab, kinds=ev_src.kinds, promoted=ev_src.promoted(f))
                 sc = rule_score("detection", lab.rule, ev, kinds=ev_src.kinds, cfg=score_cfg)
                 write_machine_label(conn, f, lab.text, "stats", sc.score, sc.scorer)
                 report.done.append({"feature": f, "label": lab.text, "confidence": lab.confidence,

@@ -12,10 +12,17 @@ import ast
 import re
 import string
 from dataclasses import dataclass, field
+from typing import Any
 
-CONTEXT_KINDS = ("url", "docstring", "comment", "string", "number", "code", "prose")
-CONTEXT_WORDS = {"url": "URLs", "docstring": "docstrings", "comment": "comments", "string": "strings",
-                 "number": "numbers", "code": "code", "prose": "prose"}  # fmt: skip
+from lmscope.explain.syntax import (
+    CONTEXT_KINDS,
+    CONTEXT_WORDS,
+    SYNTAX_WORDS,
+    Annotated,
+    classify_context,
+)
+
+__all__ = ["CLASSES", "CONTEXT_KINDS", "Rule", "Seq", "check", "classify_context", "parse", "render", "token_classes"]
 
 # token classes: name -> (label wording, predicate on the token text)
 _PUNCT = set(string.punctuation)
@@ -86,44 +93,130 @@ def token_classes(t: str) -> list[str]:
 
 @dataclass(frozen=True)
 class Rule:
-    """Fires at a position whose token is in `tokens` (or of `token_class`), whose previous token is in `prev`
-    (if given), inside a `context` kind (if given) and at position <= `max_pos` (if given)."""
+    """Fires at a position whose token is in `tokens` (or of `token_class`) and that meets every other condition
+    given: the previous token in `prev`; the text right before it ending with `after`; `anchor` earlier on the same
+    line; the next token in `next`; a `context` kind; a `syntax` class; a document in `source`; a context position
+    <= `max_pos`. A rule with no condition fires nowhere."""
 
     tokens: frozenset[str] = field(default_factory=frozenset)
     token_class: str | None = None
     prev: frozenset[str] = field(default_factory=frozenset)
     context: str | None = None
     max_pos: int | None = None
+    syntax: str | None = None
+    after: str | None = None
+    anchor: str | None = None
+    next: frozenset[str] = field(default_factory=frozenset)
+    source: frozenset[str] = field(default_factory=frozenset)
 
-    def matches(self, tokens: list[str], i: int, ctx_kinds: list[str] | None = None, pos: int | None = None) -> bool:
-        t = tokens[i]
-        if self.tokens and t not in self.tokens:
-            return False
-        if self.token_class and not CLASSES[self.token_class][1](t):
-            return False
-        if not self.tokens and not self.token_class and not self.prev and not self.context and self.max_pos is None:
-            return False
-        if self.prev and (i == 0 or tokens[i - 1] not in self.prev):
-            return False
-        if self.context and (ctx_kinds is None or ctx_kinds[i] != self.context):
-            return False
-        return self.max_pos is None or (pos if pos is not None else i) <= self.max_pos
+    def conditions(self) -> list[tuple[str, Any]]:
+        """The rule as independent conditions (hashable), each checked by `check`."""
+        out: list[tuple[str, Any]] = []
+        if self.tokens:
+            out.append(("tokens", self.tokens))
+        if self.token_class:
+            out.append(("class", self.token_class))
+        if self.prev:
+            out.append(("prev", self.prev))
+        if self.after:
+            out.append(("after", self.after))
+        if self.anchor:
+            out.append(("anchor", self.anchor))
+        if self.next:
+            out.append(("next", self.next))
+        if self.context:
+            out.append(("context", self.context))
+        if self.syntax:
+            out.append(("syntax", self.syntax))
+        if self.source:
+            out.append(("source", self.source))
+        if self.max_pos is not None:
+            out.append(("max_pos", self.max_pos))
+        return out
 
-    def match_all(self, tokens: list[str], ctx_kinds: list[str] | None = None, start: int = 0) -> list[bool]:
-        return [self.matches(tokens, i, ctx_kinds, start + i) for i in range(len(tokens))]
+    def extras(self) -> int:
+        """How many conditions beyond the token set or class."""
+        return len(self.conditions()) - bool(self.tokens) - bool(self.token_class)
+
+    def match_all(self, tokens: list[str], ann: Annotated | list[str] | None = None, start: int = 0) -> list[bool]:
+        """Whether the rule fires at each token of a window; `ann` annotates it (a plain list: context kinds
+        only), `start` is the window's first position in its context."""
+        seq = Seq.of(tokens, ann, start)
+        conds = self.conditions()
+        if not conds:
+            return [False] * len(tokens)
+        return [all(check(c, seq, i) for c in conds) for i in range(len(tokens))]
+
+
+@dataclass
+class Seq:
+    """A window ready for `check`: its tokens with the annotated ones around it."""
+
+    full: list[str]  # left + window + right
+    off: int  # index of the window's first token in `full`
+    ann: Annotated
+    start: int
+
+    @staticmethod
+    def of(tokens: list[str], ann: Annotated | list[str] | None, start: int = 0) -> Seq:
+        if ann is None:
+            ann = Annotated(classify_context(tokens))
+        elif not isinstance(ann, Annotated):
+            ann = Annotated(list(ann))
+        return Seq(list(ann.left) + list(tokens), len(ann.left), ann, start) if not ann.right else Seq(
+            list(ann.left) + list(tokens) + list(ann.right), len(ann.left), ann, start)
+
+
+LOOKBACK = 4  # tokens joined for an `after` condition
+LINE_LOOKBACK = 24  # tokens searched back for an `anchor` on the same line
+
+
+def check(cond: tuple[str, Any], seq: Seq, i: int) -> bool:
+    """Whether condition `cond` (from Rule.conditions) holds at token `i` of the window."""
+    kind, v = cond
+    j = seq.off + i
+    t = seq.full[j]
+    if kind == "tokens":
+        return t in v
+    if kind == "class":
+        return CLASSES[v][1](t)
+    if kind == "prev":
+        return j > 0 and seq.full[j - 1] in v
+    if kind == "after":
+        return "".join(seq.full[max(0, j - LOOKBACK) : j]).endswith(v)
+    if kind == "anchor":
+        for k in range(j - 1, max(-1, j - 1 - LINE_LOOKBACK), -1):
+            if "\n" in seq.full[k]:
+                return False
+            if seq.full[k].strip() == v:
+                return True
+        return False
+    if kind == "next":
+        return j + 1 < len(seq.full) and seq.full[j + 1] in v
+    if kind == "context":
+        return seq.ann.kinds[i] == v
+    if kind == "syntax":
+        return seq.ann.syntax[i] == v
+    if kind == "source":
+        return seq.ann.sources[i] in v
+    if kind == "max_pos":
+        return seq.start + i <= v
+    raise ValueError(f"unknown condition {kind!r}")
 
 
 def _quote(t: str) -> str:
     return repr(t)
 
 
-def _token_list(ts: frozenset[str], limit: int = 6) -> str:
-    items = sorted(ts, key=lambda s: (s.strip().lower(), s))[:limit]
+def _token_list(ts: frozenset[str]) -> str:
+    """Every member, quoted, in a stable order (a label lists all of a rule's tokens, so it reads back exactly)."""
+    items = sorted(ts, key=lambda s: (s.strip().lower(), s))
     return ", ".join(_quote(t) for t in items)
 
 
 def render(rule: Rule, hedge: str = "") -> str:
-    """The label text of a rule, e.g. "mostly the tokens ' court', ' law' in prose" or "digits after ' page'"."""
+    """The label text of a rule, e.g. "mostly the tokens ' court', ' law' in prose", "digits after ' page'",
+    "the token 'INF' right after 'Decimal('' in the document '_pydecimal.py'". `parse` reads it back."""
     if rule.token_class:
         what = CLASSES[rule.token_class][0]
     elif rule.tokens:
@@ -131,10 +224,21 @@ def render(rule: Rule, hedge: str = "") -> str:
     else:
         what = "tokens"
     parts = [f"{hedge} {what}".strip()]
+    if rule.syntax:
+        parts.append(SYNTAX_WORDS[rule.syntax])
     if rule.prev:
         parts.append(f"after {_token_list(rule.prev)}")
+    if rule.after:
+        parts.append(f"right after {_quote(rule.after)}")
+    if rule.anchor:
+        parts.append(f"later on a line with {_quote(rule.anchor)}")
+    if rule.next:
+        parts.append(f"before {_token_list(rule.next)}")
     if rule.context:
         parts.append(f"in {CONTEXT_WORDS[rule.context]}")
+    if rule.source:
+        parts.append(("in the document " if len(rule.source) == 1 else "in the documents ")
+                     + _token_list(rule.source))  # fmt: skip
     if rule.max_pos is not None:
         parts.append("near the start of the context")
     return " ".join(parts)
@@ -142,6 +246,7 @@ def render(rule: Rule, hedge: str = "") -> str:
 
 _LITERAL = re.compile(r"""'(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*\"""")
 _HEDGES = ("unclear, perhaps", "sometimes", "mostly", "often")
+_LITS = r"((?:\x00\d+\x00(?:,\s*)?)+)"  # one or more held literals
 
 
 def _literals(s: str) -> frozenset[str]:
@@ -156,6 +261,12 @@ def _literals(s: str) -> frozenset[str]:
     return frozenset(out)
 
 
+def _take(low: str, pattern: str) -> tuple[str, re.Match[str] | None]:
+    """Remove the trailing clause `pattern` (anchored at the end) from `low`; returns the rest and the match."""
+    m = re.search(pattern + r"\s*$", low)
+    return (low[: m.start()].strip(), m) if m else (low, None)
+
+
 def parse(text: str) -> Rule | None:
     """The rule a label states, or None if it states none this module can run. Understands labels written by
     `render`, and plain ones such as "digits", "digits in code", "the token ' the' after ' of'"."""
@@ -167,128 +278,56 @@ def parse(text: str) -> Rule | None:
         lits.append(m.group(0))
         return f"\x00{len(lits) - 1}\x00"
 
+    def one(m: re.Match[str] | None) -> str | None:
+        got = sorted(_literals(_restore(m.group(1), lits))) if m else []
+        return got[0] if got else None
+
+    def many(m: re.Match[str] | None) -> frozenset[str]:
+        return _literals(_restore(m.group(1), lits)) if m else frozenset()
+
     skel = _LITERAL.sub(hold, s)
     low = skel.lower()
     for h in _HEDGES:
         if low.startswith(h + " ") or low.startswith(h + ":"):
             low = low[len(h) + 1 :].lstrip(" :")
             break
-    max_pos = None
-    if "near the start of the context" in low:
-        max_pos = 3
-        low = low.replace("near the start of the context", "").strip()
+    low, m = _take(low, r"\bnear the start of the context")
+    max_pos = 3 if m else None
+    low, m = _take(low, r"\bin the documents? " + _LITS)
+    source = many(m)
     context = None
-    m = re.search(r"\b(?:in|inside|within) (urls?|docstrings?|comments?|strings?|numbers|code|prose)\s*$", low)
+    low, m = _take(low, r"\b(?:in|inside|within) (urls?|docstrings?|comments?|strings?|numbers|code|prose)")
     if m:
         word = m.group(1).rstrip("s") if m.group(1) not in ("prose",) else "prose"
         context = {"url": "url", "docstring": "docstring", "comment": "comment", "string": "string",
                    "number": "number", "code": "code", "prose": "prose"}.get(word)  # fmt: skip
-        low = low[: m.start()].strip()
+    low, m = _take(low, r"\bbefore " + _LITS)
+    nxt = many(m)
+    low, m = _take(low, r"\blater on a line with " + _LITS)
+    anchor = one(m)
+    low, m = _take(low, r"\bright after " + _LITS)
+    after = one(m)
     prev: frozenset[str] = frozenset()
     if " after " in f" {low} ":
         head, _, tail = f" {low} ".partition(" after ")
         prev = _literals(_restore(tail, lits))
         low = head.strip()
+    syntax = None
+    for name, words in SYNTAX_WORDS.items():
+        low2, m = _take(low, r"\b" + re.escape(words))
+        if m:
+            syntax, low = name, low2
+            break
     tokens = _literals(_restore(low, lits))
     token_class = None
     if not tokens:
-        for name, words in _CLASS_SYNONYMS.items():
-            if any(re.search(rf"\b{re.escape(w)}\b", low) for w in words):
-                token_class = name
+        for cname, synonyms in _CLASS_SYNONYMS.items():
+            if any(re.search(rf"\b{re.escape(w)}\b", low) for w in synonyms):
+                token_class = cname
                 break
-    rule = Rule(tokens, token_class, prev, context, max_pos)
-    if not tokens and not token_class and not prev and not context and max_pos is None:
-        return None
-    return rule
+    rule = Rule(tokens, token_class, prev, context, max_pos, syntax, after, anchor, nxt, source)
+    return rule if rule.conditions() else None
 
 
 def _restore(s: str, lits: list[str]) -> str:
     return re.sub(r"\x00(\d+)\x00", lambda m: lits[int(m.group(1))], s)
-
-
-# ---------------------------------------------------------------------------------------------- context kinds
-_URL = re.compile(r"(?:https?://|www\.)[^\s\"'<>)\]]+")
-_CODE_LINE = re.compile(
-    r"^\s*(def |class |import |from \S+ import|return\b|if .*:\s*$|for .*:\s*$|while .*:\s*$|elif |else:|try:|"
-    r"except|print\(|@\w)|[=!<>]=|\w\(.*\)|[{};]\s*$|^\s{4,}\S|\bself\.|->|=>|\w+\s*=\s*\S"
-)
-
-
-def classify_context(tokens: list[str]) -> list[str]:
-    """One context kind per token (see CONTEXT_KINDS), from lexical rules over the decoded text."""
-    text = "".join(tokens)
-    n = len(text)
-    url = [False] * n
-    for m in _URL.finditer(text):
-        for k in range(m.start(), m.end()):
-            url[k] = True
-    # per line: is it code-like?
-    line_of = [0] * n
-    code_line = [bool(_CODE_LINE.search(ln)) for ln in text.split("\n")]
-    cur = 0
-    for k, ch in enumerate(text):
-        line_of[k] = cur
-        if ch == "\n":
-            cur += 1
-    # state machine: docstrings, comments, strings (on code lines)
-    state = [""] * n
-    triple: str | None = None
-    quote: str | None = None
-    comment = False
-    k = 0
-    while k < n:
-        ch = text[k]
-        if ch == "\n":
-            comment = False
-            quote = None
-        if triple:
-            state[k] = "docstring"
-            if text.startswith(triple, k):
-                for j in range(k, min(n, k + 3)):
-                    state[j] = "docstring"
-                k += 3
-                triple = None
-                continue
-        elif text.startswith('"""', k) or text.startswith("'''", k):
-            triple = text[k : k + 3]
-            for j in range(k, min(n, k + 3)):
-                state[j] = "docstring"
-            k += 3
-            continue
-        elif comment:
-            state[k] = "comment"
-        elif quote:
-            state[k] = "string"
-            if ch == "\\":
-                k += 2
-                continue
-            if ch == quote:
-                quote = None
-        elif ch == "#" and code_line[line_of[k]]:
-            comment = True
-            state[k] = "comment"
-        elif ch in "\"'" and code_line[line_of[k]] and not (ch == "'" and k > 0 and text[k - 1].isalnum()):
-            quote = ch
-            state[k] = "string"
-        k += 1
-    out = []
-    off = 0
-    for t in tokens:
-        span = range(off, off + len(t))
-        off += len(t)
-        chars = [j for j in span if not text[j].isspace()] or list(span)
-        if not chars:
-            out.append("code" if code_line[line_of[min(off, n - 1)]] else "prose")
-            continue
-        j = chars[0]
-        if any(url[c] for c in chars):
-            out.append("url")
-        elif state[j] in ("docstring", "comment", "string"):
-            out.append(state[j])
-        elif _is_digit(t) or re.fullmatch(r"\s*\d[\d.,_]*", t):
-            out.append("number")
-        elif code_line[line_of[j]]:
-            out.append("code")
-        else:
-            out.append("prose")
-    return out

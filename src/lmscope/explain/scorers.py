@@ -35,6 +35,7 @@ from lmscope.explain.prompts import (
 )
 from lmscope.explain.rules import Rule, parse
 from lmscope.explain.stats_explainer import window_kinds
+from lmscope.explain.syntax import Annotated
 
 SCORERS = ("detection", "fuzzing", "simulation")
 SCORER_MEANINGS = {  # one line each, for anyone reading a score beside a label
@@ -53,7 +54,7 @@ def score_meaning(scorer: str | None) -> str:
         return "how well the label predicts where the feature fires, on held-out examples"
     base = next((k for k in SCORER_MEANINGS if scorer.startswith(k)), None)
     return f"{scorer}: {SCORER_MEANINGS[base]}" if base else f"{scorer}: a score of the label on held-out examples"
-KindsFn = Callable[[Window], list[str]]
+KindsFn = Callable[[Window], "Annotated | list[str]"]
 
 
 @dataclass(frozen=True)

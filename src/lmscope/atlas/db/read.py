@@ -20,7 +20,15 @@ from typing import Any
 
 import numpy as np
 
-from lmscope.atlas.db.schema import CROSSCODER_TABLE, TRIGRAM_RANK_BITS, TRIGRAM_TABLE, Connection, Row, has_table
+from lmscope.atlas.db.schema import (
+    CROSSCODER_TABLE,
+    SOURCES_TABLE,
+    TRIGRAM_RANK_BITS,
+    TRIGRAM_TABLE,
+    Connection,
+    Row,
+    has_table,
+)
 
 SORTS = {
     "id": "id",
@@ -276,6 +284,14 @@ def context_tokens(conn: Connection, cid: int) -> np.ndarray | None:
     """The token ids of one context, or None if it is not stored."""
     row = conn.execute("SELECT tokens FROM contexts WHERE id = ?", (int(cid),)).fetchone()
     return None if row is None else _tokens(row[0])
+
+
+def context_sources(conn: Connection, cid: int) -> list[tuple[int, str]]:
+    """(start position, document name) runs of one context, ascending; [] if the atlas stores no sources."""
+    if not has_table(conn, SOURCES_TABLE):
+        return []
+    rows = conn.execute(f"SELECT start, source FROM {SOURCES_TABLE} WHERE context = ? ORDER BY start", (int(cid),))
+    return [(int(s), str(n)) for s, n in rows]
 
 
 def first_context_tokens(conn: Connection, n: int = 64) -> set[int]:

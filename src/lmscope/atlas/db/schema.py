@@ -150,6 +150,17 @@ WHEN new.kind = 'top' AND new.rank >= 0 AND new.rank < {1 << TRIGRAM_RANK_BITS} 
 END""",
 )
 
+# Where each context's tokens came from (optional: atlases built before it, or from a corpus without names,
+# have no rows): one row per run of positions from one document, which covers positions start.. up to the next
+# row's start. Explainers read it to say "in decimal.py".
+SOURCES_TABLE = "context_sources"
+SOURCES_DDL = f"""CREATE TABLE IF NOT EXISTS {SOURCES_TABLE} (
+    context INTEGER NOT NULL REFERENCES contexts(id),
+    start   INTEGER NOT NULL,              -- first position of the run
+    source  TEXT NOT NULL,                 -- the document's name, e.g. a file path ('' if unknown)
+    PRIMARY KEY (context, start)
+)"""
+
 CROSSCODER_TABLE = "crosscoder_latents"
 CROSSCODER_DDL = f"""CREATE TABLE IF NOT EXISTS {CROSSCODER_TABLE} (
     feature       INTEGER PRIMARY KEY,     -- features.id
@@ -174,6 +185,7 @@ def create(path: str | Path) -> Connection:
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=NORMAL")
     conn.executescript(DDL + SCORES_DDL)
+    conn.execute(SOURCES_DDL)
     try:
         for stmt in TRIGRAM_STATEMENTS:
             conn.execute(stmt)

@@ -8,7 +8,14 @@ from typing import Any
 
 import numpy as np
 
-from lmscope.atlas.db.schema import CROSSCODER_DDL, CROSSCODER_TABLE, Connection, has_table, set_meta
+from lmscope.atlas.db.schema import (
+    CROSSCODER_DDL,
+    CROSSCODER_TABLE,
+    SOURCES_TABLE,
+    Connection,
+    has_table,
+    set_meta,
+)
 
 
 def insert_contexts(conn: Connection, first_id: int, tokens: np.ndarray) -> None:
@@ -18,6 +25,18 @@ def insert_contexts(conn: Connection, first_id: int, tokens: np.ndarray) -> None
         "INSERT INTO contexts (id, tokens) VALUES (?, ?)",
         [(first_id + i, tokens[i].astype("<i4").tobytes()) for i in range(len(tokens))],
     )
+
+
+def insert_context_sources(conn: Connection, first_id: int, document: np.ndarray, names: list[str]) -> None:
+    """Store where each context of a batch came from: `document` is [batch, context] document indices (into
+    `names`; negative or out of range = unknown), one row per run of positions from one document."""
+    rows = []
+    for i, doc in enumerate(np.asarray(document)):
+        change = np.flatnonzero(np.diff(doc)) + 1
+        for s in np.concatenate([[0], change]).tolist():
+            d = int(doc[s])
+            rows.append((first_id + i, int(s), names[d] if 0 <= d < len(names) else ""))
+    conn.executemany(f"INSERT INTO {SOURCES_TABLE} (context, start, source) VALUES (?, ?, ?)", rows)
 
 
 def commit(conn: Connection) -> None:
