@@ -7,7 +7,11 @@ Node ids follow the viewer's conventions (as circuit-tracer writes them):
   which is also the id of layer 0's feature number `layer` at that position; lmscope keeps ids unique);
 - token `E_{token id}_{pos}`, layer "E", feature_type "embedding";
 - target logit `{n_layers + 1}_{token id}_{pos}`, feature_type "logit".
-Links are `{source, target, weight}`. lmscope's own figures (scores, settings, timing) sit under
+Links are `{source, target, weight}`. A feature node's `feature` is its layer's own feature id, and the graph names one
+scan per layer the way circuit-tracer does for a list of per-layer transcoders: `metadata.scan` starts with "custom-"
+and `metadata.transcoder_list[layer]` is that layer's scan, so the viewer fetches a node's feature from
+`features/{transcoder_list[layer]}/{feature}.json`, the file `lmscope export LAYER_ATLAS --static OUT` writes
+(lmscope.atlas.neuronpedia: the names, and the rule). lmscope's own figures (scores, settings, timing) sit under
 `metadata.lmscope`, which the viewer ignores. `qParams.supernodes` holds hand-made groups as
 `[label, node_id, ...]`, the viewer's form.
 """
@@ -16,12 +20,14 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from lmscope.atlas.db.schema import AtlasError
+from lmscope.atlas.neuronpedia import check_scan, graph_scan, transcoder_scans
 from lmscope.circuits.graph import Graph, prune, scores
 from lmscope.core.atomic import atomic_write_json
 from lmscope.errors import CircuitError
@@ -46,11 +52,22 @@ def to_neuronpedia(
     node_threshold: float = 0.8,
     edge_threshold: float = 0.98,
     labeler: Labeler | None = None,
-    scan: str | None = None,
+    scans: Sequence[str] | None = None,
 ) -> dict[str, Any]:
-    """The pruned graph in the viewer's JSON schema, with both graphs' scores under metadata.lmscope."""
+    """The pruned graph in the viewer's JSON schema, with both graphs' scores under metadata.lmscope. `scans`: the
+    scan of each layer's features (metadata.transcoder_list, by layer); by default the per-layer atlases' default
+    scans (`transcoder_scans`), the folders `lmscope export` writes their features into."""
     if not re.fullmatch(r"[A-Za-z0-9_.-]{1,100}", slug):
         raise CircuitError(f"slug {slug!r}: use 1-100 letters, digits, '.', '_' or '-'")
+    model = str(graph.meta.get("model", "model"))
+    layer_scans = transcoder_scans(model, graph.n_layers) if scans is None else list(scans)
+    if len(layer_scans) != graph.n_layers:
+        raise CircuitError(f"scans: {len(layer_scans)} given for a graph of {graph.n_layers} layers; give one a layer")
+    try:
+        for s in layer_scans:
+            check_scan(s)
+    except AtlasError as exc:
+        raise CircuitError(str(exc)) from None
     pr = prune(graph, node_threshold, edge_threshold)
     full = scores(graph)
     kept = scores(graph, pr.edges)
@@ -87,8 +104,8 @@ def to_neuronpedia(
     ]
     meta = {
         "slug": slug,
-        "scan": scan or f"lmscope-{graph.meta.get('model', 'model')}",
-        "transcoder_list": [str(graph.meta.get("transcoders", ""))],
+        "scan": graph_scan(model),
+        "transcoder_list": layer_scans,
         "prompt_tokens": graph.token_strs,
         "prompt": graph.prompt,
         "node_threshold": node_threshold,

@@ -31,7 +31,9 @@ ATLAS_EPILOG = (
 EXPORT_EPILOG = (
     "Examples:\n\n"
     "  lmscope export atlas.db --static site/              (open site/index.html, or host the folder)\n\n"
-    "  lmscope export big.db --static site/ --limit 20000  (the first 20,000 features of a large atlas)"
+    "  lmscope export big.db --static site/ --limit 20000  (the first 20,000 features of a large atlas)\n\n"
+    "  lmscope export tc-atlas/layer03.db --static site3/  (a transcoder layer: features/MODEL-blocks.3.mlp_in/ID.json "
+    "for lmscope's graphs in circuit-tracer's viewer)"
 )
 SERVE_EPILOG = (
     "Examples:\n\n"
@@ -175,19 +177,28 @@ def register(app: typer.Typer) -> None:
         limit: Annotated[
             int | None, typer.Option(help="Export only the first N features (a large atlas's in-browser search).")
         ] = None,
+        scan: Annotated[
+            str | None,
+            typer.Option(
+                help="Folder name of the attribution-graph viewer's feature JSON, features/SCAN/ID.json "
+                "(default: MODEL-HOOK from the atlas, the name lmscope's graphs look for)."
+            ),
+        ] = None,
         progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
     ) -> None:
-        """Write ATLAS as a static site: the same pages, read-only, searchable in the browser, no server."""
+        """Write ATLAS as a static site: the same pages, read-only, searchable in the browser, no server; and each
+        feature as circuit-tracer's attribution-graph viewer reads it."""
         from lmscope.cli.progress import RichProgress
         from lmscope.web.static_site import export_static
 
         if not atlas.is_file():
             raise LmscopeError(f"no atlas at {atlas}; build one with `lmscope atlas MODEL --dict DIR --out {atlas}`")
         with RichProgress(enabled=progress, console=err_console) as bar:
-            r = export_static(atlas, static, limit=limit, progress=bar)
+            r = export_static(atlas, static, limit=limit, progress=bar, scan=scan)
         index = Path(r["out"]) / "index.html"
         console.print(f"wrote {r['features']:,} of {r['total']:,} features to {r['out']}; open {index} in a browser, "
                       "or host the folder anywhere", highlight=False)  # fmt: skip
+        console.print(f"graph-viewer feature JSON: {r['out']}/features/{r['scan']}/ID.json", highlight=False)
 
 
 class _Stopped(Exception):

@@ -5,7 +5,9 @@ no inspector or steering, which need a running model), with their links made rel
 any folder and over `file://`. The feature list is one page whose search runs in the browser over
 `features/index.js` (ids, densities, activations, labels and each feature's top example text); it holds at most
 `MAX_STATIC_FEATURES` features (`limit` exports the first N of a larger atlas). Every feature's JSON, as the API
-serves it, goes to `api/features/{id}.json`.
+serves it, goes to `api/features/{id}.json`, and as circuit-tracer's attribution-graph viewer reads it to
+`features/{scan}/{id}.json` (lmscope.atlas.neuronpedia: the fields, and how a graph node names its file); the scan
+defaults to the atlas's model and hook, the name lmscope's graphs give a layer's transcoder features.
 
 The site is written into a temporary folder beside OUT and renamed into place when complete: an interrupted export
 leaves no half-written site, and an existing non-empty OUT is refused rather than overwritten.
@@ -21,6 +23,8 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+from lmscope.atlas.db.schema import AtlasError
+from lmscope.atlas.neuronpedia import atlas_scan, check_scan, feature_json
 from lmscope.atlas.store import AtlasStore
 from lmscope.core.progress import ProgressCallback, ProgressEvent
 from lmscope.errors import LmscopeError
@@ -30,6 +34,7 @@ from lmscope.web.app import STATIC, plotly_js
 MAX_STATIC_FEATURES = 65_536  # the client-side search index stays a few MB (about 150 bytes a feature)
 LINK = re.compile(r'(href|src|action)="/([^"]*)"')
 FEATURE = re.compile(r"features/(\d+)")
+SITE_NAMES = re.compile(r"\d+\.html|index\.(html|json|js)")  # the site's own files in features/: no scan folder
 
 
 class ExportError(LmscopeError):
@@ -76,11 +81,28 @@ def _index_row(store: AtlasStore, f: dict[str, Any]) -> dict[str, Any]:
             "text": top[0]["text"] if top else ""}  # fmt: skip
 
 
+def site_scan(store: AtlasStore, scan: str | None) -> str:
+    """The scan folder of the viewer's feature JSON: `scan`, checked, or the atlas's default."""
+    try:
+        name = atlas_scan(store.summary, store.provenance) if scan is None else check_scan(scan, "--scan")
+    except AtlasError as exc:
+        raise ExportError(str(exc)) from None
+    if SITE_NAMES.fullmatch(name):
+        raise ExportError(f"--scan {name!r} is the name of one of the site's own files in features/; choose another")
+    return name
+
+
 def export_static(
-    atlas: str | Path, out: str | Path, limit: int | None = None, progress: ProgressCallback | None = None
+    atlas: str | Path,
+    out: str | Path,
+    limit: int | None = None,
+    progress: ProgressCallback | None = None,
+    scan: str | None = None,
 ) -> dict[str, Any]:
-    """Write the static site for `atlas` into `out` (which must not exist or be empty); returns a summary."""
+    """Write the static site for `atlas` into `out` (which must not exist or be empty); returns a summary. `scan`
+    names the folder of the viewer's feature JSON, `features/{scan}/` (default: the atlas's model and hook)."""
     store = AtlasStore(atlas)
+    scan = site_scan(store, scan)
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ExportError(f"{out} exists and is not an empty folder; choose a new --static folder or empty it")
@@ -101,7 +123,7 @@ def export_static(
         if js is not None:  # without plotly the pages draw no histograms and say so
             (tmp / "vendor").mkdir()
             shutil.copy(js, tmp / "vendor" / "plotly.min.js")
-        (tmp / "features").mkdir()
+        (tmp / "features" / scan).mkdir(parents=True)
         (tmp / "api" / "features").mkdir(parents=True)
         html = pages.render("overview.html", request, static=True, **pages.overview_context(store))
         (tmp / "index.html").write_text(relink(html, "", n), encoding="utf-8")
@@ -111,6 +133,8 @@ def export_static(
             if f is None:
                 continue
             (tmp / "api" / "features" / f"{fid}.json").write_text(json.dumps(f), encoding="utf-8")
+            viewer = json.dumps(feature_json(f, scan), ensure_ascii=False, separators=(",", ":"))
+            (tmp / "features" / scan / f"{fid}.json").write_text(viewer, encoding="utf-8")
             html = pages.render("feature.html", request, static=True, **pages.feature_context(store, f, True))
             (tmp / "features" / f"{fid}.html").write_text(relink(html, "../", n), encoding="utf-8")
             rows.append(_index_row(store, f))
@@ -131,4 +155,4 @@ def export_static(
         raise
     if progress:
         progress(ProgressEvent("export", n, n, "features", finished=True))
-    return {"out": str(out), "features": n, "total": store.n_features, "index_bytes": len(index)}
+    return {"out": str(out), "features": n, "total": store.n_features, "index_bytes": len(index), "scan": scan}
