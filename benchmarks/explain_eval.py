@@ -221,6 +221,17 @@ def context_comparison(feats: list[int], evs: dict[int, FeatureEvidence], src: A
         kept_own = [o for o, f in zip(own, feats, strict=True) if f in ctx]
         out[scorer] = {"token_list": distribution(tok), "chosen": distribution(own), "change_all": _diff(tok, own),
                        "change_where_context_kept": _diff(kept_tok, kept_own)}  # fmt: skip
+    # without the cross-validation gate: the context label whenever it fits the explain half better
+    loose = StatsConfig(min_gain=-1.0)
+    ungated = {f: explain_stats(evs[f], freq, src.vocab, kinds=src.kinds, cfg=loose, promoted=src.promoted(f))
+               for f in feats}  # fmt: skip
+    moved = [f for f in feats if ungated[f].rule.extras() > 0]
+    out["ungated"] = {"more_than_token_list": len(moved)}
+    for scorer in ("detection", "fuzzing"):
+        out["ungated"][scorer] = _diff([score(scorer, stats[f].token_rule, f) for f in moved],
+                                       [score(scorer, ungated[f].rule, f) for f in moved])  # fmt: skip
+        out["ungated"][scorer]["token_list_mean"] = distribution([score(scorer, stats[f].token_rule, f)
+                                                                  for f in moved]).get("mean")  # fmt: skip
     # each part off in turn: the held-out change of the labels it would have changed
     ablation: dict[str, Any] = {}
     for part in PARTS:
