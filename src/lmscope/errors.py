@@ -29,3 +29,7 @@ class DiffError(LmscopeError):
 
 class AuditError(LmscopeError):
     """An audit cannot run as asked (battery file, battery too small, reference model, report)."""
+
+
+class MatchError(LmscopeError):
+    """Two dictionaries cannot be matched as asked (widths, hooks, models, corpus, report)."""

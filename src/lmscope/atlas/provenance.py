@@ -3,25 +3,12 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from lmscope.dictionaries.base import Dictionary
+from lmscope.dictionaries.formats import dictionary_hash as dictionary_hash  # re-exported: atlas provenance
 from lmscope.model.adapter import Model
-
-
-def dictionary_hash(d: Dictionary) -> str:
-    """sha256 over the dictionary's tensors (names, dtypes, sizes and bytes, in name order)."""
-    h = hashlib.sha256()
-    for name, t in sorted(d.state_dict().items()):
-        t = t.detach().reshape(-1).contiguous().cpu()
-        h.update(f"{name}|{t.dtype}|{t.numel()}\n".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
 
 
 def model_hash(model: Model) -> str:

@@ -24,6 +24,7 @@ compare against.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -77,6 +78,17 @@ def _load_tensors(path: Path) -> dict[str, Tensor]:
 def dictionary_tensors(d: Dictionary) -> dict[str, Tensor]:
     """The file tensors of a dictionary (SAELens names)."""
     return {name: getattr(d, name).detach() for name in d.tensor_shapes(d.cfg)}
+
+
+def dictionary_hash(d: Dictionary) -> str:
+    """sha256 over the dictionary's tensors (names, dtypes, sizes and bytes, in name order): the fingerprint an atlas
+    and a match report record, so the explorer knows which dictionary a report's side is."""
+    h = hashlib.sha256()
+    for name, t in sorted(d.state_dict().items()):
+        t = t.detach().reshape(-1).contiguous().cpu()
+        h.update(f"{name}|{t.dtype}|{t.numel()}\n".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
 
 
 def from_tensors(cfg: DictConfig, tensors: dict[str, Tensor], source: str) -> Dictionary:
