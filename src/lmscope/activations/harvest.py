@@ -48,7 +48,11 @@ from lmscope.activations.format import (
     read_manifest,
     storage_dtype,
 )
+from lmscope.activations.rank_manifests import fold_rank_files, is_rank_file, rank_file
 from lmscope.core.atomic import atomic_write_bytes, atomic_write_json, remove_stale_temps
+from lmscope.core.distributed import barrier
+from lmscope.core.distributed import rank as dist_rank
+from lmscope.core.distributed import world_size as dist_world
 from lmscope.core.progress import ProgressCallback, ProgressEvent, emit, resolve
 from lmscope.corpora import ContextBatch, ContextPacker, Corpus, CorpusError, PackingConfig, open_corpus
 from lmscope.model.adapter import Model
@@ -179,8 +183,9 @@ class _Shard:
 class _Writer:
     """Writes shards in a background thread (bounded queue), then records each in the manifest."""
 
-    def __init__(self, directory: Path, manifest: dict[str, Any], hooks: list[str], maxsize: int) -> None:
-        self.dir, self.manifest, self.hooks = directory, manifest, hooks
+    def __init__(self, directory: Path, manifest: dict[str, Any], hooks: list[str], maxsize: int,
+                 manifest_file: str = MANIFEST) -> None:  # fmt: skip
+        self.dir, self.manifest, self.hooks, self.manifest_file = directory, manifest, hooks, manifest_file
         self.q: queue.Queue[_Shard | None] = queue.Queue(maxsize=maxsize)
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, daemon=True, name="lmscope-shard-writer")
@@ -245,11 +250,11 @@ class _Writer:
         self.manifest["shards"].append(record)
         self.manifest["tokens"] = sum(s["rows"] for s in self.manifest["shards"])
         self.manifest["mean_norms"] = mean_norms(self.manifest["shards"], self.hooks)
-        atomic_write_json(self.dir / MANIFEST, self.manifest)
+        atomic_write_json(self.dir / self.manifest_file, self.manifest)
 
 
 def _is_lmscope_file(p: Path) -> bool:
-    return p.name == MANIFEST or (p.name.startswith("shard_") and p.suffix == ".safetensors")
+    return p.name == MANIFEST or is_rank_file(p.name) or (p.name.startswith("shard_") and p.suffix == ".safetensors")
 
 
 def _start_dir(out: Path, overwrite: bool) -> dict[str, Any] | None:
@@ -308,7 +313,15 @@ def harvest(
     sdtype = storage_dtype(cfg.dtype)
     packer = ContextPacker(model.tokenizer, cfg.packing)
     identity = _identity(model, corpus, cfg)
-    existing = _start_dir(out, overwrite)
+    R, W = dist_rank(), dist_world()
+    main = R == 0
+    if main:
+        existing = _start_dir(out, overwrite)
+        if existing is not None and any(is_rank_file(p.name) for p in out.iterdir()):
+            existing = fold_rank_files(out, existing)  # a killed run over several ranks: keep its complete prefix
+    barrier()
+    if not main:
+        existing = read_manifest(out) if (out / MANIFEST).exists() else None
     if existing is not None:
         diffs = identity_diff(existing.get("identity", {}), identity, existing)
         if diffs:
@@ -354,25 +367,35 @@ def harvest(
     done_contexts = done_rows // cfg.context
     if done_contexts >= cfg.target_contexts:
         manifest["complete"] = True
-        atomic_write_json(out / MANIFEST, manifest)
-        log(f"{out} already holds {done_rows:,} tokens (>= {cfg.tokens:,} asked); nothing to do")
+        if main:
+            atomic_write_json(out / MANIFEST, manifest)
+            log(f"{out} already holds {done_rows:,} tokens (>= {cfg.tokens:,} asked); nothing to do")
+        barrier()
         return manifest
-    if done_rows:
+    if done_rows and main:
         log(f"resuming {out} after {len(manifest['shards'])} complete shard(s), {done_rows:,} tokens")
-    _check_space(out, (cfg.target_contexts - done_contexts) * cfg.context, model.d_model * len(cfg.hooks), sdtype, log)
     manifest["tokens"] = done_rows
-    atomic_write_json(out / MANIFEST, manifest)
+    if main:
+        _check_space(out, (cfg.target_contexts - done_contexts) * cfg.context, model.d_model * len(cfg.hooks), sdtype,
+                     log)  # fmt: skip
+        atomic_write_json(out / MANIFEST, manifest)
+    barrier()
     try:
-        _run(model, corpus, packer, cfg, out, manifest, sdtype, report)
+        _run(model, corpus, packer, cfg, out, manifest, sdtype, report if main else None, R, W)
     except CorpusError:
-        if not manifest["shards"]:
+        if not manifest["shards"] and main:
             (out / MANIFEST).unlink(missing_ok=True)  # leave no half-started store behind
         raise
-    manifest["complete"] = True
-    manifest["corpus"]["stats"] = vars(corpus.stats)
-    manifest["corpus"]["exhausted"] = manifest["tokens"] < manifest["target_tokens"]
-    atomic_write_json(out / MANIFEST, manifest)
-    return manifest
+    barrier()  # every rank has recorded its shards
+    if main:
+        if W > 1:  # each rank recorded its shards in its own file; rank 0 folds them in
+            manifest = fold_rank_files(out, manifest)
+        manifest["complete"] = True
+        manifest["corpus"]["stats"] = vars(corpus.stats)
+        manifest["corpus"]["exhausted"] = manifest["tokens"] < manifest["target_tokens"]
+        atomic_write_json(out / MANIFEST, manifest)
+    barrier()
+    return manifest if main else read_manifest(out)
 
 
 def _check_space(out: Path, rows: int, width: int, dtype: torch.dtype, log: Callable[[str], None]) -> None:
@@ -424,13 +447,18 @@ def _run(
     manifest: dict[str, Any],
     sdtype: torch.dtype,
     progress: ProgressCallback | None,
+    rank: int = 0,
+    world: int = 1,
 ) -> None:
+    """Harvest the batches after the manifest's shards; with `world` > 1, only the shards j with j mod world ==
+    rank (recorded in this rank's own manifest file, see rank_manifests.py)."""
     hooks = list(cfg.hooks)
     c = cfg.context
     shard_rows = cfg.shard_contexts * c
     done_rows = sum(s["rows"] for s in manifest["shards"])
     total = manifest["target_tokens"]
-    writer = _Writer(out, manifest, hooks, cfg.queue_shards)
+    records = manifest if world == 1 else {"shards": []}
+    writer = _Writer(out, records, hooks, cfg.queue_shards, MANIFEST if world == 1 else rank_file(rank))
     shard: _Shard | None = None
     index, row = len(manifest["shards"]), done_rows
 
@@ -441,8 +469,13 @@ def _run(
     try:
         with model.capture(hooks, stop_early=True) as acts:
             for batch, ends in _prefetch(_batches(packer, corpus, cfg, manifest["shards"]), 4):
-                forward_batch(model, acts, hooks, torch.from_numpy(batch.tokens))
                 n = len(batch) * c
+                if index % world != rank:  # another rank's shard: only count its rows
+                    row += n
+                    index += int(ends)
+                    report()
+                    continue
+                forward_batch(model, acts, hooks, torch.from_numpy(batch.tokens))
                 if shard is None:
                     shard = _Shard(index, row, _alloc(acts, hooks, shard_rows, sdtype))
                 s = slice(shard.rows, shard.rows + n)

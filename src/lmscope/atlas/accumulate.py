@@ -5,13 +5,20 @@ Everything is a dense tensor indexed by feature, so memory is independent of the
 - counts, sums and maxima (density, mean and max activation);
 - top-k examples: per feature the k contexts with the largest activation (one example per context, at the
   context's maximum), each with the window of activations around it;
-- quantile samples and the histogram, on a per-feature power-of-two scale S >= running max. The range
-  [0, S) is cut into `bins` equal bins (histogram: `hist_bins`). Each quantile bin keeps the `samples`
-  firings with the smallest random keys seen in it ("bottom-s" sampling), which is a uniform sample
-  without replacement of all firings in that bin. When the running max exceeds S, S doubles (as often as
-  needed) and bins merge pairwise: histogram counts add, and the bottom-s of a union is the bottom-s of the
-  bottom-s sets, so the samples stay exactly uniform within every bin. S is kept strictly above the running
+- quantile samples and the histogram, on a per-feature power-of-two scale S >= running max. The range [0, S) is
+  cut into `bins` equal bins (histogram: `hist_bins`). Each quantile bin keeps the `samples` firings with the
+  smallest random keys seen in it ("bottom-s" sampling), which is a uniform sample without replacement of all
+  firings in that bin. A firing's key is a hash of (seed, context id, position, feature), not a draw from a
+  stream, so it does not depend on the order firings arrive in. When the running max exceeds S, S doubles (as
+  often as needed) and bins merge pairwise: histogram counts add, and the bottom-s of a union is the bottom-s of
+  the bottom-s sets, so the samples stay exactly uniform within every bin. S is kept strictly above the running
   max, so at the end max < S <= 2 max and between bins/2 and bins bins of width S/bins cover (0, max].
+
+Because S is always the smallest power of two above the max and the keys are hashes, accumulators of disjoint
+parts of a corpus merge exactly (`merge`): counts and histograms add after aligning S, the top-k of the union is
+the top-k of the two top-k sets (activation descending, then context id ascending), and the bottom-s of the union
+is the bottom-s of the two bottom-s sets. N ranks that each accumulate every N-th batch, merged, give what one
+process gives (the activation sums up to float rounding).
 """
 
 from __future__ import annotations
@@ -22,6 +29,24 @@ import torch
 from torch import Tensor
 
 EMPTY_KEY = float("inf")
+_M1, _M2, _GOLD = -4658895280553007687, -7723592293110705685, -7046029254386353131  # splitmix64 constants (signed)
+
+
+def _mix(x: Tensor) -> Tensor:
+    """splitmix64's finaliser on int64 (wrapping arithmetic): a well-spread hash of each value."""
+    x = x ^ ((x >> 30) & ((1 << 34) - 1))
+    x = x * _M1
+    x = x ^ ((x >> 27) & ((1 << 37) - 1))
+    x = x * _M2
+    return x ^ ((x >> 31) & ((1 << 33) - 1))
+
+
+def hash_keys(seed: int, ctx: Tensor, pos: Tensor, feature: Tensor) -> Tensor:
+    """float64 keys in [0, 1), a deterministic hash of (seed, context id, position, feature) for each firing."""
+    h = _mix((torch.full_like(ctx, seed) + 1) * _GOLD + ctx)
+    h = _mix(h * _GOLD + pos)
+    h = _mix(h * _GOLD + feature)
+    return ((h >> 11) & ((1 << 53) - 1)).to(torch.float64) * (2.0**-53)
 
 
 @dataclass
@@ -64,7 +89,7 @@ class FeatureAccumulator:
         self.W = before + after + 1
         dev = torch.device(device)
         self.device = dev
-        self.gen = torch.Generator(device=dev).manual_seed(seed)
+        self.seed = seed
         F, W = d_sae, self.W
         self.n_tokens = 0
         self.n_fired = torch.zeros(F, dtype=torch.int64, device=dev)
@@ -79,7 +104,7 @@ class FeatureAccumulator:
             torch.zeros(F, top_k, dtype=torch.int64, device=dev),
             torch.zeros(F, top_k, W, device=dev),
         )
-        self.q_key = torch.full((F, bins, samples), EMPTY_KEY, device=dev)
+        self.q_key = torch.full((F, bins, samples), EMPTY_KEY, dtype=torch.float64, device=dev)
         self.q = Examples(
             torch.zeros(F, bins, samples, device=dev),
             torch.full((F, bins, samples), -1, dtype=torch.int64, device=dev),
@@ -177,7 +202,9 @@ class FeatureAccumulator:
 
     def _update_top(self, z: Tensor, cmax: Tensor, cpos: Tensor, ctx_ids: Tensor) -> None:
         vals = torch.cat([self.top.act, cmax.T], dim=1)  # [F, k + B]
-        new_v, sel = vals.topk(self.k, dim=1)
+        # a stable sort, not topk: equal activations keep stream order (the lower context id first), the order
+        # `merge` uses, so a build split over ranks keeps the same examples
+        new_v, sel = (t[:, : self.k] for t in torch.sort(vals, dim=1, descending=True, stable=True))
         is_new = (sel >= self.k) & (new_v > 0)
         rows = is_new.any(1).nonzero().squeeze(1)  # only features whose top-k changed are rewritten
         if not len(rows):
@@ -201,7 +228,7 @@ class FeatureAccumulator:
     def _update_quantiles(
         self, z: Tensor, g: Tensor, a: Tensor, b: Tensor, p: Tensor, f: Tensor, ctx_ids: Tensor
     ) -> None:
-        key = torch.rand(len(g), generator=self.gen, device=g.device)
+        key = hash_keys(self.seed, ctx_ids[b], p, f)
         qk = self.q_key.view(-1, self.s)
         keep = key < qk[g].amax(-1)
         if not keep.any():
@@ -214,7 +241,7 @@ class FeatureAccumulator:
         m = rank < self.s
         a, b, p, f, key, gidx, rank = a[m], b[m], p[m], f[m], key[m], gidx[m], rank[m]
         T = len(uniq)
-        new_key = torch.full((T, self.s), EMPTY_KEY, device=g.device)
+        new_key = torch.full((T, self.s), EMPTY_KEY, dtype=torch.float64, device=g.device)
         new_key[gidx, rank] = key
         kv, ki = torch.cat([qk[uniq], new_key], dim=1).topk(self.s, dim=1, largest=False)  # bottom-s of [T, 2s]
         # Slot (t, j) with ki >= s holds new item `lookup[t, ki - s]`; only groups with such a slot change.
@@ -238,6 +265,84 @@ class FeatureAccumulator:
         qk[uniq] = kv
         for dst, src in zip(flat, res, strict=True):
             dst[uniq] = src
+
+    # ------------------------------------------------------------------ merging
+    STATE = ("n_fired", "sum_act", "max_act", "scale", "hist", "q_count", "q_key")
+    EXAMPLES = ("act", "ctx", "pos", "win")
+
+    def state(self) -> list[Tensor]:
+        """Every tensor of the state, in a fixed order (what another rank sends to be merged)."""
+        head = [torch.tensor([self.n_tokens], dtype=torch.int64, device=self.device)]
+        examples = [getattr(self.top, n) for n in self.EXAMPLES] + [getattr(self.q, n) for n in self.EXAMPLES]
+        return head + [getattr(self, n) for n in self.STATE] + examples
+
+    def empty_like_state(self) -> list[Tensor]:
+        return [torch.empty_like(t) for t in self.state()]
+
+    def load_state(self, tensors: list[Tensor]) -> None:
+        it = iter(tensors)
+        self.n_tokens = int(next(it).item())
+        for n in self.STATE:
+            setattr(self, n, next(it).to(self.device))
+        self.top = Examples(*(next(it).to(self.device) for _ in self.EXAMPLES))
+        self.q = Examples(*(next(it).to(self.device) for _ in self.EXAMPLES))
+
+    def _align(self, target: Tensor) -> None:
+        """Raise S to `target` (a power of two, or 0) for every feature where it is larger, merging bins."""
+        grow = (self.scale > 0) & (target > self.scale)
+        fresh = (self.scale == 0) & (target > 0)
+        self.scale[fresh] = target[fresh]
+        if not grow.any():
+            return
+        fs = grow.nonzero().squeeze(1)
+        factor = torch.round(torch.log2(target[fs] / self.scale[fs])).to(torch.int64)
+        for m in factor.unique().tolist():
+            sel = fs[factor == m]
+            self._merge(sel, 2 ** int(m))
+            self.scale[sel] = target[sel]
+
+    @torch.no_grad()
+    def merge(self, other: FeatureAccumulator) -> None:
+        """Add `other`, an accumulator of a disjoint part of the same corpus with the same settings (see the
+        module doc: exact, and independent of the order of merging)."""
+        if (other.F, other.k, other.K, other.s, other.HB, other.W, other.seed) != (
+            self.F, self.k, self.K, self.s, self.HB, self.W, self.seed
+        ):  # fmt: skip
+            raise ValueError("merge: the two accumulators were made with different settings")
+        target = torch.maximum(self.scale, other.scale.to(self.device))
+        other_scale = other.scale.clone()
+        self._align(target)
+        o = FeatureAccumulator.__new__(FeatureAccumulator)
+        o.__dict__ = {**other.__dict__}
+        o.load_state([t.clone().to(self.device) for t in other.state()])
+        o.scale = other_scale.to(self.device)
+        o._align(target)
+        self.n_tokens += o.n_tokens
+        self.n_fired += o.n_fired
+        self.sum_act += o.sum_act
+        self.max_act = torch.maximum(self.max_act, o.max_act)
+        self.hist += o.hist
+        self.q_count += o.q_count
+        # top-k of the union: activation descending, then context id ascending; empty slots last
+        act = torch.cat([self.top.act, o.top.act], 1)
+        ctx = torch.cat([self.top.ctx, o.top.ctx], 1)
+        empty = ctx < 0
+        big = ctx.max() + 1 if ctx.numel() else 1
+        order = torch.argsort(torch.where(empty, big, ctx), dim=1, stable=True)  # secondary key first
+        a2 = torch.where(empty, torch.full_like(act, -float("inf")), act).gather(1, order)
+        order = order.gather(1, torch.argsort(-a2, dim=1, stable=True))[:, : self.k]
+        for n in self.EXAMPLES:
+            both = torch.cat([getattr(self.top, n), getattr(o.top, n)], 1)
+            idx = order if both.dim() == 2 else order.unsqueeze(-1).expand(-1, -1, self.W)
+            setattr(self.top, n, both.gather(1, idx))
+        # bottom-s of the union in every quantile bin
+        keys = torch.cat([self.q_key, o.q_key], 2)
+        kv, ki = keys.topk(self.s, dim=2, largest=False, sorted=True)
+        self.q_key = kv
+        for n in self.EXAMPLES:
+            both = torch.cat([getattr(self.q, n), getattr(o.q, n)], 2)
+            idx = ki if both.dim() == 3 else ki.unsqueeze(-1).expand(-1, -1, -1, self.W)
+            setattr(self.q, n, both.gather(2, idx))
 
     # ------------------------------------------------------------------ results
     def _ranges(self, nb: int) -> tuple[Tensor, Tensor]:

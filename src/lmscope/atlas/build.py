@@ -19,18 +19,24 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from lmscope.atlas.accumulate import FeatureAccumulator
 from lmscope.atlas.config import AtlasConfig
 from lmscope.atlas.db import write as db_write
 from lmscope.atlas.db.schema import SCHEMA_VERSION, AtlasError, Connection, create, get_meta, is_complete, set_meta
+from lmscope.atlas.distributed import gather_to_main, merge_accumulators, stack_chunks, unstack_chunks
 from lmscope.atlas.neighbours import CofireSample
 from lmscope.atlas.provenance import dictionary_hash, load_eval_metrics, model_hash
 from lmscope.atlas.write import write_results
+from lmscope.core.distributed import all_reduce_sum as dist_all_reduce_sum
+from lmscope.core.distributed import barrier
+from lmscope.core.distributed import rank as dist_rank
+from lmscope.core.distributed import world_size as dist_world
 from lmscope.core.progress import ProgressCallback, ProgressEvent, emit, resolve
 from lmscope.corpora import ContextPacker, Corpus, open_corpus
 from lmscope.dictionaries.base import Dictionary
-from lmscope.dictionaries.metrics import FVUAccumulator
+from lmscope.dictionaries.metrics import FVUAccumulator, batch_moments
 from lmscope.model.adapter import Model
 
 
@@ -66,15 +72,15 @@ def _load_model(model: Model | str, device: str, dtype: str) -> Model:
 
 
 def _load_inputs(
-    model: Model | str, dictionary: Dictionary | str | Path, device: str, dtype: str
+    model: Model | str, dictionary: Dictionary | str | Path, device: str, dtype: str, hook: str | None = None
 ) -> tuple[Model, Dictionary, str | None]:
     model = _load_model(model, device, dtype)
     dict_path = None
     if not isinstance(dictionary, Dictionary):
-        from lmscope.dictionaries.formats import load_dictionary
+        from lmscope.dictionaries.pretrained import open_dictionary
 
         dict_path = str(Path(dictionary).resolve())
-        dictionary = load_dictionary(dictionary)
+        dictionary = open_dictionary(dictionary, hook=hook)  # lmscope, SAELens, sparsify or Gemma Scope
     return model, dictionary, dict_path
 
 
@@ -135,18 +141,25 @@ def build_atlas(
         cfg = replace(cfg, tokens=int(tokens))
     out = Path(out)
     partial = _partial(out)
+    main, n_ranks = dist_rank() == 0, dist_world()
     if out.exists() and not overwrite:
         raise AtlasError(f"{out} already exists; pass --overwrite (overwrite=True) or choose another --out")
-    if partial.exists() and not overwrite and is_complete(partial):
-        log(f"{partial} is a complete build that was not renamed (interrupted at the very end); finishing it")
-        os.replace(partial, out)
+    finishing = partial.exists() and not overwrite and is_complete(partial)
+    barrier()  # every rank has looked before rank 0 renames or removes anything
+    if finishing:
+        if main:
+            log(f"{partial} is a complete build that was not renamed (interrupted at the very end); finishing it")
+            os.replace(partial, out)
+        barrier()
         return out
-    if partial.exists():
+    if partial.exists() and main:
         log(f"removing the unfinished build {partial} left by an interrupted run; starting again")
         _remove_db(partial)
-    model, dictionary, dict_path = _load_inputs(model, dictionary, device, dtype)
+    model, dictionary, dict_path = _load_inputs(model, dictionary, device, dtype, hook)
     other_model = _load_model(other, device, dtype) if other is not None else None
     _check_other(model, dictionary, other_model)
+    if hook and dict_path is not None:
+        hook = dictionary.cfg.hook  # open_dictionary put the hook in lmscope's names
     hook = hook or dictionary.cfg.hook
     if not hook:
         raise AtlasError(
@@ -160,6 +173,10 @@ def build_atlas(
     packer = ContextPacker(model.tokenizer, cfg.packing)
     out.parent.mkdir(parents=True, exist_ok=True)
     started = time.time()
+    if not main:  # another rank: its share of the batches, merged on rank 0, which writes the file
+        _stream(model, dictionary, hook, corpus, packer, cfg, None, None, other_model)
+        barrier()
+        return out
     conn = create(partial)
     try:
         acc, cofire, metrics = _stream(model, dictionary, hook, corpus, packer, cfg, conn, progress, other_model)
@@ -182,6 +199,7 @@ def build_atlas(
             "corpus": {"fingerprint": corpus.fingerprint(), "description": corpus.describe(),
                        "stats": vars(corpus.stats)},
             "config": cfg.to_dict(),
+            "ranks": n_ranks,
         }  # fmt: skip
         write_results(conn, model, dictionary, acc, cofire, metrics, provenance, cfg, dict_path, log, other_model)
         conn.close()
@@ -190,6 +208,7 @@ def build_atlas(
             conn.close()
         raise
     os.replace(partial, out)
+    barrier()
     return out
 
 
@@ -200,14 +219,17 @@ def _stream(
     corpus: Corpus,
     packer: ContextPacker,
     cfg: AtlasConfig,
-    conn: Connection,
+    conn: Connection | None,
     progress: ProgressCallback | None,
     other: Model | None = None,
 ) -> tuple[FeatureAccumulator, CofireSample, dict[str, float]]:
+    """One pass over the corpus. Under torchrun, batch i is this rank's if i mod N == rank; rank 0 (`conn` given)
+    writes every context and returns the merged results (atlas/distributed.py); the others return theirs, unused."""
     dcfg = dictionary.cfg
     target_hook = dcfg.hook_out if dcfg.is_transcoder and dcfg.hook_out else None
     hooks = [hook] + ([target_hook] if target_hook and target_hook != hook else [])
     dev = model.device
+    R, W = dist_rank(), dist_world()
     dictionary = dictionary.to(dev).float().eval()
     acc = FeatureAccumulator(
         dcfg.d_sae, cfg.top_k, cfg.bins, cfg.samples_per_bin, cfg.hist_bins, cfg.window_before,
@@ -216,55 +238,81 @@ def _stream(
     cofire = CofireSample(dcfg.d_sae)
     target = math.ceil(cfg.tokens / cfg.context) * cfg.context
     stride = max(1, target // max(1, cfg.cofire_tokens))
-    err = FVUAccumulator()  # reconstruction error of the non-special tokens
-    l0 = 0.0
+    moments: list[tuple[int, list[Tensor]]] = []  # per batch of this rank: its reconstruction moments
+    sampled: list[tuple[int, list[Tensor]]] = []  # per batch: its co-firing sample (rows, cols, number of rows)
+    sampled_entries = 0
+    l0 = 0
     n_ctx = 0
     emit(progress, ProgressEvent(task="atlas", done=0, total=target, unit="tokens"))
     other_capture = other.capture([hook], stop_early=True) if other is not None else contextlib.nullcontext()
     with model.capture(hooks, stop_early=True) as acts, other_capture as acts_o, torch.inference_mode():
-        for batch in _contexts(packer, corpus, cfg):
-            ids = torch.from_numpy(batch.tokens)
-            model(ids)
-            x = acts[hook].float()
-            if other is not None and acts_o is not None:  # a crosscoder reads [BASE | OTHER], rebuilds both
-                other(ids)
-                x = torch.cat([x, acts_o[hook].float().to(x.device)], dim=-1)
-            if x.shape[-1] != dcfg.d_in:
-                raise AtlasError(
-                    f"{hook} is {x.shape[-1]} wide but the dictionary expects d_in={dcfg.d_in}; pass the hook the "
-                    "dictionary was trained on (--hook)"
-                )
-            z = dictionary.encode(x)
-            special = torch.from_numpy(batch.special).to(dev)
-            B, C = ids.shape
-            ctx_ids = torch.arange(n_ctx, n_ctx + B, device=dev)
-            b, p, f, a = acc.update(z, special, ctx_ids)
-            # evaluation metrics on the non-special tokens; the reconstruction is decoded from the sparse firings
-            tok = b * C + p
-            zs = torch.sparse_coo_tensor(torch.stack([tok, f]), a, (B * C, dcfg.d_sae), check_invariants=False)
-            recon = (torch.sparse.mm(zs, dictionary.W_dec) + dictionary.b_dec).reshape(B, C, -1)[~special]
-            y = (acts[target_hook].float() if target_hook else x)[~special]
-            err.update(y, recon)
-            l0 += float(len(f))
-            # co-firing sample: every `stride`-th token of the stream that is not special
-            flat_idx = torch.arange(n_ctx * C, (n_ctx + B) * C, device=dev).reshape(B, C)
-            pick = ((flat_idx % stride == 0) & ~special).reshape(-1)
-            if pick.any():
-                row_of = torch.cumsum(pick, 0) - 1
-                sel = pick[tok]
-                cofire.add(row_of[tok[sel]], f[sel], int(pick.sum()))
-            db_write.insert_contexts(conn, n_ctx, batch.tokens)
-            if any(corpus.names):
-                db_write.insert_context_sources(conn, n_ctx, batch.document, corpus.names)
+        for i, batch in enumerate(_contexts(packer, corpus, cfg)):
+            B, C = batch.tokens.shape
+            if i % W == R:
+                ids = torch.from_numpy(batch.tokens)
+                model(ids)
+                x = acts[hook].float()
+                if other is not None and acts_o is not None:  # a crosscoder reads [BASE | OTHER], rebuilds both
+                    other(ids)
+                    x = torch.cat([x, acts_o[hook].float().to(x.device)], dim=-1)
+                if x.shape[-1] != dcfg.d_in:
+                    raise AtlasError(
+                        f"{hook} is {x.shape[-1]} wide but the dictionary expects d_in={dcfg.d_in}; pass the hook "
+                        "the dictionary was trained on (--hook)"
+                    )
+                z = dictionary.encode(x)
+                special = torch.from_numpy(batch.special).to(dev)
+                ctx_ids = torch.arange(n_ctx, n_ctx + B, device=dev)
+                b, p, f, a = acc.update(z, special, ctx_ids)
+                # evaluation metrics on the non-special tokens; the reconstruction decoded from the sparse firings
+                tok = b * C + p
+                zs = torch.sparse_coo_tensor(torch.stack([tok, f]), a, (B * C, dcfg.d_sae), check_invariants=False)
+                recon = (torch.sparse.mm(zs, dictionary.W_dec) + dictionary.b_dec).reshape(B, C, -1)[~special]
+                y = (acts[target_hook].float() if target_hook else x)[~special]
+                n_b, sse_b, mean_b, m2_b = batch_moments(y, recon)
+                moments.append((i, [torch.tensor([n_b]), sse_b.reshape(1).double(), mean_b.double(),
+                                    m2_b.reshape(1).double()]))  # fmt: skip
+                l0 += len(f)
+                # co-firing sample: every `stride`-th token of the stream that is not special
+                flat_idx = torch.arange(n_ctx * C, (n_ctx + B) * C, device=dev).reshape(B, C)
+                pick = ((flat_idx % stride == 0) & ~special).reshape(-1)
+                if pick.any() and sampled_entries < cofire.max_entries:
+                    row_of = torch.cumsum(pick, 0) - 1
+                    sel = pick[tok]
+                    rows, cols = row_of[tok[sel]].cpu(), f[sel].cpu()
+                    sampled.append((i, [rows, cols, torch.tensor([int(pick.sum())])]))
+                    sampled_entries += len(rows)
+            if conn is not None:
+                db_write.insert_contexts(conn, n_ctx, batch.tokens)
+                if any(corpus.names):
+                    db_write.insert_context_sources(conn, n_ctx, batch.document, corpus.names)
             n_ctx += B
             emit(progress, ProgressEvent(task="atlas", done=n_ctx * C, total=target, unit="tokens"))
-    db_write.commit(conn)
+    if conn is not None:
+        db_write.commit(conn)
     emit(progress, ProgressEvent(task="atlas", done=n_ctx * cfg.context, total=target, unit="tokens", finished=True))
     if n_ctx == 0:
         raise AtlasError(
             f"the corpus yielded no complete context of {cfg.context} tokens; use a larger corpus or a smaller "
             "--context"
         )
+    if W > 1:
+        merge_accumulators(acc, R, W)
+        d_y = int(dcfg.d_out or dcfg.d_in) if target_hook else int(dcfg.d_in)
+        got_m = gather_to_main(stack_chunks(moments, [0, 0, d_y, 0]), R, W, dev)
+        got_s = gather_to_main(stack_chunks(sampled, [0, 0, 0]), R, W, dev)
+        l0_t = torch.tensor([l0], dtype=torch.int64)
+        dist_all_reduce_sum(l0_t)
+        l0 = int(l0_t.item())
+        if got_m is None or got_s is None:
+            return acc, cofire, {}
+        moments = sorted((c for flat in got_m for c in unstack_chunks(flat)), key=lambda c: c[0])
+        sampled = sorted((c for flat in got_s for c in unstack_chunks(flat)), key=lambda c: c[0])
+    err = FVUAccumulator()  # reconstruction error of the non-special tokens, batch by batch in stream order
+    for _i, (cnt, sse_t, mean_t, m2_t) in moments:
+        err.add_moments(int(cnt.reshape(-1)[0]), sse_t.reshape(()), mean_t.reshape(-1), m2_t.reshape(()))
+    for _i, (rows, cols, n_rows) in sampled:
+        cofire.add(rows.cpu(), cols.cpu(), int(n_rows.reshape(-1)[0]))
     n = max(1, err.n)
     n_alive = int((acc.n_fired > 0).sum())
     metrics = {

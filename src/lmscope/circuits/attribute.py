@@ -33,7 +33,10 @@ from torch import Tensor
 
 from lmscope.circuits.graph import Graph, influence, normalize
 from lmscope.circuits.replacement import Recording, Replacement, record
+from lmscope.circuits.row_exchange import Piece, exchange
 from lmscope.circuits.transcoders import TranscoderSet
+from lmscope.core.distributed import rank as dist_rank
+from lmscope.core.distributed import world_size as dist_world
 from lmscope.core.progress import ProgressCallback, ProgressEvent, emit, resolve
 from lmscope.errors import CircuitError
 from lmscope.model.adapter import Model
@@ -230,28 +233,6 @@ def attribute(
     dropped: dict[int, dict[str, float]] = {}
     row_nodes: list[int] = []
 
-    def keep(node: int, row: Tensor) -> None:
-        """Keep a row's error and token edges (at most layers x positions + positions), and its largest
-        `max_edges_per_row` feature edges; record what the cap drops."""
-        nz = torch.nonzero(row).squeeze(1)
-        v = row[nz]
-        is_feat = nz < cols.F
-        n_feat = int(is_feat.sum())
-        if cfg.max_edges_per_row is not None and n_feat > cfg.max_edges_per_row:
-            fv = v[is_feat]
-            top = torch.topk(fv.abs(), cfg.max_edges_per_row).indices
-            gone = torch.ones(n_feat, dtype=torch.bool)
-            gone[top] = False
-            dropped[node] = {"abs_frac": float(fv[gone].abs().sum() / v.abs().sum()), "sum": float(fv[gone].sum()),
-                             "n": int(gone.sum())}  # fmt: skip
-            keep_mask = ~is_feat
-            keep_mask[torch.nonzero(is_feat).squeeze(1)[top]] = True
-            nz, v = nz[keep_mask], v[keep_mask]
-        r_idx.append(np.full(len(nz), node, dtype=np.int64))
-        c_idx.append(nz.numpy().astype(np.int64))
-        vals.append(v.numpy().astype(np.float32))
-        row_nodes.append(node)
-
     total_rows = len(tlist) + min(cols.F, cfg.max_feature_nodes if cfg.max_feature_nodes is not None else cols.F)
     done = 0
 
@@ -260,13 +241,63 @@ def attribute(
             emit(report, ProgressEvent(task="attribution rows", done=done, total=total_rows, unit="rows",
                                        finished=finished))  # fmt: skip
 
+    def edges(node: int, row: Tensor) -> Piece:
+        """A row's kept edges: its error and token edges (at most layers x positions + positions) and its largest
+        `max_edges_per_row` feature edges, with what the cap drops (abs fraction, sum, count)."""
+        row = row.cpu()
+        nz = torch.nonzero(row).squeeze(1)
+        v = row[nz]
+        is_feat = nz < cols.F
+        n_feat = int(is_feat.sum())
+        drop = None
+        if cfg.max_edges_per_row is not None and n_feat > cfg.max_edges_per_row:
+            fv = v[is_feat]
+            top = torch.topk(fv.abs(), cfg.max_edges_per_row).indices
+            gone = torch.ones(n_feat, dtype=torch.bool)
+            gone[top] = False
+            drop = (float(fv[gone].abs().sum() / v.abs().sum()), float(fv[gone].sum()), int(gone.sum()))
+            keep_mask = ~is_feat
+            keep_mask[torch.nonzero(is_feat).squeeze(1)[top]] = True
+            nz, v = nz[keep_mask], v[keep_mask]
+        return node, nz, v, drop
+
+    def keep(piece: Piece) -> None:
+        node, nz, v, drop = piece
+        if drop is not None:
+            dropped[node] = {"abs_frac": drop[0], "sum": drop[1], "n": drop[2]}
+        r_idx.append(np.full(len(nz), node, dtype=np.int64))
+        c_idx.append(nz.numpy().astype(np.int64))
+        vals.append(v.numpy().astype(np.float32))
+        row_nodes.append(node)
+
+    R, W = dist_rank(), dist_world()
+
+    def run_batches(batches: list[tuple[list[tuple[str, int]], list[int]]]) -> None:
+        """Compute the rows of each batch (row specs, their nodes) and keep them in batch order; under torchrun
+        batch c is computed by rank c mod N and every rank receives every row (row_exchange.py)."""
+        nonlocal done
+        mine: dict[int, list[Piece]] = {}
+        for c, (spec, nodes) in enumerate(batches):
+            if c % W == R:
+                mine[c] = [edges(node, row) for node, row in zip(nodes, grads(spec), strict=True)]
+                if W == 1:
+                    for piece in mine.pop(c):
+                        keep(piece)
+                    done += len(nodes)
+                    tick()
+        if W > 1:
+            every = exchange(mine, R, W, torch.device("cuda", torch.cuda.current_device())
+                             if torch.distributed.get_backend() == "nccl" else torch.device("cpu"))  # fmt: skip
+            for c in range(len(batches)):
+                for piece in every[c]:
+                    keep(piece)
+                done += len(batches[c][1])
+            tick()
+
     tick()
-    for s in range(0, len(tlist), batch):
-        chunk = [("target", i) for i in range(s, min(s + batch, len(tlist)))]
-        for (_k, i), row in zip(chunk, grads(chunk), strict=True):
-            keep(cols.n_cols + i, row)
-        done += len(chunk)
-        tick()
+    run_batches([([("target", i) for i in range(s, min(s + batch, len(tlist)))],
+                  [cols.n_cols + i for i in range(s, min(s + batch, len(tlist)))])
+                 for s in range(0, len(tlist), batch)])  # fmt: skip
     weights = np.zeros(n_all)
     weights[cols.n_cols :] = [t.weight for t in tlist]
     visited = np.zeros(cols.F, dtype=bool)
@@ -284,14 +315,10 @@ def attribute(
             pending = order[~visited[order]][: min(cfg.update_every * batch, budget - n_visited)]
         # group rows by layer so each backward pass injects at few layers
         pending = pending[np.argsort(cols.layer_of[pending], kind="stable")]
-        for s in range(0, len(pending), batch):
-            idx = pending[s : s + batch]
-            for j, row in zip(idx.tolist(), grads([("feature", int(j)) for j in idx]), strict=True):
-                keep(int(j), row)
-            visited[idx] = True
-            n_visited += len(idx)
-            done += len(idx)
-            tick()
+        chunks = [pending[s : s + batch] for s in range(0, len(pending), batch)]
+        run_batches([([("feature", int(j)) for j in idx], [int(j) for j in idx]) for idx in chunks])
+        visited[pending] = True
+        n_visited += len(pending)
     tick(finished=True)
     a_all = sp.csr_matrix((np.concatenate(vals), (np.concatenate(r_idx), np.concatenate(c_idx))), shape=(n_all, n_all))
     graph = _package(model, rec, cols, tlist, tvals[0].detach(), a_all, visited)

@@ -9,6 +9,7 @@ from lmscope.cli import (
     atlas_cmds,
     audit_cmds,
     circuit_cmds,
+    convert_cmd,
     demo_cmd,
     diff_cmds,
     eval_cmd,
@@ -39,6 +40,7 @@ toy_cmd.register(app)
 circuit_cmds.register(app)
 diff_cmds.register(app)
 audit_cmds.register(app)
+convert_cmd.register(app)
 
 
 @app.command(epilog="Examples:\n\n  lmscope version")

@@ -23,6 +23,8 @@ ATLAS_EPILOG = (
     "--top-k 20 --out my.db\n\n"
     "  lmscope atlas smollm2-135m --dict tc/ --layers 0-5 --corpus stdlib --tokens 200k --out tc-atlas/   "
     "(a transcoder set: one atlas per layer, OUT/layerNN.db)\n\n"
+    "  torchrun --standalone --nproc_per_node 4 -m lmscope.cli.app atlas smollm2-135m --dict sae/ --tokens 10M "
+    "--out atlas.db   (4 processes, one file, the same as one process)\n\n"
     "  lmscope atlas smollm2-135m --other org/backdoor --dict diff/bd/crosscoder/batchtopk --corpus prompts.jsonl "
     "--tokens 65536 --context 64 --out bd-crosscoder.db   (a crosscoder over BASE and OTHER)\n\n"
     "An interrupted build leaves only OUT.partial; rerunning the command starts it again. "
@@ -52,7 +54,9 @@ def register(app: typer.Typer) -> None:
     @handles_errors
     def atlas(
         model: ModelArg = "smollm2-135m",
-        dict_dir: Annotated[Path, typer.Option("--dict", help="An lmscope dictionary directory.")] = Path("dict"),
+        dict_dir: Annotated[
+            Path, typer.Option("--dict", help="A dictionary: lmscope, SAELens or sparsify folder, or Gemma Scope file.")
+        ] = Path("dict"),
         corpus: Annotated[
             str, typer.Option(help="stdlib (built in), a text file/dir/glob, .jsonl/.parquet, or hf:NAME[:CONFIG].")
         ] = "stdlib",
@@ -80,10 +84,15 @@ def register(app: typer.Typer) -> None:
         from lmscope.atlas.db.schema import get_meta
         from lmscope.cli.common import parse_count
         from lmscope.cli.progress import RichProgress
+        from lmscope.core.distributed import init_from_env, is_main, world_size
         from lmscope.corpora import open_corpus
-        from lmscope.dictionaries.formats import load_dictionary
+        from lmscope.dictionaries.pretrained import open_dictionary
         from lmscope.model.loading import load_model
 
+        dev = init_from_env(device)  # under torchrun: join the group; each rank its device (cuda:LOCAL_RANK)
+        if world_size() > 1:
+            device = str(dev)
+            progress = progress and is_main()
         cfg = AtlasConfig(
             tokens=parse_count(tokens), context=context, batch_size=batch_size, top_k=top_k,
             samples_per_bin=samples_per_bin,
@@ -97,7 +106,7 @@ def register(app: typer.Typer) -> None:
             return
         if out.exists() and not overwrite:
             raise LmscopeError(f"{out} already exists; pass --overwrite or choose another --out")
-        load_dictionary(dict_dir)  # fail early, before the model loads
+        open_dictionary(dict_dir, hook=hook)  # fail early, before the model loads (any format lmscope reads)
         src = open_corpus(corpus, field=field, split=split)
         m = load_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
         o = load_model(other, device=device, dtype=dtype, trust_remote_code=trust_remote_code) if other else None
@@ -107,6 +116,8 @@ def register(app: typer.Typer) -> None:
                 command=shlex.join(["lmscope", *sys.argv[1:]]),
                 log=lambda msg: err_console.print(msg, highlight=False), other=o,
             )  # fmt: skip
+        if not is_main():
+            return  # rank 0 wrote the file and reports it
         conn = open_atlas(path, readonly=False)  # a read-write connection leaves no -wal/-shm files behind
         summary, metrics = get_meta(conn, "summary"), get_meta(conn, "metrics")["atlas"]
         conn.close()

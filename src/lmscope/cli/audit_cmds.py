@@ -80,9 +80,9 @@ def register(app: typer.Typer) -> None:
         d = None
         density = None
         if dict_dir is not None:
-            from lmscope.dictionaries.formats import load_dictionary
+            from lmscope.dictionaries.pretrained import open_dictionary
 
-            d = load_dictionary(dict_dir)
+            d = open_dictionary(dict_dir)
             if atlas is not None:
                 from lmscope.atlas.store import AtlasStore
 

@@ -83,7 +83,9 @@ def register(app: typer.Typer) -> None:
         '  lmscope circuit smollm2-135m --transcoders tc/ --prompt "..." --target " Paris" --out g.json\n\n'
         '  lmscope circuit smollm2-135m --transcoders tc/ --prompt "..." --target " Paris" --minus " London" '
         "--out g.json\n\n"
-        "  lmscope circuit smollm2-135m --transcoders tc/ --graph g.safetensors --intervene 5:1207:6=0"
+        "  lmscope circuit smollm2-135m --transcoders tc/ --graph g.safetensors --intervene 5:1207:6=0\n\n"
+        "  torchrun --standalone --nproc_per_node 2 -m lmscope.cli.app circuit smollm2-135m --transcoders tc/ "
+        '--prompt "..." --out g.json   (each rank computes every other batch of rows; the same graph)'
     )
     @handles_errors
     def circuit(
@@ -132,7 +134,8 @@ def register(app: typer.Typer) -> None:
         if (prompt is None) == (graph is None):
             raise CircuitError("give exactly one of --prompt (build a graph) or --graph (reuse a saved one)")
         ivs = [parse_intervention(t) for t in intervene or []]
-        m = load_model(model, device=device, dtype=dtype)
+        dev = ddp.init_from_env(device)  # under torchrun every rank computes every N-th batch of rows
+        m = load_model(model, device=str(dev) if ddp.world_size() > 1 else device, dtype=dtype)
         tcs = TranscoderSet.load(transcoders, device=str(m.device))
         tcs.check(m)
         if graph is not None:
@@ -142,8 +145,10 @@ def register(app: typer.Typer) -> None:
                 max_feature_nodes=max_feature_nodes or None, max_edges_per_row=max_edges_per_row or None,
                 batch_size=batch_size or None, max_prompt_tokens=max_tokens,
             )  # fmt: skip
-            with RichProgress() as bar:
+            with RichProgress(enabled=ddp.is_main()) as bar:
                 g = attribute(m, tcs, prompt or "", cfg, targets=target or (), minus=minus, progress=bar)
+        if not ddp.is_main():
+            return  # rank 0 holds the same graph and reports and writes it
         pr = prune(g, node_threshold, edge_threshold)
         full, kept = scores(g), scores(g, pr.edges)
         console.print(f"prompt: {g.prompt!r} ({g.n_pos} tokens)", highlight=False)

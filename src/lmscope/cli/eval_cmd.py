@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from lmscope.cli.common import DeviceOpt, DtypeOpt, ModelArg, console, handles_errors, parse_count
-from lmscope.dictionaries.formats import load_dictionary
+from lmscope.dictionaries.pretrained import open_dictionary
 from lmscope.model.loading import load_model
 from lmscope.training.evaluate import eval_contexts, evaluate, save_json
 
@@ -44,7 +44,12 @@ def register(app: typer.Typer) -> None:
     @handles_errors
     def eval_(
         model: ModelArg,
-        dict_dir: Annotated[Path, typer.Option("--dict", help="Dictionary directory (lmscope format).")],
+        dict_dir: Annotated[
+            Path, typer.Option("--dict", help="A dictionary: lmscope, SAELens or sparsify folder, or Gemma Scope file.")
+        ],
+        dict_hook: Annotated[
+            str | None, typer.Option("--dict-hook", help="Its hook, if the file names none (any naming lmscope reads).")
+        ] = None,
         corpus: Annotated[
             str, typer.Option(help="Corpus spec: stdlib, files/globs, .jsonl, .parquet, hf:NAME.")
         ] = "stdlib",
@@ -61,7 +66,7 @@ def register(app: typer.Typer) -> None:
         """Evaluate a dictionary: FVU, MSE, L0, dead fraction, density histogram, cosine, relative bias, and
         CE-loss recovered and KL with the dictionary spliced in (with and without the error term)."""
         lm = load_model(model, device=device, dtype=dtype)
-        d = load_dictionary(dict_dir, device=lm.device)
+        d = open_dictionary(dict_dir, device=lm.device, hook=dict_hook)
         ids, special = eval_contexts(lm, corpus, parse_count(tokens), context, parse_count(skip_tokens))
         results = evaluate(d, lm, ids, batch=batch, special=special)
         results.update(

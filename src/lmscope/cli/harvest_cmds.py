@@ -28,6 +28,8 @@ HARVEST_EPILOG = (
     "  lmscope harvest smollm2-135m --corpus data.jsonl --field text --hooks blocks.3.resid_post,blocks.6.mlp_out "
     "--tokens 500k --context 256 --store-dtype bf16 --out acts2/\n\n"
     "  lmscope harvest ./my-model --corpus 'docs/**/*.md' --hooks blocks.0.resid_post --tokens 64k --out acts3/\n\n"
+    "  torchrun --standalone --nproc_per_node 4 -m lmscope.cli.app harvest smollm2-135m --hooks blocks.6.resid_post "
+    "--tokens 100M --out acts/   (shard j on rank j mod 4; the same store as one process)\n\n"
     "Rerunning the same command after an interruption (even kill -9) resumes after the last complete shard."
 )
 
@@ -67,8 +69,13 @@ def register(app: typer.Typer) -> None:
         """Run MODEL over a corpus and store activations at the given hooks as safetensors shards."""
         from lmscope.activations import HarvestConfig
         from lmscope.activations import harvest as run_harvest
+        from lmscope.core.distributed import init_from_env, is_main, world_size
         from lmscope.model.loading import load_model
 
+        dev = init_from_env(device)  # under torchrun: shard j goes to rank j mod N (docs/harvest.md)
+        if world_size() > 1:
+            device = str(dev)
+            progress = progress and is_main()
         hook_list = [h.strip() for h in hooks.split(",") if h.strip()]
         pack = PackingConfig.from_dict({"mode": packing, "bos": bos})  # HarvestConfig sets its context
         cfg = HarvestConfig(
@@ -83,7 +90,8 @@ def register(app: typer.Typer) -> None:
                 m, src, out, cfg, command=command, progress=bar, overwrite=overwrite,
                 log=lambda msg: err_console.print(msg, highlight=False),
             )  # fmt: skip
-        _summary(manifest, out)
+        if is_main():
+            _summary(manifest, out)
 
     @app.command(epilog="Examples:\n\n  lmscope verify acts/\n\nExits with status 1 if any shard is bad.")
     @handles_errors

@@ -14,7 +14,7 @@ from rich.table import Table
 
 from lmscope.cli.common import DeviceOpt, DtypeOpt, ModelArg, console, handles_errors
 from lmscope.core.atomic import atomic_write_text
-from lmscope.dictionaries.formats import load_dictionary
+from lmscope.dictionaries.pretrained import open_dictionary
 from lmscope.model.generation import SamplingConfig, prompt_ids
 from lmscope.model.hooks import Writer
 from lmscope.model.loading import load_model
@@ -111,7 +111,11 @@ def register(app: typer.Typer) -> None:
         model: ModelArg,
         prompt: Annotated[str, typer.Option("--prompt", help="The text to continue.")],
         dict_dir: Annotated[
-            Path | None, typer.Option("--dict", help="Dictionary directory (lmscope format) for --feature edits.")
+            Path | None,
+            typer.Option("--dict", help="Dictionary for --feature edits (lmscope, SAELens, sparsify, Gemma Scope)."),
+        ] = None,
+        dict_hook: Annotated[
+            str | None, typer.Option("--dict-hook", help="Its hook, if the file names none (any naming lmscope reads).")
         ] = None,
         feature: Annotated[
             list[str] | None, typer.Option("--feature", help="ID=MODE:VALUE on a dictionary feature; repeatable.")
@@ -160,7 +164,7 @@ def register(app: typer.Typer) -> None:
         d_edit = parse_edit(f"0={direction_edit}") if direction else None
 
         lm = load_model(model, device=device, dtype=dtype)
-        dictionary = load_dictionary(dict_dir, device=lm.device) if dict_dir else None
+        dictionary = open_dictionary(dict_dir, device=lm.device, hook=dict_hook) if dict_dir else None
         writers: dict[str, list[Writer]] = {}
         readouts = []
         labels: list[str] = []

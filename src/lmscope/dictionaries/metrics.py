@@ -26,7 +26,7 @@ def _rows(t: Tensor) -> Tensor:
     return t.reshape(-1, t.shape[-1]).to(_accumulation_dtype(t.device))
 
 
-def _batch_moments(target: Tensor, recon: Tensor) -> tuple[int, Tensor, Tensor, Tensor]:
+def batch_moments(target: Tensor, recon: Tensor) -> tuple[int, Tensor, Tensor, Tensor]:
     """(n, sse, mean [d], m2): token count, squared error, per-dimension mean and squared deviation about it."""
     t, r = _rows(target), _rows(recon)
     if t.shape != r.shape:
@@ -37,7 +37,7 @@ def _batch_moments(target: Tensor, recon: Tensor) -> tuple[int, Tensor, Tensor, 
 
 def fvu(target: Tensor, recon: Tensor) -> Tensor:
     """FVU of one batch ([..., d] each), as a 0-dim tensor on the inputs' device (differentiable in `recon`)."""
-    _n, sse, _mean, m2 = _batch_moments(target, recon)
+    _n, sse, _mean, m2 = batch_moments(target, recon)
     return sse / m2.clamp_min(EPS)
 
 
@@ -57,7 +57,11 @@ class FVUAccumulator:
     @torch.no_grad()
     def update(self, target: Tensor, recon: Tensor) -> FVUAccumulator:
         """Add a batch: target and reconstruction [..., d] (the leading dimensions are tokens)."""
-        n_b, sse_b, mean_b, m2_b = _batch_moments(target.detach(), recon.detach())
+        return self.add_moments(*batch_moments(target.detach(), recon.detach()))
+
+    def add_moments(self, n_b: int, sse_b: Tensor, mean_b: Tensor, m2_b: Tensor) -> FVUAccumulator:
+        """Add a batch given by its `batch_moments` (how batches computed elsewhere, e.g. on other ranks, are
+        replayed in order: the result is the same as updating with the batches themselves)."""
         if n_b == 0:
             return self
         if self._sse is None or self._mean is None or self._m2 is None:

@@ -1,18 +1,25 @@
 """Data-parallel helpers over torch.distributed: DDP does the gradient all-reduce, nothing home-made.
 
 Every rank reads the same global batch from its source and keeps its own contiguous slice; DDP averages the
-gradients, so N ranks with global batch B take the same steps as one process with batch B.
+gradients, so N ranks with global batch B take the same steps as one process with batch B. The process-group
+helpers live in core/distributed.py (harvest and atlas builds use them too) and are re-exported here.
 """
 
 from __future__ import annotations
 
-import atexit
-import os
-
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
+from lmscope.core.distributed import (
+    all_reduce_sum,
+    barrier,
+    init_from_env,
+    is_distributed,
+    is_main,
+    rank,
+    shutdown,
+    world_size,
+)
 from lmscope.errors import LmscopeError
 
 
@@ -20,46 +27,8 @@ class DistributedError(LmscopeError):
     """A torch.distributed setup problem."""
 
 
-def is_distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def rank() -> int:
-    return dist.get_rank() if is_distributed() else 0
-
-
-def world_size() -> int:
-    return dist.get_world_size() if is_distributed() else 1
-
-
-def is_main() -> bool:
-    return rank() == 0
-
-
-def init_from_env(device: str = "auto") -> torch.device:
-    """Join the process group torchrun describes (RANK, WORLD_SIZE, MASTER_ADDR...); nccl on GPU, gloo on CPU.
-
-    Without torchrun's variables this is a no-op returning the device to use.
-    """
-    use_cuda = torch.cuda.is_available() and device in ("auto", "cuda")
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    dev = torch.device(f"cuda:{local_rank}") if use_cuda else torch.device("cpu" if device == "auto" else device)
-    if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1 and not is_distributed():
-        if use_cuda:
-            torch.cuda.set_device(dev)
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-        atexit.register(shutdown)
-    return dev
-
-
-def shutdown() -> None:
-    """Leave the process group cleanly (registered at exit by `init_from_env`).
-
-    A process that exits with its gloo group alive lets C++ destroy still-joinable worker threads, which aborts
-    ("terminate called without an active exception") and turns a finished run into a failed one under torchrun.
-    """
-    if is_distributed():
-        dist.destroy_process_group()
+__all__ = ["DistributedError", "all_reduce_sum", "barrier", "init_from_env", "is_distributed", "is_main", "rank",
+           "shard", "shutdown", "world_size", "wrap"]  # fmt: skip
 
 
 def shard(batch: Tensor) -> Tensor:
@@ -75,20 +44,9 @@ def shard(batch: Tensor) -> Tensor:
     return batch.tensor_split(n)[rank()]
 
 
-def all_reduce_sum(t: Tensor) -> Tensor:
-    if is_distributed():
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
-
-
 def wrap(module: nn.Module, device: torch.device) -> nn.Module:
     """DDP around `module` when distributed, the module itself otherwise."""
     if not is_distributed():
         return module
     ids = [device.index] if device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(module, device_ids=ids)
-
-
-def barrier() -> None:
-    if is_distributed():
-        dist.barrier()

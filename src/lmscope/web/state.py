@@ -110,7 +110,7 @@ def load_live(
     dtype: str = "auto",
 ) -> tuple[Live | None, str]:  # fmt: skip
     """Load the atlas's model and dictionary (or the given ones) for the inspector; (None, why) if impossible."""
-    from lmscope.dictionaries.formats import load_dictionary
+    from lmscope.dictionaries.pretrained import open_dictionary
     from lmscope.model.loading import load_model
 
     store = AtlasStore(atlas)
@@ -125,7 +125,7 @@ def load_live(
             "and one dictionary, so they are off (browse and search its latents, or use `lmscope diff`)"
         )
     try:
-        d = load_dictionary(path)
+        d = open_dictionary(path, hook=prov.get("hook"))  # any format lmscope reads, at the atlas's hook
         m = load_model(spec, device=device, dtype=dtype)
         return Live(m, d, hook=prov.get("hook")), f"inspector runs {spec} with {path}"
     except (LmscopeError, OSError) as exc:
