@@ -22,7 +22,7 @@ LAYERS: list[set[str]] = [
     {"lmscope.activations"},
     {"lmscope.dictionaries"},
     {"lmscope.training"},
-    {"lmscope.synthetic", "lmscope.organisms"},
+    {"lmscope.synthetic", "lmscope.organisms", "lmscope.universality"},
     {"lmscope.atlas"},
     {"lmscope.explain", "lmscope.steer", "lmscope.circuits", "lmscope.diff", "lmscope.audit"},
     {"lmscope.workflows"},

@@ -15,6 +15,7 @@ from lmscope.cli import (
     eval_cmd,
     explain_cmds,
     harvest_cmds,
+    match_cmd,
     model_cmds,
     steer_cmds,
     toy_cmd,
@@ -40,6 +41,7 @@ toy_cmd.register(app)
 circuit_cmds.register(app)
 diff_cmds.register(app)
 audit_cmds.register(app)
+match_cmd.register(app)
 convert_cmd.register(app)
 
 

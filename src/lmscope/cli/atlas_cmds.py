@@ -45,6 +45,7 @@ SERVE_EPILOG = (
     "  lmscope serve atlas.db --graphs graphs/       (graphs written by `lmscope circuit --out graphs/X.json`)\n\n"
     "  lmscope serve atlas.db --diffs diffs/         (model-diff reports written by `lmscope diff --out diffs/X`)\n\n"
     "  lmscope serve atlas.db --audits audits/       (audit reports written by `lmscope audit --out audits/X`)\n\n"
+    "  lmscope serve atlas.db --match match.json     (each feature's partners from `lmscope match DICT OTHER`)\n\n"
     "  lmscope serve atlas.db --host 0.0.0.0         (reachable from other machines: only on trusted networks)"
 )
 
@@ -160,6 +161,14 @@ def register(app: typer.Typer) -> None:
             Path | None,
             typer.Option(help="A directory of audit reports, one subdirectory each (`lmscope audit --out`)."),
         ] = None,
+        match: Annotated[
+            Path | None,
+            typer.Option(help="A match report (`lmscope match THIS_DICT OTHER --out`): each feature's partners."),
+        ] = None,
+        partner_url: Annotated[
+            str | None,
+            typer.Option(help="Address of an explorer serving the other dictionary's atlas (links the partners)."),
+        ] = None,
     ) -> None:
         """Serve the atlas explorer (pages and a JSON API under /api) on HOST:PORT."""
         import uvicorn
@@ -171,7 +180,7 @@ def register(app: typer.Typer) -> None:
         if live:
             live_pair, note = load_live(atlas, model, dict_dir, device=device, dtype=dtype)
         app_ = create_app(atlas, live=live_pair, live_note=note, read_only=read_only, graphs=graphs,
-                          diffs=diffs, audits=audits)  # fmt: skip
+                          diffs=diffs, audits=audits, match=match, partner_url=partner_url)  # fmt: skip
         edits = "label editing off (--read-only)" if read_only else "human labels editable"
         console.print(f"serving {atlas} at http://{host}:{port}  ({note}; {edits})", highlight=False)
         with _sigterm_stops_cleanly():

@@ -6,6 +6,7 @@
     app = create_app("atlas.db", read_only=True)       # no human-label editing either
     app = create_app("atlas.db", graphs="graphs/")     # plus the attribution-graph view of graphs/*.json
     app = create_app("atlas.db", diffs="diffs/")       # plus the model-diff view of diffs/*/report.json
+    app = create_app("atlas.db", match="match.json")   # plus each feature's partners from `lmscope match`
 
 The atlas is opened read-only; human labels set from the feature page are written through a separate
 short-lived connection that touches only the `labels` table (web/labels_api.py), unless `read_only`.
@@ -32,7 +33,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from lmscope._version import __version__
 from lmscope.atlas.store import AtlasStore
 from lmscope.errors import LmscopeError
-from lmscope.web import api, audit_api, diff_api, graph_api, labels_api, pages, steer_api
+from lmscope.web import api, audit_api, diff_api, graph_api, labels_api, match_api, pages, steer_api
 from lmscope.web.state import MAX_FEATURES_PER_TOKEN, MAX_INSPECT_CHARS, Live, install, load_live
 
 STATIC = Path(__file__).parent / "static"
@@ -68,6 +69,7 @@ def plotly_js() -> Path | None:
 def create_app(
     atlas: str | Path, live: Live | None = None, live_note: str | None = None, read_only: bool = False,
     graphs: str | Path | None = None, diffs: str | Path | None = None, audits: str | Path | None = None,
+    match: str | Path | None = None, partner_url: str | None = None,
 ) -> FastAPI:  # fmt: skip
     """The explorer for `atlas`; `live` enables the prompt inspector and steering; `read_only` turns off the
     routes that write (human labels, supernodes: they answer 403); `graphs`, a directory of attribution-graph JSON
@@ -75,7 +77,8 @@ def create_app(
     not exist yet is allowed: the view lists no graphs until one is written there); `diffs`, a directory of
     model-diff reports (`lmscope diff ... --out DIR/NAME`, one subdirectory each), turns on the diff view at /diffs
     (likewise allowed not to exist yet); `audits`, a directory of audit reports (`lmscope audit ... --out DIR/NAME`),
-    turns on the audit view at /audits."""
+    turns on the audit view at /audits; `match`, a report of `lmscope match` that includes the atlas's dictionary,
+    lists each feature's partners in the other dictionary (linked to `partner_url`/features/ID when given)."""
     store = AtlasStore(atlas)  # raises AtlasError for a missing, unfinished or too-new atlas
     graphs_path = Path(graphs).expanduser() if graphs is not None else None
     if graphs_path is not None and graphs_path.exists() and not graphs_path.is_dir():
@@ -96,6 +99,7 @@ def create_app(
     )
     install(app, store, live, live_note, read_only, graphs_path, diffs_path)
     app.state.audits_dir = Path(audits).expanduser() if audits is not None else None
+    app.state.match = match_api.load_match(store, Path(match).expanduser(), partner_url) if match is not None else None
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     @app.get("/vendor/plotly.min.js", include_in_schema=False)
@@ -120,6 +124,7 @@ def create_app(
     app.include_router(diff_api.pages_router)
     app.include_router(audit_api.router)
     app.include_router(audit_api.pages_router)
+    app.include_router(match_api.router)
     app.include_router(pages.router)
 
     @app.exception_handler(RequestValidationError)

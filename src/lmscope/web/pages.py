@@ -15,6 +15,7 @@ from markupsafe import Markup
 from lmscope.atlas.store import AtlasStore, FeatureQuery
 from lmscope.explain.labels import MAX_LABEL_CHARS
 from lmscope.explain.scorers import SCORER_MEANINGS, score_meaning
+from lmscope.web.match_api import match_of
 from lmscope.web.state import (
     MAX_FEATURES_PER_TOKEN,
     MAX_INSPECT_CHARS,
@@ -223,7 +224,9 @@ def feature_page(request: Request, fid: int) -> str:
     data = store.feature(fid) if 0 <= fid < store.n_features else None
     if data is None:
         raise HTTPException(404, f"feature {fid} does not exist; ids run from 0 to {store.n_features - 1}")
-    return render("feature.html", request, **feature_context(store, data, is_read_only(request)))
+    view = match_of(request)
+    return render("feature.html", request, **feature_context(store, data, is_read_only(request)),
+                  partners=view.partners(fid) if view is not None else None)  # fmt: skip
 
 
 def feature_context(store: AtlasStore, data: dict[str, Any], read_only: bool) -> dict[str, Any]:
