@@ -1,16 +1,17 @@
 """Ground-truth recovery: every lmscope architecture trained on planted features at equal samples (JSON).
 
     .venv/bin/python benchmarks/recovery.py [--samples 524288] [--scenarios ratio2,ratio4,ratio10,toy4]
-                                            [--archs topk,batchtopk,relu,jumprelu] [--d 64] [--threads 1]
+                                            [--archs topk,batchtopk,relu,jumprelu,matryoshka] [--d 64] [--threads 1]
 
 Each scenario is a `lmscope.synthetic.data.GroundTruthConfig`: d=64 dimensions, 4 active features per sample on
 average, power-law frequencies (alpha 1), 8 hierarchies of 2 children, 8 correlated and 8 anti-correlated pairs,
 magnitudes 0.5 + U[0, 1), an offset of norm 2 and noise of norm 0.05, at superposition ratios 2, 4 and 10, and
-(toy4) the hidden activations of a toy model of superposition at ratio 4. In each scenario every architecture
-trains on the same samples (one Trainer, one pass; dictionary width = the number of true features, lr 4e-3, k = 4,
-L1 2, L0 3) and is scored on 8,192 fresh samples by `lmscope.synthetic.recovery`: MMCS, the fraction of true
-features recovered at cosine > 0.9 (overall and per frequency decile), absorption and splitting on the
-hierarchies, FVU, L0 and dead latents. The library function is `lmscope.synthetic.benchmark.run_recovery`.
+(toy4) the hidden activations of a toy model of superposition at ratio 4; `hier` (not run by default) has 16
+hierarchies of 4 children that fire with their parent 90% of the time, for absorption. In each scenario every
+architecture trains on the same samples (one Trainer, one pass; dictionary width = the number of true features,
+lr 4e-3, k = 4, L1 2, L0 3) and is scored on 8,192 fresh samples by `lmscope.synthetic.recovery`: MMCS, the
+fraction of true features recovered at cosine > 0.9 (overall and per frequency decile), absorption and splitting on
+the hierarchies, FVU, L0 and dead latents. The library function is `lmscope.synthetic.benchmark.run_recovery`.
 
 Prints a table and writes benchmarks/results/recovery.json. Default sizes take a few minutes on 2 CPU cores.
 """
@@ -45,7 +46,11 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     "ratio4": {"ratio": 4.0},
     "ratio10": {"ratio": 10.0},
     "toy4": {"ratio": 4.0, "source": "toy"},
+    # not run by default: hierarchies everywhere (16 parents of 4 children, a child with its parent 90% of the time),
+    # the setting where absorption pays most (Matryoshka against BatchTopK and TopK: docs/superposition.md)
+    "hier": {"ratio": 4.0, "hierarchies": 16, "children": 4, "child_prob": 0.9},
 }
+DEFAULT_SCENARIOS = ("ratio2", "ratio4", "ratio10", "toy4")
 HEADLINE = ("mmcs", "recovered", "fvu", "l0", "dead_frac", "absorption", "split_frac")
 
 
@@ -53,7 +58,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--samples", type=int, default=524_288, help="training samples per scenario (all dictionaries)")
     p.add_argument("--eval-samples", type=int, default=8192)
-    p.add_argument("--scenarios", default=",".join(SCENARIOS), help=f"comma-separated: {', '.join(SCENARIOS)}")
+    p.add_argument("--scenarios", default=",".join(DEFAULT_SCENARIOS), help=f"comma-separated: {', '.join(SCENARIOS)}")
     p.add_argument("--archs", default=",".join(architectures()))
     p.add_argument("--d", type=int, default=BASE.d)
     p.add_argument("--batch", type=int, default=1024)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from lmscope.dictionaries.formats import (
 )
 from lmscope.dictionaries.sparse_decode import dense_decode, fused_topk, sparse_decode
 
-ARCHS = ["relu", "topk", "batchtopk", "jumprelu"]
+ARCHS = ["relu", "topk", "batchtopk", "jumprelu", "matryoshka"]
 
 
 def make(arch: str, d_in: int = 16, d_sae: int = 64, d_out: int | None = None, seed: int = 0) -> Dictionary:
@@ -32,7 +33,7 @@ def make(arch: str, d_in: int = 16, d_sae: int = 64, d_out: int | None = None, s
         d.b_dec.copy_(torch.randn(d.b_dec.shape[0], generator=g))
         if arch == "jumprelu":
             d.threshold.copy_(torch.rand(d_sae, generator=g) * 0.3)
-        if arch == "batchtopk":
+        if arch in ("batchtopk", "matryoshka"):
             d.threshold.fill_(0.25)
     return d.eval()
 
@@ -102,6 +103,34 @@ def test_batchtopk_refuses_inference_without_threshold() -> None:
     d.training_loss(x, x, LossState())
     assert float(d.threshold) > 0  # estimated during training
     assert d.encode(x).shape == (64, 32)
+
+
+def test_matryoshka_prefixes_each_reconstruct_from_their_own_latents() -> None:
+    cfg = DictConfig(arch="matryoshka", d_in=16, d_sae=64, k=4)
+    assert build(cfg).prefixes == [4, 8, 16, 32, 64]  # the default groups 1/16, 1/16, 1/8, 1/4, 1/2
+    assert build(DictConfig(arch="matryoshka", d_in=16, d_sae=64, k=4, matryoshka_groups=[16, 48])).prefixes == [16, 64]
+    assert build(DictConfig(arch="matryoshka", d_in=4, d_sae=8, k=2)).prefixes == [1, 2, 4, 8]  # 1/16 of 8 is no latent
+    d = make("matryoshka")
+    x = torch.randn(32, 16)
+    out = d.training_loss(x, x, LossState())
+    with torch.no_grad():  # the same selection, decoded prefix by prefix by hand
+        z = d.batch_select(d.pre_acts(x))
+        inner = sum(float(d.mse(x, z[:, :m] @ d.W_dec[:m] + d.b_dec)) for m in d.prefixes[:-1])
+        full = float(d.mse(x, z @ d.W_dec + d.b_dec))
+    assert float(out.terms["prefix_mse"]) == pytest.approx(inner, rel=1e-5)
+    assert float(out.terms["mse"]) == pytest.approx(full, rel=1e-5)
+    assert float(out.loss.detach()) == pytest.approx(inner + full, rel=1e-5)  # no dead latents: no AuxK
+    bad = [
+        ([0.5, 0.25], "sums to 0.75; give fractions of d_sae summing to 1 or latent counts summing to d_sae=8"),
+        ([1 / 16, 15 / 16], "leaves a group with no latent at d_sae=8"),
+        ([-1, 9], "every group size must be positive"),
+        ([3, 4], "sums to 7"),
+    ]
+    for groups, message in bad:
+        with pytest.raises(DictionaryError, match=re.escape(message)):
+            DictConfig(arch="matryoshka", d_in=4, d_sae=8, k=4, matryoshka_groups=groups)
+    with pytest.raises(DictionaryError, match="k=9 exceeds d_sae=8"):
+        DictConfig(arch="matryoshka", d_in=4, d_sae=8, k=9, matryoshka_groups=[0.5, 0.5])
 
 
 def test_fold_scale_makes_raw_inputs_equivalent() -> None:
@@ -191,7 +220,9 @@ def test_lmscope_saelens_lmscope_preserves_outputs_exactly(arch: str, tmp_path: 
         z = d.encode(x)
         assert torch.equal(back.decode(z), d.decode(z))
     cfg = json.loads((tmp_path / "sl" / "cfg.json").read_text())
-    assert cfg["architecture"] == {"relu": "standard", "batchtopk": "jumprelu"}.get(arch, arch)
+    assert cfg["architecture"] == {"relu": "standard", "batchtopk": "jumprelu", "matryoshka": "jumprelu"}.get(
+        arch, arch
+    )
 
 
 # ---------------------------------------------------------------------- files written by the real libraries
@@ -476,7 +507,7 @@ def test_sparsify_settings_lmscope_cannot_compute_are_refused() -> None:
 
 
 # ---------------------------------------------------------------------- transcoders
-@pytest.mark.parametrize("arch", ["relu", "jumprelu", "batchtopk"])
+@pytest.mark.parametrize("arch", ["relu", "jumprelu", "batchtopk", "matryoshka"])
 def test_transcoder_shapes_and_round_trip(arch: str, tmp_path: Path) -> None:
     d = make(arch, d_in=16, d_out=12)
     d.cfg.hook_out = "blocks.0.hook_mlp_out"

@@ -110,7 +110,7 @@ def test_registration_checks_what_is_declared() -> None:
     assert not {"test-bad-field", "test-bad-tag", "test-taken"} & set(architectures())
 
 
-@pytest.mark.parametrize("arch", ["relu", "topk", "batchtopk", "jumprelu"])
+@pytest.mark.parametrize("arch", ["relu", "topk", "batchtopk", "jumprelu", "matryoshka"])
 def test_every_architecture_declares_its_knowledge(arch: str) -> None:
     cls = architecture(arch)
     cfg = DictConfig(arch=arch, d_in=8, d_sae=32, k=4)
@@ -133,10 +133,10 @@ def test_the_knowledge_keeps_the_published_figures() -> None:
     cfgs = {a: DictConfig(arch=a, d_in=8, d_sae=2**14, k=32, l1_coeff=5.0, l0_coeff=1e-3) for a in architectures()}
     assert {a: RunSpec(c).resolved_name() for a, c in cfgs.items()} == {
         "topk": "topk-m16384-k32", "batchtopk": "batchtopk-m16384-k32", "relu": "relu-m16384-l1_5",
-        "jumprelu": "jumprelu-m16384-l0_0.001",
+        "jumprelu": "jumprelu-m16384-l0_0.001", "matryoshka": "matryoshka-m16384-k32",
     }  # fmt: skip
     assert {a: default_lr(c) for a, c in cfgs.items()} == {
-        "topk": 2e-4, "batchtopk": 2e-4, "relu": 5e-5, "jumprelu": 7e-5
+        "topk": 2e-4, "batchtopk": 2e-4, "relu": 5e-5, "jumprelu": 7e-5, "matryoshka": 2e-4
     }  # fmt: skip
     assert default_lr(DictConfig(arch="topk", d_in=8, d_sae=2**16)) == pytest.approx(1e-4)
     swept = {
@@ -153,6 +153,29 @@ def test_the_knowledge_keeps_the_published_figures() -> None:
         with pytest.raises(DictionaryError, match="k=9 exceeds d_sae=8"):
             DictConfig(arch=arch, d_in=4, d_sae=8, k=9)
     DictConfig(arch="relu", d_in=4, d_sae=8, k=9)  # k is only a TopK setting
+
+
+def test_a_target_l0_replaces_the_coefficient_where_there_is_one() -> None:
+    """relu and jumprelu declare the coefficient a target L0 controls; k-sparse ones are their own target."""
+    assert {a: architecture(a).controlled_coeff for a in architectures()} == {
+        "topk": None, "batchtopk": None, "relu": "l1_coeff", "jumprelu": "l0_coeff", "matryoshka": None
+    }  # fmt: skip
+    relu = DictConfig(arch="relu", d_in=8, d_sae=64, target_l0=12)
+    assert RunSpec(relu).resolved_name() == "relu-m64-l0target_12"
+    assert architecture("relu").target_l0(relu) == 12
+    assert architecture("topk").target_l0(DictConfig("topk", 8, 64)) == 32
+    assert architecture("relu").target_l0(DictConfig("relu", 8, 64)) is None
+    with pytest.raises(DictionaryError, match=r"target_l0=4: a topk dictionary has no sparsity coefficient .* set k"):
+        DictConfig(arch="topk", d_in=8, d_sae=64, target_l0=4)
+    with pytest.raises(DictionaryError, match=r"target_l0=64 is out of range; it must be in \(0, d_sae=64\)"):
+        DictConfig(arch="relu", d_in=8, d_sae=64, target_l0=64)
+    swept = sweep_configs("jumprelu", ["h"], {"h": 8}, [4], [2], [], [], target_l0s=[2, 4])
+    assert [(c.target_l0, c.l0_coeff) for c in swept] == [(2.0, 1e-3), (4.0, 1e-3)]  # the default coefficient to start
+    with pytest.raises(DictionaryError, match="both --l1 and --target-l0 given"):
+        sweep_configs("relu", ["h"], {"h": 8}, [4], [2], [3.0], [], target_l0s=[2])
+    with pytest.raises(DictionaryError, match="--arch topk sets its L0 with --k"):
+        sweep_configs("topk", ["h"], {"h": 8}, [4], [2], [], [], target_l0s=[2])
+    assert [c.l1_coeff for c in sweep_configs("relu", ["h"], {"h": 8}, [4], [2], [], [])] == [5.0]  # the default
 
 
 def test_no_module_outside_an_architecture_branches_on_its_name() -> None:

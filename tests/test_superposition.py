@@ -45,6 +45,7 @@ def train(cfg: DictConfig, x: torch.Tensor, steps: int, lr: float) -> Dictionary
 CASES = {
     "topk": (DictConfig(arch="topk", d_in=D_IN, d_sae=N_FEATURES, k=ACTIVE), 1000, 4e-3, 0.95),
     "batchtopk": (DictConfig(arch="batchtopk", d_in=D_IN, d_sae=N_FEATURES, k=ACTIVE), 1000, 4e-3, 0.9),
+    "matryoshka": (DictConfig(arch="matryoshka", d_in=D_IN, d_sae=N_FEATURES, k=ACTIVE), 1000, 4e-3, 0.8),
     "relu": (DictConfig(arch="relu", d_in=D_IN, d_sae=N_FEATURES, l1_coeff=2.0), 1000, 4e-3, 0.9),
     "jumprelu": (
         DictConfig(
@@ -63,6 +64,9 @@ CASES = {
 # Steps: 1M tokens each. Measured with planted seed 9177 (quiet machine): TopK 0.968, BatchTopK 0.944, ReLU 0.970,
 # JumpReLU 0.936 (FVU 0.269; with l0_coeff 3 and bandwidth 0.2 it reached FVU 0.34). 100 steps gave TopK 0.535,
 # barely above the untrained 0.5: the old test's 0.996 came from an initial decoder equal to the planted directions.
+# Matryoshka (default groups) 0.854, FVU 0.322: these features are all equally frequent and have no hierarchy, so its
+# first prefixes (32, then 64 latents), which must reconstruct alone, learn averaged directions (first group's latents
+# 0.81 from any planted one) at a cost in reconstruction; hence its lower bars. Groups 1/4, 3/4 gave 0.898, FVU 0.284.
 
 
 @pytest.mark.parametrize("arch", list(CASES))
@@ -78,7 +82,7 @@ def test_recovers_planted_directions(arch: str) -> None:
         recon, z = d(x[:4096])  # the returned dictionary takes raw (unnormalised) activations
     l0 = float((z > 0).float().sum(-1).mean())
     # ReLU + L1 keeps a tail of small activations and shrinks the large ones: a looser bound for it
-    l0_max, fvu_max = (40, 0.5) if arch == "relu" else (20, 0.3)
+    l0_max, fvu_max = {"relu": (40, 0.5), "matryoshka": (20, 0.4)}.get(arch, (20, 0.3))
     assert 2 <= l0 <= l0_max, f"{arch}: L0 {l0:.1f} is not sparse"
     assert float(fvu(x[:4096], recon)) < fvu_max
 

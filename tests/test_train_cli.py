@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ from lmscope.activations import HarvestConfig, harvest
 from lmscope.cli.app import app
 from lmscope.cli.common import parse_count
 from lmscope.cli.train_cmds import parse_list
-from lmscope.dictionaries.formats import load_dictionary
+from lmscope.dictionaries.formats import load_dictionary, save_dictionary
 from lmscope.errors import LmscopeError
 from lmscope.training import Trainer
 from lmscope.training.checkpoint import CHECKPOINT, load_checkpoint
@@ -157,3 +158,43 @@ def test_train_transcoder_and_clean_errors(acts: Path, tmp_path: Path) -> None:
     assert d.cfg.is_transcoder and d.cfg.hook_out == HOOKS[1]
     bad = CliRunner().invoke(app, ["train", "--acts", str(acts), "--out", str(tmp_path / "x"), "--arch", "gated"])
     assert bad.exit_code == 2 and "unknown --arch 'gated'" in bad.output
+
+
+def test_train_to_a_target_l0_matryoshka_and_health_lines(acts: Path, tmp_path: Path) -> None:
+    base = ["train", "--acts", str(acts), "--hook", HOOKS[0], "--expansion", "2", "--tokens", "2k", "--batch-size",
+            "256", "--warmup-steps", "2"]  # fmt: skip
+    result = CliRunner().invoke(app, [*base, "--out", str(tmp_path / "t"), "--arch", "relu", "--target-l0", "8"])
+    assert result.exit_code == 0, result.output
+    d = load_dictionary(tmp_path / "t" / f"{HOOKS[0]}-relu-m64-l0target_8")
+    assert d.cfg.target_l0 == 8 and d.cfg.l1_coeff == d.metadata["training"]["sparsity_control"]["coeff"]
+    said = " ".join(result.output.split())  # rich wraps long lines
+    assert "l0target_8 health: L0 " in said  # 8 steps are too few for the controller: the health line says so,
+    assert f"{HOOKS[0]}-relu-m64-l0target_8: warning: L0 " in said  # the warning came as it was raised
+    assert "coeff" in read_log(tmp_path / "t" / "metrics.jsonl")[-1]
+    x = str(tmp_path / "x")
+    both = CliRunner().invoke(app, [*base, "--out", x, "--arch", "relu", "--l1", "3", "--target-l0", "8"])
+    assert both.exit_code == 2 and "both --l1 and --target-l0 given" in both.output
+    topk = CliRunner().invoke(app, [*base, "--out", x, "--target-l0", "8"])
+    assert topk.exit_code == 2 and "--arch topk sets its L0 with --k" in topk.output
+    m_out = str(tmp_path / "m")
+    m = CliRunner().invoke(
+        app, [*base, "--out", m_out, "--arch", "matryoshka", "--k", "4", "--matryoshka-groups", "16,16,32"]
+    )
+    assert m.exit_code == 0, m.output
+    mat = load_dictionary(tmp_path / "m" / f"{HOOKS[0]}-matryoshka-m64-k4")
+    assert mat.cfg.matryoshka_groups == [16, 16, 32] and mat.prefixes == [16, 32, 64] and float(mat.threshold) > 0
+    bad = CliRunner().invoke(
+        app, [*base, "--out", x, "--arch", "matryoshka", "--matryoshka-groups", "0.5,0.25"]
+    )
+    assert bad.exit_code == 2 and "matryoshka_groups=[0.5, 0.25] sums to 0.75" in bad.output
+    # a sick dictionary (its decoder ten times too long): `lmscope eval` says so, and eval.json keeps the warnings
+    with torch.no_grad():
+        mat.W_dec.mul_(10)
+    save_dictionary(mat, tmp_path / "sick")
+    model, corpus = acts.parent / "model", acts.parent / "corpus"
+    ev = CliRunner().invoke(app, ["eval", str(model), "--dict", str(tmp_path / "sick"), "--corpus", str(corpus),
+                                  "--tokens", "64", "--context", "16", "--device", "cpu"])  # fmt: skip
+    assert ev.exit_code == 0, ev.output
+    assert "warning: FVU " in ev.output and "health: 1 warning(s)" in ev.output
+    saved = json.loads((tmp_path / "sick" / "eval.json").read_text())
+    assert len(saved["warnings"]) == 1 and saved["warnings"][0].startswith("FVU ")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -137,7 +138,9 @@ SCRIPT = textwrap.dedent(
     out, kill_at = sys.argv[1], int(sys.argv[2])
     g = torch.Generator().manual_seed(0)
     x = torch.randn(8192, 16, generator=g) @ torch.randn(16, 16, generator=g) + 1.0
-    runs = [RunSpec(DictConfig(arch=a, d_in=16, d_sae=48, k=4)) for a in ("topk", "batchtopk", "relu", "jumprelu")]
+    runs = [RunSpec(DictConfig(arch=a, d_in=16, d_sae=48, k=4)) for a in ("topk", "batchtopk", "relu", "jumprelu",
+                                                                            "matryoshka")]
+    runs.append(RunSpec(DictConfig(arch="relu", d_in=16, d_sae=48, target_l0=6)))  # the L0 controller's state too
     tc = TrainConfig(total_tokens=16 * 512, warmup_steps=3, checkpoint_every=5, progress_bar=False,
                      dead_window_tokens=1024, log_every=2)
 
@@ -162,12 +165,23 @@ def test_killed_and_resumed_run_matches_uninterrupted(tmp_path: Path) -> None:
     assert _run(script, tmp_path / "killed", 8) == -signal.SIGKILL  # after the step-5 checkpoint, before step 10
     assert not (tmp_path / "killed" / "topk-m48-k4").exists()
     assert _run(script, tmp_path / "killed", -1) == 0  # resumes from step 5
-    for name in ("topk-m48-k4", "batchtopk-m48-k4", "relu-m48-l1_5", "jumprelu-m48-l0_0.001"):
+    runs = ("straight", "killed")
+    names = ("topk-m48-k4", "batchtopk-m48-k4", "relu-m48-l1_5", "jumprelu-m48-l0_0.001", "matryoshka-m48-k4",
+             "relu-m48-l0target_6")
+    for name in names:
         a = load_file(str(tmp_path / "straight" / name / "dictionary.safetensors"))
         b = load_file(str(tmp_path / "killed" / name / "dictionary.safetensors"))
         assert a.keys() == b.keys()
         for key in a:
             assert torch.equal(a[key], b[key]), f"{name}/{key} differs after resume"
+        health = [json.loads((tmp_path / r / name / "config.json").read_text())["training"]["health"] for r in runs]
+        assert health[0] == health[1], f"{name}: the health record differs after resume"
+    # the controller resumed where it was: the same coefficient at the end, which it had moved from its start
+    controlled = "relu-m48-l0target_6"
+    configs = [json.loads((tmp_path / r / controlled / "config.json").read_text()) for r in runs]
+    assert configs[0]["config"] == configs[1]["config"]
+    assert configs[0]["training"]["sparsity_control"] == configs[1]["training"]["sparsity_control"]
+    assert configs[0]["config"]["l1_coeff"] != 5.0 * configs[0]["training"]["sparsity_control"]["settings"]["start"]
     log = read_log(tmp_path / "killed" / "metrics.jsonl")
     steps = [r["step"] for r in log if r["run"] == "topk-m48-k4"]
     assert steps == list(range(2, 17, 2))  # the steps logged between checkpoint and kill are not duplicated

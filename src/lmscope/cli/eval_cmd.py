@@ -12,6 +12,7 @@ from lmscope.cli.common import DeviceOpt, DtypeOpt, ModelArg, console, handles_e
 from lmscope.dictionaries.pretrained import open_dictionary
 from lmscope.model.loading import load_model
 from lmscope.training.evaluate import eval_contexts, evaluate, save_json
+from lmscope.training.health import check_eval
 
 EPILOG = """Examples:
 
@@ -73,6 +74,10 @@ def register(app: typer.Typer) -> None:
             {"model": model, "corpus": corpus, "tokens": int(ids.numel()), "skip_tokens": parse_count(skip_tokens)}
         )
         console.print(results_table(results, title=f"{dict_dir} on {ids.numel()} tokens of {corpus}"))
+        results["warnings"] = [str(w) for w in check_eval(results, d.cfg)]  # FVU > 1, L0 far off its target, dead
+        for warning in results["warnings"]:
+            console.print(f"warning: {warning}", style="yellow", markup=False, highlight=False)
+        console.print("health: " + ("ok" if not results["warnings"] else f"{len(results['warnings'])} warning(s)"))
         out = json_out or Path(dict_dir) / "eval.json"
         save_json(results, out)
         console.print(f"wrote {out}")

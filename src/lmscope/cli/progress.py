@@ -46,6 +46,8 @@ class RichProgress:
         self._bar.__exit__(et, ev, tb)
 
     def __call__(self, event: ProgressEvent) -> None:
+        for note in event.notes:  # printed above the bars, even when the bars are off
+            self._bar.console.print(note, style="yellow", markup=False, highlight=False)
         if not self.enabled:
             return
         task = self._tasks.get(event.task)

@@ -207,6 +207,9 @@ def recovery(
     k: Annotated[int | None, typer.Option(help="TopK/BatchTopK k (default: the truth's mean L0).")] = None,
     l1: Annotated[float, typer.Option(help="ReLU L1 coefficient.")] = 2.0,
     l0: Annotated[float, typer.Option(help="JumpReLU L0 coefficient.")] = 3.0,
+    target_l0: Annotated[
+        float | None, typer.Option(help="ReLU/JumpReLU: aim at this L0 (starting from 1/20 of --l1 / --l0).")
+    ] = None,
     lr: Annotated[float, typer.Option(help="Peak learning rate of every dictionary.")] = 4e-3,
     seed: SeedOpt = 0,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N, mps.")] = "auto",
@@ -223,7 +226,7 @@ def recovery(
     )  # fmt: skip
     cfg = RecoveryBenchConfig(data=data, train_samples=samples, expansion=expansion, lr=lr, seed=seed)
     archs = None if arch == "all" else [a.strip() for a in arch.split(",") if a.strip()]
-    runs = dictionary_configs(cfg, archs, k=k, l1_coeff=l1, l0_coeff=l0)
+    runs = dictionary_configs(cfg, archs, k=k, l1_coeff=l1, l0_coeff=l0, target_l0=target_l0)
     with RichProgress(enabled=progress) as bar:
         result = run_recovery(cfg, runs, bar, device=str(resolve_device(device)))
     table = Table(title=f"recovery: {data.n_features} true features in {d} dims, {samples:,} training samples")

@@ -39,21 +39,41 @@ def sweep_configs(
     l0s: list[float],
     hook_out: str | None = None,
     model: str | None = None,
+    target_l0s: list[float] | None = None,
+    groups: list[float] | None = None,
 ) -> list[DictConfig]:
-    """The cross product of the sweep axes: one config per (hook, expansion, k or sparsity coefficient).
+    """The cross product of the sweep axes: one config per (hook, expansion, k, sparsity coefficient or target L0).
 
     The architecture names the DictConfig field it varies (`Dictionary.sparsity_param`); each such field has
-    its command-line list here (--k, --l1, --l0).
+    its command-line list here (--k, --l1, --l0); an empty list means the default. `target_l0s` (--target-l0) sweeps
+    target L0s instead of the coefficient, which must then not be given as well. `groups`: matryoshka groups.
     """
     if arch not in architectures():
         raise DictionaryError(f"unknown --arch {arch!r}; choose one of {', '.join(architectures())}")
+    flags = {"k": "--k", "l1_coeff": "--l1", "l0_coeff": "--l0"}
     axes: dict[str, list[Any]] = {"k": ks, "l1_coeff": l1s, "l0_coeff": l0s}
     key = architecture(arch).sparsity_param
     if key not in axes:
         raise DictionaryError(f"--arch {arch} varies {key!r}, which `lmscope train` has no option for")
     cast = type(_CONFIG_DEFAULTS[key])  # int for k, float for the coefficients
+    values: list[Any] = axes[key] or [_CONFIG_DEFAULTS[key]]
+    field = key
+    if target_l0s:
+        coeff = architecture(arch).controlled_coeff
+        if coeff is None:
+            raise DictionaryError(
+                f"--target-l0 is for architectures whose sparsity is a penalty coefficient; --arch {arch} sets its L0 "
+                f"with {flags[key]}"
+            )
+        if axes[coeff]:
+            raise DictionaryError(
+                f"both {flags[coeff]} and --target-l0 given: give the coefficient (kept fixed) or the target L0 (the "
+                "coefficient is then adjusted during training, starting low), not both"
+            )
+        values, field, cast = target_l0s, "target_l0", float
+    extra: dict[str, Any] = {"matryoshka_groups": list(groups)} if groups else {}
     out = []
-    for hook, expansion, value in itertools.product(hooks, expansions, axes[key]):
+    for hook, expansion, value in itertools.product(hooks, expansions, values):
         d_in = widths[hook]
         d_out = widths[hook_out] if hook_out else None
         out.append(
@@ -65,7 +85,8 @@ def sweep_configs(
                 hook=hook,
                 hook_out=hook_out,
                 model=model,
-                **{key: cast(value)},
+                **extra,
+                **{field: cast(value)},
             )
         )
     return out
@@ -76,6 +97,8 @@ def register(app: typer.Typer) -> None:
         epilog="Examples:\n\n"
         "  lmscope train --acts acts/ --arch topk --k 32 --expansion 8 --tokens 20M --out dicts/\n\n"
         "  lmscope train --acts acts/ --arch topk --k 16,32,64 --tokens 50M --out sweep/   (3 dictionaries, 1 pass)\n\n"
+        "  lmscope train --acts acts/ --arch relu --target-l0 32 --tokens 20M --out dicts/   (L1 adjusted to L0 32)\n\n"
+        "  lmscope train --acts acts/ --arch matryoshka --k 32 --tokens 20M --out dicts/   (nested prefixes)\n\n"
         "  lmscope train --acts acts/ --hook blocks.6.mlp_in --hook-out blocks.6.mlp_out --out tc/   (a transcoder)\n\n"
         "  torchrun --nproc_per_node 4 -m lmscope.cli.app train --acts acts/ --out dicts/   (data parallel)"
     )
@@ -88,8 +111,14 @@ def register(app: typer.Typer) -> None:
         hook_out: Annotated[str, typer.Option(help="Target hook: trains transcoders hook -> hook_out.")] = "",
         k: Annotated[str, typer.Option(help="TopK/BatchTopK active latents; a list sweeps.")] = "32",
         expansion: Annotated[str, typer.Option(help="d_sae / d_in; a list sweeps.")] = "8",
-        l1: Annotated[str, typer.Option(help="ReLU L1 coefficient; a list sweeps.")] = "5",
-        l0: Annotated[str, typer.Option(help="JumpReLU L0 coefficient; a list sweeps.")] = "0.001",
+        l1: Annotated[str, typer.Option(help="ReLU L1 coefficient (default 5); a list sweeps.")] = "",
+        l0: Annotated[str, typer.Option(help="JumpReLU L0 coefficient (default 0.001); a list sweeps.")] = "",
+        target_l0: Annotated[
+            str, typer.Option(help="ReLU/JumpReLU: the L0 to reach (the coefficient is adjusted); a list sweeps.")
+        ] = "",
+        matryoshka_groups: Annotated[
+            str, typer.Option(help="Matryoshka groups: fractions of d_sae or counts (default 1/16,1/16,1/8,1/4,1/2).")
+        ] = "",
         tokens: Annotated[str, typer.Option(help="Training tokens, e.g. 20M.")] = "20M",
         batch_size: Annotated[int, typer.Option(help="Global batch in tokens (split over DDP ranks).")] = 4096,
         lr: Annotated[float | None, typer.Option(help="Peak LR (default: per architecture and width).")] = None,
@@ -111,7 +140,7 @@ def register(app: typer.Typer) -> None:
         hooks = hooks or [next(iter(source.widths))]
         configs = sweep_configs(
             arch, hooks, source.widths, parse_list(k, int), parse_list(expansion), parse_list(l1), parse_list(l0),
-            hook_out or None, source.model,
+            hook_out or None, source.model, parse_list(target_l0), parse_list(matryoshka_groups),
         )  # fmt: skip
         tc = TrainConfig(
             total_tokens=parse_count(tokens), warmup_steps=warmup_steps, b_dec_init=b_dec_init,
@@ -122,5 +151,7 @@ def register(app: typer.Typer) -> None:
         with RichProgress(enabled=progress and ddp.is_main()) as bar:
             results = trainer.fit(source, resume=not no_resume, progress=bar)
         if ddp.is_main():
-            for name in results:
-                console.print(f"saved {out / name}")
+            for name, d in results.items():
+                meta: dict[str, Any] = getattr(d, "metadata", {})
+                health = meta.get("training", {}).get("health", {}).get("line", "ok")
+                console.print(f"saved {out / name}  health: {health}", markup=False, highlight=False)

@@ -29,6 +29,7 @@ class ProgressEvent:
     stats: str = ""  # a short human-readable line of current figures ("L0 32.0  FVU 0.210 ...")
     finished: bool = False  # the last event of this task
     info: dict[str, Any] = field(default_factory=dict)  # the same figures, machine-readable
+    notes: tuple[str, ...] = ()  # lines to show once (e.g. a training run's new health warnings), not a status
 
 
 ProgressCallback = Callable[[ProgressEvent], None]

@@ -1,6 +1,6 @@
 """Sparse dictionaries (SAEs and transcoders): one module per architecture behind a registry."""
 
-from lmscope.dictionaries import batchtopk, crosscoder, jumprelu, relu, topk  # noqa: F401  (registers the architectures)
+from lmscope.dictionaries import batchtopk, crosscoder, jumprelu, matryoshka, relu, topk  # noqa: F401  (registers the architectures)
 from lmscope.dictionaries.base import (
     DictConfig,
     Dictionary,

@@ -54,9 +54,15 @@ class DictConfig:
     l1_coeff: float = 5.0  # relu: weight of the decoder-norm-weighted L1 penalty
     l1_warmup_frac: float = 0.05  # relu: the L1 weight ramps up linearly over this fraction of training
     l0_coeff: float = 1e-3  # jumprelu: weight of the straight-through L0 penalty
+    # relu / jumprelu: the mean L0 to reach; the trainer then adjusts the sparsity coefficient during training, from a
+    # twentieth of l1_coeff / l0_coeff upward (lmscope.training.sparsity_control). None: the coefficient, fixed
+    target_l0: float | None = None
     jumprelu_bandwidth: float = 0.05  # jumprelu: width of the rectangle kernel of the pseudo-derivative
     jumprelu_init_threshold: float = 0.05
     aux_k: int | None = None  # topk / batchtopk: latents used by the AuxK loss; None means d_out // 2
+    # matryoshka: the nested groups of latents, as fractions of d_sae (summing to 1) or latent counts (summing to
+    # d_sae); prefix i is groups 0..i. Empty: 1/16, 1/16, 1/8, 1/4, 1/2 (Bussmann et al. 2025)
+    matryoshka_groups: list[float] = field(default_factory=list)
     aux_coeff: float = 1 / 32
     apply_b_dec_to_input: bool | None = None  # None: True for autoencoders, False for transcoders
     hook: str | None = None  # the input hook, e.g. blocks.6.resid_post
@@ -81,6 +87,7 @@ class DictConfig:
                 "for transcoders"
             )
         cls.validate_config(self)
+        self._check_target_l0(cls)
         if self.skip and not self.is_transcoder:
             raise DictionaryError("skip=True is for transcoders (hook -> hook_out); an autoencoder has no skip term")
         if self.n_models < 1 or self.d_in % self.n_models:
@@ -89,6 +96,20 @@ class DictConfig:
             raise DictionaryError("a crosscoder (n_models > 1) reconstructs its own input; it cannot be a transcoder")
         if self.aux_k is None:
             self.aux_k = max(1, min(self.d_sae, int(self.d_out) // 2))
+
+    def _check_target_l0(self, cls: type[Dictionary]) -> None:
+        if self.target_l0 is None:
+            return
+        if cls.controlled_coeff is None:
+            raise DictionaryError(
+                f"target_l0={self.target_l0:g}: a {self.arch} dictionary has no sparsity coefficient to adjust "
+                f"(its L0 is set by {cls.sparsity_param}); set {cls.sparsity_param} instead"
+            )
+        if not (0 < float(self.target_l0) < self.d_sae and math.isfinite(self.target_l0)):
+            raise DictionaryError(
+                f"target_l0={self.target_l0:g} is out of range; it must be in (0, d_sae={self.d_sae}) active latents "
+                "per token"
+            )
 
     @property
     def is_transcoder(self) -> bool:
@@ -115,6 +136,9 @@ class LossState:
 
     progress: float = 1.0  # fraction of training done, in [0, 1]
     dead_mask: Tensor | None = None  # [d_sae] bool: latents that have not fired over the dead window
+    # the sparsity coefficient a controller chose for this step (`Dictionary.controlled_coeff`, cfg.target_l0 set):
+    # it replaces the config's coefficient (the warmup ramp still applies). None: the config's coefficient
+    sparsity_coeff: float | None = None
 
 
 @dataclass
@@ -145,6 +169,8 @@ class Dictionary(nn.Module):
     loss_terms: ClassVar[tuple[str, ...]]  # the keys of TrainOutput.terms ("mse", "aux", ...)
     saelens_arch: ClassVar[str | None]  # the SAELens architecture it exports as (None: it cannot be exported)
     saelens_imports: ClassVar[tuple[str, ...]]  # SAELens architecture names loaded as this architecture
+    # the DictConfig field of the penalty weight a target L0 controls (relu: l1_coeff); None: cfg.target_l0 is refused
+    controlled_coeff: ClassVar[str | None] = None
     REQUIRED_KNOWLEDGE: ClassVar[tuple[str, ...]] = (
         "sparsity_param", "run_tag", "loss_terms", "saelens_arch", "saelens_imports"
     )  # fmt: skip
@@ -157,8 +183,23 @@ class Dictionary(nn.Module):
 
     @classmethod
     def run_name_tag(cls, cfg: DictConfig) -> str:
-        """The part of a run's default name that tells its sparsity setting apart, e.g. `k32` or `l1_5`."""
+        """The part of a run's default name that tells its sparsity setting apart, e.g. `k32`, `l1_5`, `l0target_20`."""
+        if cfg.target_l0 is not None:
+            return f"l0target_{cfg.target_l0:g}"
         return cls.run_tag.format_map(vars(cfg))
+
+    @classmethod
+    def target_l0(cls, cfg: DictConfig) -> float | None:
+        """The mean L0 this dictionary is meant to have (what health checks compare with): cfg.target_l0 when set."""
+        return cfg.target_l0
+
+    def penalty_coeff(self, state: LossState, ramp_frac: float) -> float:
+        """The sparsity penalty's weight this step: the controller's coefficient when it sets one, else the config's
+        (`controlled_coeff`), ramped up linearly over the first `ramp_frac` of training."""
+        assert self.controlled_coeff is not None
+        coeff = state.sparsity_coeff if state.sparsity_coeff is not None else getattr(self.cfg, self.controlled_coeff)
+        ramp = min(1.0, state.progress / ramp_frac) if ramp_frac > 0 else 1.0
+        return float(coeff) * ramp
 
     @classmethod
     def extra_tensor_shapes(cls, cfg: DictConfig) -> dict[str, tuple[int, ...]]:
@@ -328,6 +369,10 @@ def _check_knowledge(name: str, cls: type[Dictionary]) -> None:
         )
     if cls.sparsity_param not in _CONFIG_FIELDS:
         raise DictionaryError(f"architecture {name!r}: sparsity_param {cls.sparsity_param!r} is not a DictConfig field")
+    if cls.controlled_coeff is not None and cls.controlled_coeff not in _CONFIG_FIELDS:
+        raise DictionaryError(
+            f"architecture {name!r}: controlled_coeff {cls.controlled_coeff!r} is not a DictConfig field"
+        )
     fields = {f for _text, f, _spec, _conv in string.Formatter().parse(cls.run_tag) if f is not None}
     if not fields <= _CONFIG_FIELDS:
         raise DictionaryError(f"architecture {name!r}: run_tag {cls.run_tag!r} names fields DictConfig lacks")

@@ -15,7 +15,7 @@ exports as a `jumprelu_transcoder`. A SAELens BatchTopK training checkpoint (`ar
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -29,7 +29,7 @@ THRESHOLD_MOMENTUM = 0.99
 @register("batchtopk")
 class BatchTopKDictionary(KSparse):
     saelens_arch = "jumprelu"
-    saelens_imports = ("batchtopk",)
+    saelens_imports: ClassVar[tuple[str, ...]] = ("batchtopk",)
     threshold: Tensor
     threshold_updates: Tensor
 

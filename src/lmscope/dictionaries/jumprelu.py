@@ -2,7 +2,8 @@
 
 The L0 penalty sum_i [pre_i > theta_i] has no gradient; straight-through estimators with a rectangle kernel
 of width `jumprelu_bandwidth` give the thresholds a pseudo-derivative, both from the reconstruction (through
-the jump) and from the L0 penalty (weighted by `l0_coeff`, ramped up over `l1_warmup_frac` of training).
+the jump) and from the L0 penalty (weighted by `l0_coeff`, ramped up over `l1_warmup_frac` of training; with
+`target_l0` set, the trainer's controller chooses that weight each step, starting from `l0_coeff`).
 The threshold is a parameter itself (kept >= MIN_THRESHOLD after each step), so files hold it exactly.
 """
 
@@ -60,6 +61,7 @@ class JumpReLUDictionary(Dictionary):
     loss_terms = ("mse", "l0")
     saelens_arch = "jumprelu"
     saelens_imports = ("jumprelu", "jumprelu_transcoder")
+    controlled_coeff = "l0_coeff"
 
     @classmethod
     def default_lr(cls, cfg: DictConfig) -> float:
@@ -110,10 +112,9 @@ class JumpReLUDictionary(Dictionary):
         recon = self.with_skip(z @ self.W_dec + self.b_dec, x)
         mse = self.mse(target, recon)
         l0 = _Step.apply(pre, theta, bw).sum(-1).mean()
-        ramp = min(1.0, state.progress / self.cfg.l1_warmup_frac) if self.cfg.l1_warmup_frac > 0 else 1.0
         active = z > 0
         return TrainOutput(
-            loss=mse + self.cfg.l0_coeff * ramp * l0,
+            loss=mse + self.penalty_coeff(state, self.cfg.l1_warmup_frac) * l0,
             recon=recon,
             fired=active.sum(0).float(),
             l0=l0.detach(),

@@ -1,7 +1,8 @@
 """ReLU dictionary with an L1 penalty weighted by decoder norm (Anthropic, April 2024 update).
 
 loss = |x - x_hat|^2 + lambda * sum_i z_i |W_dec[i]|; the decoder norm is free (not constrained), lambda ramps
-up linearly over the first `l1_warmup_frac` of training, decoder rows start at norm 0.1.
+up linearly over the first `l1_warmup_frac` of training, decoder rows start at norm 0.1. With `target_l0` set the
+trainer's controller chooses lambda each step instead (`l1_coeff` is then its starting value).
 SAELens: `standard` SAEs, and `transcoder` for a transcoder whose output width differs from its input's.
 """
 
@@ -23,6 +24,7 @@ class ReLUDictionary(Dictionary):
     loss_terms = ("mse", "l1")
     saelens_arch: ClassVar[str | None] = "standard"
     saelens_imports: ClassVar[tuple[str, ...]] = ("standard", "transcoder")
+    controlled_coeff: ClassVar[str | None] = "l1_coeff"
 
     def to_saelens(self, tensors: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Any]]:
         """A transcoder to another width is SAELens's `transcoder` class (ReLU); the standard SAE has no d_out."""
@@ -47,8 +49,7 @@ class ReLUDictionary(Dictionary):
         recon = self.with_skip(z @ self.W_dec + self.b_dec, x)
         mse = self.mse(target, recon)
         l1 = (z * self.penalty_weights()).sum(-1).mean()
-        ramp = min(1.0, state.progress / self.cfg.l1_warmup_frac) if self.cfg.l1_warmup_frac > 0 else 1.0
-        loss = mse + self.cfg.l1_coeff * ramp * l1
+        loss = mse + self.penalty_coeff(state, self.cfg.l1_warmup_frac) * l1
         active = z > 0
         return TrainOutput(
             loss=loss,

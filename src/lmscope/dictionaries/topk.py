@@ -7,7 +7,7 @@ the dead latents only; that loss (weighted by `aux_coeff`) gives dead latents a 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -48,12 +48,17 @@ class KSparse(Dictionary):
 
     sparsity_param = "k"
     run_tag = "k{k}"
-    loss_terms = ("mse", "aux")
+    loss_terms: ClassVar[tuple[str, ...]] = ("mse", "aux")
 
     @classmethod
     def default_lr(cls, cfg: DictConfig) -> float:
         """2e-4 / sqrt(d_sae / 2^14) (Gao et al. 2024)."""
         return 2e-4 / math.sqrt(cfg.d_sae / 2**14)
+
+    @classmethod
+    def target_l0(cls, cfg: DictConfig) -> float | None:
+        """k: the mean number of active latents per token it is built to have."""
+        return float(cfg.k)
 
     @classmethod
     def validate_config(cls, cfg: DictConfig) -> None:

@@ -64,12 +64,15 @@ def dictionary_configs(
     k: int | None = None,
     l1_coeff: float = 2.0,
     l0_coeff: float = 3.0,
+    target_l0: float | None = None,
 ) -> list[DictConfig]:
     """One DictConfig per architecture (default: every registered one) at the benchmark's width.
 
     Sparsity settings that fit the generator: k = the truth's mean L0 (rounded, at least 1) for k-sparse
     architectures, `l1_coeff` and `l0_coeff` for the penalised ones (inputs are normalised to norm sqrt(d)), and a
-    JumpReLU bandwidth and initial threshold of 0.2. An architecture reads only its own fields.
+    JumpReLU bandwidth and initial threshold of 0.2. An architecture reads only its own fields. With `target_l0`,
+    the architectures whose sparsity is a coefficient (relu, jumprelu) aim at that L0 instead, their coefficient the
+    controller's starting scale.
     """
     names = list(archs) if archs else architectures()
     for a in names:
@@ -86,6 +89,7 @@ def dictionary_configs(
             l0_coeff=l0_coeff,
             jumprelu_bandwidth=0.2,
             jumprelu_init_threshold=0.2,
+            target_l0=target_l0 if architecture(a).controlled_coeff is not None else None,
         )
         for a in names
     ]

@@ -41,9 +41,11 @@ from lmscope.training.checkpoint import (
     save_checkpoint,
 )
 from lmscope.training.dead import DeadTracker
+from lmscope.training.health import HealthMonitor
 from lmscope.training.init import init_b_dec, norm_scale
-from lmscope.training.metrics import Meter, MetricsLog
+from lmscope.training.metrics import Meter, MetricsLog, read_log
 from lmscope.training.schedule import Schedule
+from lmscope.training.sparsity_control import SparsityController, controller_for
 
 Batch = Tensor | tuple[Tensor, Tensor] | Mapping[str, Tensor]
 
@@ -140,8 +142,8 @@ class _LossModule(nn.Module):
         super().__init__()
         self.dictionary = dictionary
 
-    def forward(self, x: Tensor, y: Tensor, progress: float, dead: Tensor) -> tuple[Any, ...]:
-        out = self.dictionary.training_loss(x, y, LossState(progress=progress, dead_mask=dead))
+    def forward(self, x: Tensor, y: Tensor, progress: float, dead: Tensor, coeff: float | None) -> tuple[Any, ...]:
+        out = self.dictionary.training_loss(x, y, LossState(progress=progress, dead_mask=dead, sparsity_coeff=coeff))
         return out.loss, out.recon, out.fired, out.l0, out.terms
 
 
@@ -159,6 +161,9 @@ class _Run:
     meter: Meter = field(default_factory=Meter)
     stats: str = ""  # the latest log line's figures, for progress events
     record: dict[str, Any] = field(default_factory=dict)  # the latest metrics record
+    control: SparsityController | None = None  # cfg.target_l0 set: chooses the sparsity coefficient of each step
+    health: HealthMonitor | None = None
+    notes: list[str] = field(default_factory=list)  # new health warnings, for the next progress event
 
 
 def _flat(t: Tensor) -> Tensor:
@@ -191,6 +196,7 @@ class Trainer:
                 lr=s.lr if s.lr is not None else default_lr(s.dict_cfg),
                 dictionary=build(s.dict_cfg, seed=cfg.seed + i).to(self.device),
                 dead=DeadTracker(s.dict_cfg.d_sae, cfg.dead_window_tokens),
+                health=HealthMonitor(s.dict_cfg),
             )
             for i, (s, n) in enumerate(zip(specs, names, strict=True))
         ]
@@ -288,6 +294,7 @@ class Trainer:
                 "scale_in": run.scale_in,
                 "scale_out": run.scale_out,
                 "param_groups": groups,
+                "control": run.control.state() if run.control is not None else None,
             }
         meta = {
             "step": self.step,
@@ -312,7 +319,7 @@ class Trainer:
             )
         for run in self.runs:
             rm = meta["runs"][run.name]
-            if rm["dict_cfg"] != run.spec.dict_cfg.to_dict():
+            if DictConfig.from_dict(rm["dict_cfg"]).to_dict() != run.spec.dict_cfg.to_dict():  # defaults filled in
                 raise DictionaryError(f"run {run.name}: its config differs from the checkpoint's; use another --out")
             run.scale_in, run.scale_out = rm["scale_in"], rm["scale_out"]
             prefix = f"{run.name}/model/"
@@ -323,6 +330,9 @@ class Trainer:
             load_optimizer_state(run.opt, tensors, f"{run.name}/optim", rm["param_groups"])
             dprefix = f"{run.name}/dead/"
             run.dead.load({k[len(dprefix) :]: v for k, v in tensors.items() if k.startswith(dprefix)})
+            run.control = controller_for(run.spec.dict_cfg, meta["total_steps"])
+            if run.control is not None:
+                run.control.load(rm.get("control") or {})
         self.step, self.tokens, self.total_steps = meta["step"], meta["tokens"], meta["total_steps"]
         self.batch_tokens = int(meta.get("batch_tokens", 0))  # 0: a checkpoint from before it was recorded
         return True
@@ -337,7 +347,8 @@ class Trainer:
         xs = ddp.shard(x).to(self.device, torch.float32) * run.scale_in
         ys = xs if y is x else ddp.shard(y).to(self.device, torch.float32) * run.scale_out
         dead = run.dead.dead_mask().to(self.device)
-        loss, recon, fired, l0, terms = run.module(xs, ys, self.step / max(1, self.total_steps), dead)
+        coeff = run.control.coeff if run.control is not None else None
+        loss, recon, fired, l0, terms = run.module(xs, ys, self.step / max(1, self.total_steps), dead, coeff)
         loss.backward()
         d.remove_parallel_grad()
         if self.cfg.grad_clip:
@@ -346,12 +357,15 @@ class Trainer:
         run.opt.zero_grad(set_to_none=True)
         d.post_step()
         run.dead.update(ddp.all_reduce_sum(fired.detach().clone()), global_tokens)
+        if run.control is not None:  # every rank steers by the global L0, so all keep one coefficient
+            run.control.update(float(ddp.all_reduce_sum(l0.detach().clone())) / ddp.world_size())
         return {
             "loss": float(loss.detach()),
             "fvu": float(fvu(ys, recon.detach())),
             "l0": float(l0),
             "lr": lr,
             **{k: float(v) for k, v in terms.items()},
+            **({"coeff": coeff} if coeff is not None else {}),
         }
 
     def fit(
@@ -371,6 +385,11 @@ class Trainer:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             self.log = MetricsLog(self.out_dir / "metrics.jsonl", self.cfg.wandb_project, asdict(self.cfg))
             self.log.truncate_after(self.step)  # a resumed run logs the steps after its checkpoint again
+            if resumed and self.log.path is not None and self.log.path.exists():  # its health history too
+                logged = read_log(self.log.path)
+                for run in self.runs:
+                    if run.health is not None:
+                        run.health.restore([r for r in logged if r.get("run") == run.name], self.total_steps)
         if not resumed:
             for run in self.runs:
                 run.scale_in, run.scale_out = self._scales(source, run)
@@ -399,6 +418,7 @@ class Trainer:
                     if run.module is None:
                         torch.manual_seed(self.cfg.seed)
                         self._setup(run, batch)
+                        run.control = controller_for(run.spec.dict_cfg, self.total_steps)
             for run, (x, y) in zip(self.runs, picked, strict=True):
                 run.meter.add(self._train_step(run, x, y, n_tok, schedule))
             self.step += 1
@@ -427,14 +447,17 @@ class Trainer:
         return self.finish()
 
     def _report(self, progress: ProgressCallback | None, finished: bool = False) -> None:
-        """One progress event per run: where it stands in steps, with its latest figures."""
+        """One progress event per run: where it stands in steps, with its latest figures and new health warnings."""
         if progress is None:
+            for run in self.runs:
+                run.notes.clear()
             return
         for run in self.runs:
             event = ProgressEvent(
                 task=run.name, done=self.step, total=self.total_steps or None, unit="steps", stats=run.stats,
-                finished=finished, info=dict(run.record),
+                finished=finished, info=dict(run.record), notes=tuple(f"{run.name}: {n}" for n in run.notes),
             )  # fmt: skip
+            run.notes.clear()
             emit(progress, event)
 
     def _log(self, rate: float) -> None:
@@ -443,6 +466,8 @@ class Trainer:
             run.meter.reset()
             dead = run.dead.dead_fraction()
             record = {"step": self.step, "tokens": self.tokens, "run": run.name, **m, "dead_frac": dead, "tok_s": rate}
+            if run.health is not None:  # the health line, and the warnings that are new for the progress callback
+                run.notes += [f"warning: {w}" for w in run.health.log(record, self.step / max(1, self.total_steps))]
             if self.log is not None:
                 self.log.log(record)
             run.record = record
@@ -467,7 +492,11 @@ class Trainer:
                 "world_size": ddp.world_size(),
                 "train_cfg": asdict(self.cfg),
                 "dead_frac": run.dead.dead_fraction(),
+                "health": run.health.summary() if run.health is not None else {},
             }
+            if run.control is not None:  # the saved config holds the coefficient the controller ended with
+                setattr(d.cfg, str(d.controlled_coeff), run.control.coeff)
+                training["sparsity_control"] = run.control.state()
             d.metadata = {"normalization": normalization, "training": training}  # type: ignore[assignment]
             if self.out_dir is not None and ddp.is_main():
                 save_dictionary(d, self.out_dir / run.name, normalization, training)
