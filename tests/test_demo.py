@@ -50,6 +50,7 @@ def test_quick_demo_killed_mid_stage_resumes_without_redoing_finished_stages(smo
     assert stages["harvest"]["finished"] == harvested  # not redone
     assert set(stages) == {"harvest", "train", "eval", "atlas", "explain", "transcoders", "circuit", "audit"}
     assert "most clearly labelled features" in resumed.stdout and "lmscope steer smollm2-135m" in resumed.stdout
+    assert "--batch --measure" in " ".join(resumed.stdout.split())  # the steering search's reproducible command
     assert "Attribution graph of 'The capital of France is'" in " ".join(resumed.stdout.split())
     assert "audit (open /audits/demo in the explorer)" in resumed.stdout
     audit = json.loads((run / "audits" / "demo" / "report.json").read_text())

@@ -8,12 +8,14 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from lmscope.cli.common import DeviceOpt, DtypeOpt, console, handles_errors, parse_count
 from lmscope.cli.progress import RichProgress
-from lmscope.workflows.demo import STEER_PROMPT, Demo, DemoConfig, demo_summary
+from lmscope.workflows.demo import Demo, DemoConfig, demo_summary
 from lmscope.workflows.pipeline import Stage, StageOutcome
+from lmscope.workflows.steer_search import SteerSearchConfig
 
 EPILOG = """Examples:
 
@@ -71,7 +73,8 @@ def register(app: typer.Typer) -> None:
 
         with bars:
             job.pipeline().run(on_start=on_start, on_end=on_end)
-        summary = demo_summary(job)
+            console.rule("searching for a feature to steer")
+            summary = demo_summary(job, SteerSearchConfig.quick() if quick else None, progress=bars)
         summary["total_seconds"] = time.perf_counter() - start
         print_summary(summary)
         if serve:
@@ -109,26 +112,7 @@ def print_summary(s: dict) -> None:
             lt.add_row(str(row["feature"]), row["text"], f"{row['detection']:.2f}", fuzz, f"{row['max_act']:.1f}")
         console.print(lt)
     if s.get("steer"):
-        st = s["steer"]
-        if st["raises_its_tokens"]:
-            effect = (
-                f"raised the rate of its tokens ({', '.join(map(repr, st['tokens']))}, ...) in a greedy continuation "
-                f"from {st['baseline']:.0%} to {st['steered']:.0%}"
-            )
-        else:
-            effect = (
-                "did not raise its own tokens' rate in this short check, but changed the model's behaviour "
-                f"(KL at the first generated token {st['kl']:.2f})"
-            )
-        console.print(
-            f"\nTry steering. Checked just now: clamping feature {st['feature']} to {st['value']:g} {effect}.",
-            highlight=False,
-        )
-        console.print(
-            f"  baseline: {STEER_PROMPT!r} + {st['baseline_text']!r}\n  steered:  ... + {st['steered_text']!r}",
-            highlight=False,
-        )
-        console.print(f"  [bold]{st['command']}[/]", highlight=False)
+        print_steer(s["steer"])
     if s.get("circuit"):
         c = s["circuit"]
         u, p = c["scores"]["unpruned"], c["scores"]["pruned"]
@@ -148,3 +132,41 @@ def print_summary(s: dict) -> None:
         console.print(at)
         console.print(f"  another audit: [bold]{a['command']}[/]", highlight=False)
     console.print(f"\nRun directory: {s['run_dir']} · total {s['total_seconds']:.0f} s")
+
+
+def print_steer(st: dict) -> None:
+    """The steering search's result (workflows/steer_search.py): the measured rise of the feature's own tokens,
+    its interval and fluency cost, both texts of the first sample and the command that reproduces them."""
+    search = st["search"]
+    k = len(search["trials"])
+    cap = " (the time cap stopped the search)" if search.get("stopped_at_time_cap") else ""
+    trials = f"{k} trial{'' if k == 1 else 's'}"
+    done = f"{search['candidates']} candidates screened, {trials}{cap}, {search['seconds']:.0f} s"
+    if "feature" not in st:
+        console.print(f"\nSteering: no candidate feature raised its own tokens on the screen ({done}).")
+        return
+    label = f" ({st['label']})" if st.get("label") else ""
+    what = (
+        f"clamping feature {st['feature']}{label} to {st['value']:g} ({st['multiple']:g}× its max) "
+        f"{'from the end of' if st['from_prompt_end'] else 'throughout'} {st['prompt']!r}, over {st['samples']} "
+        f"samples, moved its tokens ({', '.join(map(repr, st['tokens']))}, ...) "
+        f"from {st['baseline']:.1%} to {st['steered']:.1%} of the generated tokens ({100 * st['rise']:+.1f} points, "
+        f"95% interval {100 * st['rise_low']:+.1f} to {100 * st['rise_high']:+.1f}; up in {st['samples_up']}, down "
+        f"in {st['samples_down']}), "
+        f"at a fluency cost of perplexity {st['perplexity_baseline']:.1f} → {st['perplexity_steered']:.1f} under the "
+        f"unsteered model (KL {st['kl']:.2f} at the first token)"
+    )
+    what = escape(what)  # labels and texts are data: a '[' in them is not rich markup
+    if st["found"]:
+        console.print(f"\nTry steering. Measured just now: {what}.  ({done})", highlight=False)
+    else:
+        console.print(
+            f"\nSteering: no feature's clamp raised its own tokens clearly above the sample noise at an acceptable "
+            f"fluency cost ({done}). The best measured: {what}.",
+            highlight=False,
+        )
+    console.print(
+        escape(f"  baseline: {st['prompt']!r} + {st['baseline_text']!r}\n  steered:  ... + {st['steered_text']!r}"),
+        highlight=False,
+    )
+    console.print(f"  [bold]{escape(st['command'])}[/]", highlight=False)

@@ -60,6 +60,39 @@ def generate(model: Model, ids: Tensor, cfg: SamplingConfig, seed: int) -> Tenso
     return out[0, ids.shape[-1] :].cpu()
 
 
+def sample_batch(model: Model, ids: Tensor, cfg: SamplingConfig, seed: int, n: int) -> list[Tensor]:
+    """`n` continuations of one prompt `ids` [1, T] from a single seeded `generate` call: the rows draw different
+    random numbers, and the same seed gives the same rows, so a batch with an edit and one without share them.
+    Each continuation is cut after its first EOS, where `generate` stops. Several times faster than `n` calls on
+    a CPU, but row i is not `generate(..., seed + i)`."""
+    if n < 1:
+        raise LmscopeError(f"n must be at least 1, got {n}")
+    tok = model.tokenizer
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    torch.manual_seed(seed)
+    kwargs = (
+        {"do_sample": False} if cfg.greedy else {"do_sample": True, "temperature": cfg.temperature, "top_k": cfg.top_k}
+    )
+    rows = ids.repeat(n, 1).to(model.device)
+    with torch.no_grad():
+        hf: Any = model.hf
+        out = hf.generate(
+            input_ids=rows,
+            attention_mask=torch.ones_like(rows),
+            max_new_tokens=cfg.max_new_tokens,
+            pad_token_id=pad,
+            top_p=1.0,
+            **kwargs,
+        )
+    new = out[:, ids.shape[-1] :].cpu()
+    eos = tok.eos_token_id
+    cut = []
+    for row in new:
+        hits = (row == eos).nonzero() if eos is not None else []
+        cut.append(row[: int(hits[0]) + 1] if len(hits) else row)
+    return cut
+
+
 def greedy_batch(
     model: Model, texts: list[str], max_new_tokens: int = 24, batch_size: int = 16, skip_special: bool = True
 ) -> list[str]:

@@ -17,6 +17,12 @@ from lmscope.core.progress import ProgressCallback
 from lmscope.errors import LmscopeError
 from lmscope.model.adapter import Model
 from lmscope.workflows.pipeline import Pipeline, Stage
+from lmscope.workflows.steer_search import (
+    SteerSearchConfig,
+    atlas_candidates,
+    search_steering,
+    steer_command,
+)
 
 ACTS, TRAIN, ATLAS, EVAL = "acts", "train", "atlas.db", "eval.json"
 TRANSCODERS, GRAPHS, GRAPH_SLUG = "transcoders", "graphs", "demo-circuit"
@@ -330,50 +336,12 @@ class Demo:
         return Pipeline(self.run_dir, asdict(self.cfg), self.stages())
 
 
-STEER_PROMPT = "Here is a short example:"
-
-
-def _steer_candidates(conn: Any, n: int = 6) -> list[tuple[int, float, set[int]]]:
-    """Live, not-too-dense features with a high max activation (well-scored labels first), with their token
-    set: the tokens their decoder direction promotes most and the tokens they fire on most."""
-    from lmscope.atlas.db.read import strong_features
-
-    rows = strong_features(conn, n, min_density=1e-4, max_density=0.05)
-    out = []
-    for fid, max_act, logits, peaks in rows:
-        tokens = {int(t) for t, _ in json.loads(logits)["positive"][:10]}
-        tokens |= {int(t) for t in (peaks or "").split(",") if t}
-        out.append((int(fid), float(max_act), tokens))
-    return out
-
-
-def check_steering(job: Demo, feature: int, value: float, promoted: set[int]) -> dict[str, Any]:
-    """Clamp the feature on a neutral prompt (greedy): how often its token set appears, the KL at the first
-    generated token, and both continuations."""
-    from lmscope.model.generation import SamplingConfig, prompt_ids
-    from lmscope.steer.edits import Edit, check_dictionary, latent_edit_writer
-    from lmscope.steer.measure import first_position_kl, run_steering, token_rate
-
-    d = job.dictionary()
-    hook = check_dictionary(job.model, d)
-    writer = latent_edit_writer(d, [Edit(feature, "clamp", value)])
-    result = run_steering(
-        job.model, {hook: writer}, STEER_PROMPT, prompt_ids(job.model, STEER_PROMPT), [f"{feature}=clamp:{value:g}"],
-        SamplingConfig(max_new_tokens=16, greedy=True),
-    )  # fmt: skip
-    base, steered = token_rate(result, promoted)
-    ids = prompt_ids(job.model, STEER_PROMPT)
-    return {
-        "baseline": base,
-        "steered": steered,
-        "kl": first_position_kl(job.model, ids, {hook: writer}),
-        "baseline_text": result.samples[0].baseline,
-        "steered_text": result.samples[0].steered,
-    }
-
-
-def demo_summary(job: Demo) -> dict[str, Any]:
-    """Metrics, the most clearly labelled features and a steering command checked to work."""
+def demo_summary(
+    job: Demo, search: SteerSearchConfig | None = None, progress: ProgressCallback | None = None
+) -> dict[str, Any]:
+    """Metrics, the most clearly labelled features, and a steering command whose effect was measured just now:
+    a feature whose clamp raises the rate of its own tokens over seeds, found by `steer_search` (or, when none
+    holds up, the best figures measured and `found` False)."""
     run = job.run_dir
     metrics = json.loads((run / EVAL).read_text())
     from lmscope.atlas.db.labels import best_scored_machine_labels
@@ -388,7 +356,8 @@ def demo_summary(job: Demo) -> dict[str, Any]:
             if len(labels) < 8 and all(x["text"] != text for x in labels):
                 labels.append({"feature": feature, "text": text, "detection": detection, "fuzzing": fuzzing,
                                "max_act": max_act})  # fmt: skip
-        candidates = _steer_candidates(conn)
+        search = search or SteerSearchConfig()
+        candidates = atlas_candidates(conn, job.model.tokenizer, search)
     finally:
         conn.close()
     summary: dict[str, Any] = {
@@ -406,22 +375,9 @@ def demo_summary(job: Demo) -> dict[str, Any]:
                               "targets": [t["label"] for t in meta["lmscope"]["targets"]][:3],
                               "command": f"lmscope circuit {job.cfg.model} --transcoders {run / TRANSCODERS} "
                                          f"--prompt \"...\" --out {run / GRAPHS}/NAME.json"}  # fmt: skip
-    checks = []
-    for feature, max_act, tokens in candidates:
-        value = round(2 * max_act, 1)
-        check = {"feature": feature, "value": value, **check_steering(job, feature, value, tokens)}
-        check["tokens"] = [job.model.tokenizer.decode([t]) for t in sorted(tokens)][:6]
-        check["raises_its_tokens"] = check["steered"] > check["baseline"]
-        checks.append(check)
-        if check["raises_its_tokens"]:
-            break
-    if checks:
-        # The first feature whose clamp raised its own tokens' rate; else the largest behaviour change.
-        best = next((c for c in checks if c["raises_its_tokens"]), max(checks, key=lambda c: c["kl"]))
-        best["command"] = (
-            f"lmscope steer {job.cfg.model} --dict {job.dict_dir()} "
-            f"--feature {best['feature']}=clamp:{best['value']:g} "
-            f'--prompt "{STEER_PROMPT}" --samples 3 --measure'
-        )
-        summary["steer"] = best
+    d = job.dictionary()
+    steer = search_steering(job.model, d, job.hook, candidates, search, progress)
+    if "feature" in steer:
+        steer["command"] = steer_command(job.cfg.model, job.dict_dir(), steer)
+    summary["steer"] = steer
     return summary
