@@ -267,3 +267,72 @@ def test_cli_recovery(tmp_path) -> None:
     assert "MMCS" in result.output and (out / "recovery.json").is_file() and (out / "recovery_deciles.html").is_file()
     bad = CliRunner().invoke(app, ["toy", "recovery", "--d", "8", "--active", "9", "--out", str(out), "--no-progress"])
     assert bad.exit_code == 2 and "more active features than the dimension allows" in bad.output
+
+
+# ------------------------------------------------------------------------------------------- benchmark options
+def test_recovery_options_reach_the_trainer() -> None:
+    """`dead_window_frac` and `train_options` (the ablations' knobs) set the trainer's config; bad ones are one line."""
+    data = GroundTruthConfig(d=16, ratio=2, active=2, hierarchies=1, correlated_pairs=1, anticorrelated_pairs=1)
+    cfg = RecoveryBenchConfig(data=data, train_samples=2048, eval_samples=512, batch_size=512, dead_window_frac=0.5,
+                              train_options={"grad_clip": None, "b_dec_init": "mean"})  # fmt: skip
+    result = run_recovery(cfg, dictionary_configs(cfg, ["topk"]))
+    (d,) = result.dictionaries.values()
+    train_cfg = d.metadata["training"]["train_cfg"]  # type: ignore[index]
+    assert train_cfg["dead_window_tokens"] == 1024 and train_cfg["grad_clip"] is None
+    assert train_cfg["b_dec_init"] == "mean" and train_cfg["warmup_steps"] == cfg.warmup_steps
+    bad_inputs = [
+        ({"dead_window_frac": 0.0}, "dead_window_frac=0.0 is out of range"),
+        ({"train_options": {"lr": 1.0}}, "train_options ['lr'] are not TrainConfig fields"),
+    ]
+    for bad, words in bad_inputs:
+        with pytest.raises(GroundTruthError) as e:
+            dataclasses.replace(cfg, **bad)
+        assert words in str(e.value) and "\n" not in str(e.value)
+
+
+def _benchmark_script():
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "benchmarks"
+    sys.path.insert(0, str(root))
+    spec = importlib.util.spec_from_file_location("lmscope_recovery_bench", root / "recovery.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_recovery_benchmark_skips_absent_anchors_in_one_line(tmp_path) -> None:
+    bench = _benchmark_script()
+    line = bench.anchor_problem(tmp_path / "no-venv" / "bin" / "python")
+    assert line is not None and "\n" not in line and "bash benchmarks/anchors_env.sh" in line and "missing" in line
+    (tmp_path / "python").write_text("")
+    assert bench.anchor_problem(tmp_path / "python") is None
+
+
+def test_anchor_rows_are_the_benchmarks_rows_and_score_like_lmscope(tmp_path) -> None:
+    """The rows written for the anchors are exactly run_recovery's training rows, and an anchor's output file (decoder,
+    latents, reconstructions) scores exactly as the same dictionary scored by score_dictionary."""
+    from safetensors.torch import save_file
+
+    from lmscope.dictionaries import build
+
+    bench = _benchmark_script()
+    from anchors._common import open_acts
+
+    t = generate(CFG)
+    x = t.activations(3000, seed=CFG.seed + 1)
+    bench.write_rows(tmp_path / "rows", x)
+    assert torch.equal(open_acts(tmp_path / "rows"), x)
+    d = build(DictConfig(arch="topk", d_in=t.d, d_sae=t.n_features, k=3), seed=5).eval()
+    s = t.sample(2048, seed=CFG.seed + 2)
+    with torch.no_grad():
+        recon, z = d(s.x)
+    save_file({"decoder": d.W_dec.detach().clone(), "latents": z, "recon": recon}, str(tmp_path / "a.safetensors"))
+    got = bench.score_anchor(t, s, tmp_path / "a.safetensors")
+    want = score_dictionary(t, d, s)
+    for key in ("mmcs", "recovered", "fvu", "l0", "dead_frac", "absorption", "split_frac"):
+        assert getattr(got, key) == pytest.approx(getattr(want, key), rel=1e-5, abs=1e-7), key
+    assert [dc["recovered"] for dc in got.deciles] == [dc["recovered"] for dc in want.deciles]

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lmscope.core.progress import ProgressCallback
-from lmscope.dictionaries.base import DictConfig, architecture, architectures
+from lmscope.dictionaries.base import DictConfig, Dictionary, architecture, architectures
 from lmscope.synthetic.data import GroundTruth, GroundTruthConfig, generate
 from lmscope.synthetic.errors import GroundTruthError
 from lmscope.synthetic.recovery import RecoveryReport, ScoreSettings, score_dictionary
@@ -38,6 +38,9 @@ class RecoveryBenchConfig:
     lr: float | None = 4e-3  # None: each architecture's default (tuned for LM activations, slow here)
     warmup_steps: int = 20
     seed: int = 0  # initialisation; the data use data.seed (truth) and data.seed + 1 / + 2 (train / eval samples)
+    dead_window_frac: float = 0.25  # a latent is dead (AuxK revives it) after this fraction of training silent
+    # any other TrainConfig field, e.g. {"grad_clip": None, "b_dec_init": "mean", "decay_frac": 1.0} (ablations)
+    train_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name in ("train_samples", "eval_samples", "batch_size", "epochs"):
@@ -50,6 +53,17 @@ class RecoveryBenchConfig:
             )
         if not self.expansion > 0:
             raise GroundTruthError(f"recovery benchmark: expansion={self.expansion}; it must be positive")
+        if not 0 < self.dead_window_frac <= 1:
+            raise GroundTruthError(
+                f"recovery benchmark: dead_window_frac={self.dead_window_frac} is out of range; it must be in (0, 1]"
+            )
+        fields = {f.name for f in dataclasses.fields(TrainConfig)}
+        bad = sorted(set(self.train_options) - (fields - {"total_tokens", "seed"}))
+        if bad:
+            raise GroundTruthError(
+                f"recovery benchmark: train_options {bad} are not TrainConfig fields the benchmark lets you set; use "
+                "warmup_steps, decay_frac, min_lr_frac, betas, grad_clip, b_dec_init, normalize, dead_window_tokens"
+            )
 
     def d_sae(self) -> int:
         return max(1, round(self.expansion * self.data.n_features))
@@ -102,6 +116,7 @@ class RecoveryResult:
     reports: dict[str, RecoveryReport]  # run name -> its report
     archs: dict[str, str]  # run name -> architecture
     train_seconds: float  # all runs together (they train interleaved, batch by batch)
+    dictionaries: dict[str, Dictionary] = field(default_factory=dict)  # run name -> the trained dictionary
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -133,10 +148,9 @@ def run_recovery(
                 f"d={truth.d}; build its DictConfig with d_in={truth.d}"
             )
     x = truth.activations(cfg.train_samples, seed=cfg.data.seed + 1)
-    tc = TrainConfig(
-        total_tokens=cfg.train_samples * cfg.epochs, warmup_steps=cfg.warmup_steps, seed=cfg.seed,
-        dead_window_tokens=max(cfg.batch_size, cfg.train_samples * cfg.epochs // 4), log_every=10,
-    )  # fmt: skip
+    window = max(cfg.batch_size, round(cfg.train_samples * cfg.epochs * cfg.dead_window_frac))
+    options = {"warmup_steps": cfg.warmup_steps, "dead_window_tokens": window, "log_every": 10, **cfg.train_options}
+    tc = TrainConfig(total_tokens=cfg.train_samples * cfg.epochs, seed=cfg.seed, **options)
     t0 = time.perf_counter()
     dictionaries = Trainer(specs, tc, device=device).fit(
         TensorSource(x, batch_size=cfg.batch_size, epochs=cfg.epochs), progress=progress
@@ -145,4 +159,4 @@ def run_recovery(
     eval_samples = truth.sample(cfg.eval_samples, seed=cfg.data.seed + 2)
     reports = {name: score_dictionary(truth, d, eval_samples, settings=settings) for name, d in dictionaries.items()}
     archs = {s.resolved_name(): s.dict_cfg.arch for s in specs}
-    return RecoveryResult(cfg, truth, reports, archs, seconds)
+    return RecoveryResult(cfg, truth, reports, archs, seconds, dict(dictionaries))
