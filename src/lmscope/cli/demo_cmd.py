@@ -13,6 +13,7 @@ from rich.table import Table
 
 from lmscope.cli.common import DeviceOpt, DtypeOpt, console, handles_errors, parse_count
 from lmscope.cli.progress import RichProgress
+from lmscope.errors import LmscopeError
 from lmscope.workflows.demo import Demo, DemoConfig, demo_summary
 from lmscope.workflows.pipeline import Stage, StageOutcome
 from lmscope.workflows.steer_search import SteerSearchConfig
@@ -24,6 +25,8 @@ EPILOG = """Examples:
   lmscope demo --quick --no-serve               (a minutes-long smoke run of the same pipeline)
 
   lmscope demo --model ./my-model --corpus data/*.txt --layer 8 --tokens 500k --run-dir runs/mine
+
+  lmscope demo --dict path/to/saelens_sae --run-dir runs/theirs   (someone else's SAE: no harvest or training)
 
 A rerun skips the stages whose outputs verify, so an interrupted demo continues where it stopped."""
 
@@ -42,6 +45,18 @@ def register(app: typer.Typer) -> None:
         run_dir: Annotated[
             Path | None, typer.Option(help="Where everything is written (default runs/demo[-quick]).")
         ] = None,
+        dict_dir: Annotated[
+            Path | None,
+            typer.Option(
+                "--dict",
+                help="Use this dictionary instead of harvesting and training one: an lmscope, SAELens or sparsify "
+                "folder, or a Gemma Scope file, for this model (its hook sets the layer).",
+            ),
+        ] = None,
+        dict_hook: Annotated[
+            str | None,
+            typer.Option("--dict-hook", help="The dictionary's hook, if it names none (any naming lmscope reads)."),
+        ] = None,
         restart: Annotated[bool, typer.Option(help="Delete the run directory first and start over.")] = False,
         serve: Annotated[bool, typer.Option(help="Serve the web explorer at the end.")] = True,
         host: Annotated[str, typer.Option(help="Address to serve on.")] = "127.0.0.1",
@@ -52,6 +67,13 @@ def register(app: typer.Typer) -> None:
         """Run the main job: harvest a layer, train a TopK dictionary, evaluate it, build the atlas, label and
         score every feature offline, print a summary and serve the web explorer."""
         overrides: dict = {"model": model, "corpus": corpus, "layer": layer}
+        if dict_hook is not None and dict_dir is None:
+            raise LmscopeError("--dict-hook names the hook of a --dict dictionary; pass --dict too")
+        if dict_dir is not None:
+            from lmscope.dictionaries.pretrained import open_dictionary
+
+            open_dictionary(dict_dir, hook=dict_hook)  # fail early, before the model loads
+            overrides.update(dictionary=str(dict_dir), dict_hook=dict_hook)
         if tokens is not None:
             n = parse_count(tokens, minimum=1)
             overrides.update(harvest_tokens=n, train_tokens=2 * n)

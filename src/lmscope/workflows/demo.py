@@ -25,6 +25,7 @@ from lmscope.workflows.steer_search import (
 )
 
 ACTS, TRAIN, ATLAS, EVAL = "acts", "train", "atlas.db", "eval.json"
+IMPORTED = "dictionary"  # a given dictionary (--dict), in lmscope's format
 TRANSCODERS, GRAPHS, GRAPH_SLUG = "transcoders", "graphs", "demo-circuit"
 AUDITS, AUDIT_NAME = "audits", "demo"
 
@@ -54,6 +55,10 @@ class DemoConfig:
     # the audit stage: a few concept batteries, inside vs outside, a backdoor scan, steering and feature checks
     audit_batteries: str = "truth,refusal,sentiment"  # comma-separated shipped battery names
     audit_contexts: int = 64
+    # someone else's dictionary instead of harvesting and training one: any format `open_dictionary` reads
+    # (lmscope, SAELens, sparsify, Gemma Scope), with `dict_hook` naming or replacing its hook (any naming)
+    dictionary: str | None = None
+    dict_hook: str | None = None
 
     @classmethod
     def quick(cls, **overrides: Any) -> DemoConfig:
@@ -73,6 +78,8 @@ class DemoConfig:
         return cls(**{**base, **{k: v for k, v in overrides.items() if v is not None}})
 
     def hook(self, model: Model) -> str:
+        if self.dictionary is not None:
+            raise LmscopeError("a demo on a given dictionary reads the hook that dictionary names (Demo.hook)")
         layer = model.n_layers // 3 if self.layer is None else self.layer
         if not 0 <= layer < model.n_layers:
             raise LmscopeError(f"--layer {layer} is out of range: {self.model} has layers 0..{model.n_layers - 1}")
@@ -93,6 +100,12 @@ class Demo:
         self.cfg, self.run_dir, self.device, self.dtype = cfg, Path(run_dir), device, dtype
         self.progress = progress  # the harvest, training and atlas stages report through it (None: silent)
         self._model: Model | None = None
+        self._given_hook: str | None = None
+        if cfg.dictionary is not None and cfg.layer is not None:
+            raise LmscopeError(
+                "--layer and --dict both choose the layer: the dictionary reads the hook it names; drop --layer "
+                "(or pass --dict-hook to name the dictionary's hook)"
+            )
 
     @property
     def model(self) -> Model:
@@ -104,10 +117,16 @@ class Demo:
 
     @property
     def hook(self) -> str:
-        return self.cfg.hook(self.model)
+        if self.cfg.dictionary is None:
+            return self.cfg.hook(self.model)
+        if self._given_hook is None:  # the hook the given dictionary reads, in lmscope's naming
+            self._given_hook = str(self._open_given().cfg.hook)
+        return self._given_hook
 
     def dict_dir(self) -> Path:
-        """The trained dictionary's directory (the trainer names it after hook, arch, width and k)."""
+        """The dictionary's directory: trained (the trainer names it after hook, arch, width and k) or imported."""
+        if self.cfg.dictionary is not None:
+            return self.run_dir / IMPORTED
         found = sorted(p.parent for p in (self.run_dir / TRAIN).glob("*/config.json"))
         if len(found) != 1:
             raise LmscopeError(f"expected one trained dictionary under {self.run_dir / TRAIN}, found {len(found)}")
@@ -175,6 +194,40 @@ class Demo:
         d = load_dictionary(self.dict_dir())
         if d.cfg.hook != self.hook:
             raise LmscopeError(f"the dictionary reads {d.cfg.hook}, not {self.hook}")
+
+    def _open_given(self) -> Any:
+        """The given dictionary (`cfg.dictionary`, any format lmscope reads), its hook translated or replaced."""
+        from lmscope.dictionaries.pretrained import open_dictionary
+
+        assert self.cfg.dictionary is not None
+        d = open_dictionary(self.cfg.dictionary, hook=self.cfg.dict_hook)
+        if not d.cfg.hook:
+            raise LmscopeError(
+                f"{self.cfg.dictionary} does not name the hook it reads; pass --dict-hook (e.g. blocks.6.resid_post or "
+                "blocks.6.hook_resid_post)"
+            )
+        return d
+
+    def import_dictionary(self, run: Path) -> dict[str, Any]:
+        """Check a given dictionary against the model (hook and width) and save it in lmscope's format."""
+        from lmscope.dictionaries.formats import dictionary_hash, save_dictionary
+        from lmscope.steer.edits import check_dictionary
+
+        d = self._open_given()
+        check_dictionary(self.model, d)
+        meta = getattr(d, "metadata", None) or {}
+        save_dictionary(d, run / IMPORTED, meta.get("normalization"), {**(meta.get("training") or {}),
+                        "imported_from": str(self.cfg.dictionary)})  # fmt: skip
+        return {"dictionary": IMPORTED, "source": str(self.cfg.dictionary), "arch": d.cfg.arch,
+                "d_sae": d.cfg.d_sae, "hook": d.cfg.hook, "hash": dictionary_hash(d)}  # fmt: skip
+
+    def verify_import(self, run: Path) -> None:
+        """The imported copy still equals the given dictionary (a changed source is imported again)."""
+        from lmscope.dictionaries.formats import dictionary_hash, load_dictionary
+
+        copy = dictionary_hash(load_dictionary(run / IMPORTED))
+        if copy != dictionary_hash(self._open_given()):
+            raise LmscopeError(f"{self.cfg.dictionary} changed since it was imported into {run / IMPORTED}")
 
     def evaluate(self, run: Path) -> dict[str, Any]:
         from lmscope.dictionaries.formats import load_dictionary
@@ -321,9 +374,15 @@ class Demo:
             raise LmscopeError(f"{p} is missing or incomplete: the audit stage did not finish")
 
     def stages(self) -> list[Stage]:
+        if self.cfg.dictionary is not None:  # someone else's dictionary: nothing to harvest or train
+            first = [Stage("import", "import the given dictionary", self.import_dictionary, self.verify_import)]
+        else:
+            first = [
+                Stage("harvest", "harvest activations", self.harvest, self.verify_harvest),
+                Stage("train", "train a TopK dictionary", self.train, self.verify_train),
+            ]
         return [
-            Stage("harvest", "harvest activations", self.harvest, self.verify_harvest),
-            Stage("train", "train a TopK dictionary", self.train, self.verify_train),
+            *first,
             Stage("eval", "evaluate it", self.evaluate, self.verify_eval),
             Stage("atlas", "build the atlas", self.atlas, self.verify_atlas),
             Stage("explain", "label and score every feature offline", self.explain, self.verify_explain),
