@@ -90,6 +90,11 @@ def register(app: typer.Typer) -> None:
         cache: CacheOpt = None,
         redo: RedoOpt = False,
         json_out: JsonOpt = None,
+        workers: Annotated[
+            int | None,
+            typer.Option("--workers", help="Processes for the stats explainer (default: one per core, up to 4; "
+                         "1 = this process only). The labels are the same either way.", min=1),
+        ] = None,
     ) -> None:
         """Label features of an atlas with an explainer; every label records its explainer (and, for stats, its
         held-out score)."""
@@ -99,7 +104,7 @@ def register(app: typer.Typer) -> None:
         ops = OpsConfig(concurrency=concurrency, retries=retries, timeout=timeout)
         report = explain_atlas(
             atlas, explainer, features=parse_features(features), limit=limit, model=model, base_url=base_url,
-            ops=ops, cache=cache, redo=redo, log=_log,
+            ops=ops, cache=cache, redo=redo, log=_log, workers=workers,
         )  # fmt: skip
         _finish(report, json_out, "features labelled")
 

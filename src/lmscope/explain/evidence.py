@@ -17,7 +17,16 @@ import numpy as np
 
 from lmscope.atlas.db import read
 from lmscope.atlas.db.schema import Connection
+from lmscope.explain.positions import PositionTable
 from lmscope.explain.syntax import Annotated
+
+
+def median(x: list[int] | np.ndarray) -> float:
+    """float(np.median(x)) of integers, exactly (without numpy's overhead, which counts for short lists): the
+    middle value, or the mean of the two middle ones."""
+    s = sorted(x.tolist() if isinstance(x, np.ndarray) else x)
+    n = len(s)
+    return float(s[n // 2]) if n % 2 else (float(s[n // 2 - 1]) + float(s[n // 2])) / 2
 
 
 @dataclass
@@ -65,6 +74,8 @@ class AtlasEvidence:
         self._ctx: dict[int, np.ndarray] = {}
         self._freq: np.ndarray | None = None
         self._kinds: dict[int, tuple[list[str], list[str], list[str], list[str]]] = {}
+        self._lists: dict[int, tuple[list[int], list[str]]] = {}
+        self._positions: PositionTable | None = None
         from lmscope.atlas.db.schema import get_meta
         from lmscope.atlas.store import SPECIAL_TEXT
 
@@ -83,20 +94,40 @@ class AtlasEvidence:
             self._ctx[cid] = toks.astype(np.int64) if toks is not None else np.zeros(0, np.int64)
         return self._ctx[cid]
 
+    def _lists_of(self, cid: int) -> tuple[list[int], list[str]]:
+        """A context's token ids and texts as lists (cached): windows are slices of them."""
+        got = self._lists.get(cid)
+        if got is None:
+            ids = self.context(cid).tolist()
+            got = self._lists[cid] = (ids, [self.text(t) for t in ids])
+        return got
+
+    def annotations(self, cid: int) -> tuple[list[str], list[str], list[str], list[str]]:
+        """(texts, context kinds, syntax classes, documents) of every token of a context (cached)."""
+        from lmscope.explain.syntax import classify_context, classify_syntax
+
+        if cid not in self._kinds:
+            texts = self._lists_of(cid)[1]
+            kinds = classify_context(texts)
+            sources = [""] * len(texts)
+            for s, name in read.context_sources(self.conn, cid):
+                sources[s:] = [name] * (len(texts) - s)
+            self._kinds[cid] = (texts, kinds, classify_syntax(texts, kinds), sources)
+        return self._kinds[cid]
+
+    def positions(self) -> PositionTable:
+        """Every stored context annotated once, as columns (explain_stats and rule_score read windows there)."""
+        if self._positions is None:
+            self._positions = PositionTable(((c, *self.annotations(c)) for c in self.context_ids),
+                                            self.special_texts)  # fmt: skip
+        return self._positions
+
     def kinds(self, w: Window) -> Annotated:
         """The annotations of `w` (syntax.Annotated): context kind, syntax class and document of each token,
         classified over its whole context, with the context's tokens just before and after the window."""
         from lmscope.explain.rules import LINE_LOOKBACK
-        from lmscope.explain.syntax import classify_context, classify_syntax
 
-        if w.context not in self._kinds:
-            texts = [self.text(t) for t in self.context(w.context).tolist()]
-            kinds = classify_context(texts)
-            sources = [""] * len(texts)
-            for s, name in read.context_sources(self.conn, w.context):
-                sources[s:] = [name] * (len(texts) - s)
-            self._kinds[w.context] = (texts, kinds, classify_syntax(texts, kinds), sources)
-        texts, kinds, syntax, sources = self._kinds[w.context]
+        texts, kinds, syntax, sources = self.annotations(w.context)
         a, b = w.start, w.start + len(w.tokens)
         return Annotated(kinds[a:b], syntax[a:b], sources[a:b], texts[max(0, a - LINE_LOOKBACK) : a], texts[b : b + 1],
                          self.special_texts)  # fmt: skip
@@ -124,13 +155,15 @@ class AtlasEvidence:
     def live_features(self) -> list[int]:
         return read.live_feature_ids(self.conn)
 
-    def windows(self, feature: int) -> list[Window]:
+    def windows(self, feature: int, rows: list[tuple[Any, ...]] | None = None) -> list[Window]:
+        """The feature's examples as windows (`rows`: its read.example_windows rows, if already read)."""
         out = []
-        for kind, b, _rank, ctx, pos, start, blob in read.example_windows(self.conn, feature):
+        for kind, b, _rank, ctx, pos, start, blob in rows if rows is not None else read.example_windows(
+                self.conn, feature):  # fmt: skip
             acts = np.frombuffer(blob, dtype="<f4").copy()
-            ids = self.context(int(ctx))[start : start + len(acts)].tolist()
-            out.append(Window(int(ctx), int(start), ids, [self.text(t) for t in ids], acts, kind, int(b),
-                              int(pos) - int(start)))  # fmt: skip
+            ids, texts = self._lists_of(int(ctx))
+            a, e = int(start), int(start) + len(acts)
+            out.append(Window(int(ctx), int(start), ids[a:e], texts[a:e], acts, kind, int(b), int(pos) - int(start)))
         return out
 
     def negatives(self, exclude: set[int], n: int, length: int, before: int, seed: int) -> list[Window]:
@@ -140,17 +173,16 @@ class AtlasEvidence:
             return []
         rng = np.random.default_rng(seed)
         picks = rng.choice(len(pool), size=min(n, len(pool)), replace=False)
+        got = [(pool[int(i)], *self._lists_of(pool[int(i)])) for i in picks]
+        got = [g for g in got if len(g[1]) >= 2]
+        # one draw per kept pick, in order: the same numbers as drawing them one at a time
+        ps = rng.integers(1, np.array([len(toks) for _, toks, _ in got], dtype=np.int64)).tolist() if got else []
         out = []
-        for i in picks:
-            cid = pool[int(i)]
-            toks = self.context(cid)
-            if len(toks) < 2:
-                continue
-            p = int(rng.integers(1, len(toks)))
+        for (cid, toks, texts), p in zip(got, ps, strict=True):
             s = max(1, p - before)
             e = min(len(toks), s + length)
-            ids = toks[s:e].tolist()
-            out.append(Window(cid, s, ids, [self.text(t) for t in ids], np.zeros(len(ids), np.float32), "negative"))
+            ids = toks[s:e]
+            out.append(Window(cid, s, ids, texts[s:e], np.zeros(len(ids), np.float32), "negative"))
         return out
 
     def evidence(self, feature: int, negatives_per_positive: float = 2.0, min_negatives: int = 10,
@@ -162,10 +194,27 @@ class AtlasEvidence:
             raise ExplainError(
                 f"feature {feature} is not in this atlas; features run from 0 to {self.n_features() - 1}"
             )
-        wins = self.windows(feature)
+        return self._evidence(feature, row, self.windows(feature), negatives_per_positive, min_negatives, seed)
+
+    def evidence_many(self, features: list[int], negatives_per_positive: float = 2.0, min_negatives: int = 10,
+                      seed: int = 0) -> list[FeatureEvidence]:  # fmt: skip
+        """`evidence(f)` for each of `features` (in that order), read with two queries instead of two a feature."""
+        rows = read.example_windows_many(self.conn, features)
+        stats = read.max_density_many(self.conn, features)
+        missing = [f for f in features if f not in stats]
+        if missing:
+            from lmscope.explain.ops import ExplainError
+
+            raise ExplainError(f"feature(s) {missing[:5]} are not in this atlas; features run from 0 to "
+                               f"{self.n_features() - 1}")  # fmt: skip
+        return [self._evidence(f, stats[f], self.windows(f, rows.get(f, [])), negatives_per_positive, min_negatives,
+                               seed) for f in features]  # fmt: skip
+
+    def _evidence(self, feature: int, row: tuple[float, float], wins: list[Window], negatives_per_positive: float,
+                  min_negatives: int, seed: int) -> FeatureEvidence:  # fmt: skip
         explain, held = wins[0::2], wins[1::2]
-        length = int(np.median([len(w.tokens) for w in wins])) if wins else 16
-        before = int(np.median([w.peak for w in wins])) if wins else length // 2
+        length = int(median([len(w.tokens) for w in wins])) if wins else 16
+        before = int(median([w.peak for w in wins])) if wins else length // 2
         exclude = {w.context for w in wins}
         n_neg = max(min_negatives, round(negatives_per_positive * max(len(explain), len(held))))
         negs = self.negatives(exclude, 2 * n_neg, length, before, seed=seed * 1_000_003 + int(feature))

@@ -12,6 +12,7 @@ Every write is one transaction.
 from __future__ import annotations
 
 import unicodedata
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,9 @@ __all__ = [
     "remove_human_label",
     "set_human_label",
     "set_score",
+    "set_scores",
     "write_machine_label",
+    "write_machine_labels",
 ]
 
 
@@ -75,14 +78,28 @@ def _visible_controls(text: str) -> str:
     return text
 
 
+def _machine_text(text: str) -> str:
+    escaped = _visible_controls(" ".join(text.split()))
+    return _check_text(escaped if escaped == " ".join(text.split()) else escaped[:MAX_LABEL_CHARS])
+
+
 def write_machine_label(conn: Connection, feature: int, text: str, explainer: str,
                         score: float | None = None, scorer: str | None = None) -> int:  # fmt: skip
     """Replace `explainer`'s machine label of `feature`; returns the new label id. Control characters in `text`
     are written as visible escapes (a human label holding one is refused instead)."""
     _check_feature(conn, feature)
-    escaped = _visible_controls(" ".join(text.split()))
-    text = _check_text(escaped if escaped == " ".join(text.split()) else escaped[:MAX_LABEL_CHARS])
-    return db_labels.replace_machine_label(conn, feature, text, explainer, score=score, scorer=scorer)
+    return db_labels.replace_machine_label(conn, feature, _machine_text(text), explainer, score=score, scorer=scorer)
+
+
+def write_machine_labels(conn: Connection, rows: list[tuple[int, str, float | None, str | None]],
+                         explainer: str) -> list[int]:  # fmt: skip
+    """`write_machine_label` for each (feature, text, score, scorer), all in one transaction: one commit (and one
+    sync to disk) for many labels. Every row is checked before anything is written; returns the new label ids."""
+    checked = []
+    for feature, text, score, scorer in rows:
+        _check_feature(conn, feature)
+        checked.append((int(feature), _machine_text(text), score, scorer))
+    return db_labels.replace_machine_labels(conn, checked, explainer)
 
 
 def set_human_label(conn: Connection, feature: int, text: str, author: str | None = None) -> int:
@@ -102,6 +119,12 @@ def set_score(conn: Connection, label_id: int, score: float | None, scorer: str,
     """Record `scorer`'s score of a label: its (label, scorer) row in `scores` is written or replaced, and the
     label's `score`/`scorer` columns become this latest score (for human labels too; the text never changes)."""
     db_labels.set_score(conn, label_id, score, scorer, n)
+
+
+def set_scores(conn: Connection, rows: Sequence[tuple[int, float | None]], scorer: str) -> None:
+    """`set_score` for each (label id, score), all in one transaction."""
+    if rows:
+        db_labels.set_scores(conn, rows, scorer)
 
 
 def labelled(conn: Connection, explainer: str) -> set[int]:

@@ -2,7 +2,9 @@
 
 Evidence is read from the atlas in the calling thread; language-model calls run on a thread pool of
 `ops.concurrency`; labels and scores are written back from the calling thread, one transaction each, as results
-arrive, so an interrupted run keeps everything finished before it and a rerun skips it.
+arrive, so an interrupted run keeps everything finished before it and a rerun skips it. The offline `stats`
+explainer works through the features in chunks (stats_run.py), on one core or several; a chunk's labels are
+written in one transaction, so an interrupted run keeps every finished chunk.
 """
 
 from __future__ import annotations
@@ -12,15 +14,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lmscope.atlas.db.schema import Connection
 from lmscope.explain.backends import EXPLAINERS, Backend, Caller, make_backend
 from lmscope.explain.evidence import AtlasEvidence, FeatureEvidence
-from lmscope.explain.labels import labelled, labels_to_score, open_rw, set_score, write_machine_label
+from lmscope.explain.labels import (
+    labelled,
+    labels_to_score,
+    open_rw,
+    set_score,
+    set_scores,
+    write_machine_label,
+    write_machine_labels,
+)
 from lmscope.explain.ops import ExplainError, JsonCache, OpsConfig, Usage, run_limited
 from lmscope.explain.prompts import explain_messages, parse_label, with_prefill
 from lmscope.explain.scorers import SCORERS, Score, ScoreConfig, lm_score, rule_score
-from lmscope.explain.stats_explainer import explain_stats, text_frequencies
+from lmscope.explain.stats_run import run_stats
 
 Log = Callable[[str], None]
+SCORE_CHUNK = 64  # offline scores written per transaction
 
 
 @dataclass
@@ -92,10 +104,13 @@ def explain_atlas(
     backend: Backend | None = None,
     score_cfg: ScoreConfig | None = None,
     log: Log | None = None,
+    workers: int | None = None,
 ) -> RunReport:
     """Write a machine label for each selected live feature that `explainer` has not labelled yet.
 
-    The `stats` explainer also scores its label offline on the held-out half (scorer `rule-detection`).
+    The `stats` explainer also scores its label offline on the held-out half (scorer `rule-detection`); it runs
+    in `workers` processes (default: one per core, up to 4, for runs of many features; see stats_run.py), with
+    the same labels as in one.
     Language-model explainers write unscored labels; score them with `score_atlas`.
     """
     log = log or (lambda _m: None)
@@ -119,18 +134,18 @@ def explain_atlas(
         report.skipped = sum(f in have for f in todo)
         todo = [f for f in todo if f not in have][: limit if limit is not None else None]
         log(f"{report.name}: {len(todo)} features to label, {report.skipped} already labelled (skipped)")
-        evs = {f: ev_src.evidence(f) for f in todo}
         if caller is None:
-            freq = text_frequencies(ev_src.token_freq(), ev_src.vocab)
-            for f in todo:
-                ev = evs[f]
-                lab = explain_stats(ev, freq, ev_src.vocab, kinds=ev_src.kinds, promoted=ev_src.promoted(f))
-                sc = rule_score("detection", lab.rule, ev, kinds=ev_src.kinds, cfg=score_cfg)
-                write_machine_label(conn, f, lab.text, "stats", sc.score, sc.scorer)
-                report.done.append({"feature": f, "label": lab.text, "confidence": lab.confidence,
-                                    "score": sc.score, "scorer": sc.scorer})  # fmt: skip
-                log(f"#{f}: {lab.text}  (confidence {lab.confidence:.2f}, held-out {sc.scorer} {_fmt(sc.score)})")
+
+            def write(c: Connection, rows: list[dict[str, Any]]) -> None:
+                write_machine_labels(c, [(d["feature"], d["label"], d["score"], d["scorer"]) for d in rows], "stats")
+                for d in rows:
+                    report.done.append(d)
+                    log(f"#{d['feature']}: {d['label']}  (confidence {d['confidence']:.2f}, held-out {d['scorer']} "
+                        f"{_fmt(d['score'])})")  # fmt: skip
+
+            conn = run_stats(atlas, conn, ev_src, todo, score_cfg, workers, write)
         else:
+            evs = dict(zip(todo, ev_src.evidence_many(todo), strict=True))
             c = caller
             small = bool(getattr(c.backend, "prefill", False))  # a local model: prefilled, short answer
 
@@ -200,34 +215,41 @@ def score_atlas(
         todo = todo[: limit if limit is not None else None]
         log(f"{name}: {len(todo)} labels to score, {report.skipped} already scored by it (skipped)")
         ev_src = AtlasEvidence(conn)
-        evs: dict[int, FeatureEvidence] = {}
-        for r in todo:
-            if r["feature"] not in evs:
-                evs[r["feature"]] = ev_src.evidence(r["feature"])
+        need = list(dict.fromkeys(r["feature"] for r in todo))
+        evs: dict[int, FeatureEvidence] = dict(zip(need, ev_src.evidence_many(need), strict=True))
         by_id = {r["id"]: r for r in todo}
         c = caller
+        table = ev_src.positions() if c is None and todo else None
 
         def one(lid: int) -> Score:
             r = by_id[lid]
             ev = evs[r["feature"]]
             if c is None:
-                return rule_score(scorer, r["text"], ev, kinds=ev_src.kinds, cfg=score_cfg)
+                return rule_score(scorer, r["text"], ev, kinds=ev_src.kinds, cfg=score_cfg, positions=table)
             return lm_score(scorer, r["text"], ev, c, cfg=score_cfg)
 
-        # offline scoring reads contexts through the shared connection: keep it on this thread
+        # offline scoring reads contexts through the shared connection: keep it on this thread; its scores are
+        # written SCORE_CHUNK to a transaction (a language model's, one each, as they arrive)
+        pending: list[tuple[int, float]] = []
         for lid, res in run_limited(one, list(by_id), ops.concurrency if c is not None else 1):
             r = by_id[lid]
             if isinstance(res, Exception):
                 report.failed.append((r["feature"], str(res)))
                 log(f"#{r['feature']} {r['text']!r}: failed: {res}")
                 continue
-            if res.score is not None:
+            if res.score is not None and c is None:
+                pending.append((lid, round(res.score, 4)))
+                if len(pending) >= SCORE_CHUNK:
+                    set_scores(conn, pending, name)
+                    pending.clear()
+            elif res.score is not None:
                 set_score(conn, lid, round(res.score, 4), name)
             report.done.append({"feature": r["feature"], "label": r["text"], "source": r["source"],
                                 "explainer": r["explainer"], "score": res.score, "scorer": name, "n": res.n,
                                 **({"note": res.details["why"]} if "why" in res.details else {})})  # fmt: skip
             log(f"#{r['feature']} {r['text']!r}: {name} {_fmt(res.score)}"
                 + (f" ({res.details['why']})" if "why" in res.details else ""))  # fmt: skip
+        set_scores(conn, pending, name)
     finally:
         conn.close()
     return report

@@ -109,6 +109,14 @@ class Rule:
     next: frozenset[str] = field(default_factory=frozenset)
     source: frozenset[str] = field(default_factory=frozenset)
 
+    def __hash__(self) -> int:  # the dataclass's hash of the fields, computed once (rules are dict keys in searches)
+        h: int | None = self.__dict__.get("_hash")
+        if h is None:
+            h = hash((self.tokens, self.token_class, self.prev, self.context, self.max_pos, self.syntax, self.after,
+                      self.anchor, self.next, self.source))  # fmt: skip
+            object.__setattr__(self, "_hash", h)
+        return h
+
     def conditions(self) -> list[tuple[str, Any]]:
         """The rule as independent conditions (hashable), each checked by `check`."""
         out: list[tuple[str, Any]] = []
@@ -135,8 +143,12 @@ class Rule:
         return out
 
     def extras(self) -> int:
-        """How many conditions beyond the token set or class."""
-        return len(self.conditions()) - bool(self.tokens) - bool(self.token_class)
+        """How many conditions beyond the token set or class (computed once)."""
+        n: int | None = self.__dict__.get("_extras")
+        if n is None:
+            n = len(self.conditions()) - bool(self.tokens) - bool(self.token_class)
+            object.__setattr__(self, "_extras", n)
+        return n
 
     def match_all(self, tokens: list[str], ann: Annotated | list[str] | None = None, start: int = 0) -> list[bool]:
         """Whether the rule fires at each token of a window; `ann` annotates it (a plain list: context kinds
@@ -146,6 +158,20 @@ class Rule:
         if not conds:
             return [False] * len(tokens)
         return [all(check(c, seq, i) for c in conds) for i in range(len(tokens))]
+
+
+_FIELDS = frozenset(Rule.__dataclass_fields__)
+
+
+def extend(base: Rule, part: dict[str, Any]) -> Rule:
+    """`dataclasses.replace(base, **part)` without the frozen dataclass's `__init__` (a rule search builds many)."""
+    if not _FIELDS.issuperset(part):
+        raise TypeError(f"Rule has no field(s) {sorted(set(part) - _FIELDS)}")
+    d = {k: v for k, v in base.__dict__.items() if k in _FIELDS}  # not the cached hash
+    d.update(part)
+    r = object.__new__(Rule)
+    object.__setattr__(r, "__dict__", d)
+    return r
 
 
 @dataclass

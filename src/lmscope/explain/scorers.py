@@ -21,6 +21,8 @@ import numpy as np
 
 from lmscope.explain.backends import Caller
 from lmscope.explain.evidence import FeatureEvidence, Window
+from lmscope.explain.flat import _Flat
+from lmscope.explain.positions import PositionTable
 from lmscope.explain.prompts import (
     DETECT_SYSTEM,
     FUZZ_SYSTEM,
@@ -115,16 +117,27 @@ def simulation_windows(ev: FeatureEvidence, cfg: ScoreConfig) -> list[Window]:
 
 # ---------------------------------------------------------------------------------------------- offline (rule)
 def rule_score(scorer: str, label: str | Rule, ev: FeatureEvidence, kinds: KindsFn = window_kinds,
-               cfg: ScoreConfig | None = None) -> Score:  # fmt: skip
-    """Score a label by running it as a rule (no language model). A label that states no rule scores None."""
+               cfg: ScoreConfig | None = None, positions: PositionTable | None = None) -> Score:  # fmt: skip
+    """Score a label by running it as a rule (no language model). A label that states no rule scores None.
+    With `positions` (AtlasEvidence.positions()) the windows are read there instead of annotated by `kinds`."""
     cfg = cfg or ScoreConfig()
     rule = label if isinstance(label, Rule) else parse(label)
     name = f"rule-{scorer}"
     if rule is None:
         return Score(name, None, 0, {"why": "the label states no rule the offline scorer can run"})
+    at: dict[int, np.ndarray] = {}
+    if positions is not None:  # the held-out windows a scorer reads, at once, as one flat
+        wins = list({id(w): w for w in ev.held_out[: cfg.n_pos] + ev.held_out_negatives[: max(1, cfg.n_neg)]}.values())
+        lens = [len(w.tokens) for w in wins]
+        idx = [positions.gather(w.context, w.start, n) for w, n in zip(wins, lens, strict=True)]
+        flat = _Flat([], [np.zeros(n, np.int64) for n in lens], table=positions,
+                     idx=np.concatenate(idx) if idx else np.zeros(0, np.int64))  # fmt: skip
+        m = flat.rule_mask(rule)
+        at = {id(w): m[s : s + n] for w, s, n in zip(wins, flat.wstart.tolist(), lens, strict=True)}
 
     def hits(w: Window) -> np.ndarray:
-        return np.array(rule.match_all(w.tokens, kinds(w), w.start), dtype=bool)
+        got = at.get(id(w))
+        return got if got is not None else np.array(rule.match_all(w.tokens, kinds(w), w.start), dtype=bool)
 
     if scorer == "detection":
         items = detection_items(ev, cfg)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+from collections.abc import Sequence
 from typing import Any
 
 from lmscope.atlas.db.schema import AtlasError, Connection, has_table
@@ -171,6 +172,28 @@ def replace_machine_label(conn: Connection, feature: int, text: str, explainer: 
         conn.execute("DELETE FROM labels WHERE feature = ? AND source = 'machine' AND explainer = ?",
                      (int(feature), explainer))  # fmt: skip
         return add_label(conn, feature, text, source="machine", explainer=explainer, score=score, scorer=scorer)
+
+
+def replace_machine_labels(conn: Connection, rows: Sequence[tuple[int, str, float | None, str | None]],
+                           explainer: str) -> list[int]:  # fmt: skip
+    """`replace_machine_label` for each (feature, text, score, scorer), all in one transaction (one commit, one sync
+    to disk, for many labels); returns the new ids."""
+    ids = []
+    with conn:
+        for feature, text, score, scorer in rows:
+            conn.execute("DELETE FROM labels WHERE feature = ? AND source = 'machine' AND explainer = ?",
+                         (int(feature), explainer))  # fmt: skip
+            ids.append(add_label(conn, feature, text, source="machine", explainer=explainer, score=score,
+                                 scorer=scorer))  # fmt: skip
+    return ids
+
+
+def set_scores(conn: Connection, rows: Sequence[tuple[int, float | None]], scorer: str) -> None:
+    """`set_score` for each (label id, score), all in one transaction."""
+    with conn:
+        for label_id, score in rows:
+            conn.execute("UPDATE labels SET score = ?, scorer = ? WHERE id = ?", (score, scorer, int(label_id)))
+            put_score(conn, label_id, score, scorer, None)
 
 
 def replace_human_label(conn: Connection, feature: int, text: str, author: str | None = None) -> int:

@@ -233,6 +233,32 @@ def example_windows(conn: Connection, fid: int) -> list[tuple[Any, ...]]:
     return [tuple(r) for r in rows]
 
 
+def example_windows_many(conn: Connection, fids: list[int]) -> dict[int, list[tuple[Any, ...]]]:
+    """`example_windows` of each of `fids` (same rows, same order), read in one query."""
+    out: dict[int, list[tuple[Any, ...]]] = {}
+    if not fids:
+        return out
+    rows = conn.execute(
+        "SELECT feature, kind, bin, rank, context, pos, start, acts FROM examples WHERE feature IN "
+        "(SELECT value FROM json_each(?)) ORDER BY feature, kind DESC, bin DESC, rank",
+        (json.dumps([int(f) for f in fids if in_int64(f)]),),
+    )
+    for r in rows:
+        out.setdefault(int(r[0]), []).append(tuple(r[1:]))
+    return out
+
+
+def max_density_many(conn: Connection, fids: list[int]) -> dict[int, tuple[float, float]]:
+    """`feature_max_density` of each of `fids` that exists, read in one query."""
+    if not fids:
+        return {}
+    rows = conn.execute(
+        "SELECT id, max_act, density FROM features WHERE id IN (SELECT value FROM json_each(?))",
+        (json.dumps([int(f) for f in fids if in_int64(f)]),),
+    )
+    return {int(k): (float(a), float(d)) for k, a, d in rows}
+
+
 def examples_with_contexts(conn: Connection, fid: int) -> list[Row]:
     """Every column of each example of a feature plus its context's token blob (`ctx`): top examples first,
     then quantile bins from the lowest, each by rank."""
