@@ -171,6 +171,42 @@ def train_lmscope(
     }
 
 
+def train_cli(args: argparse.Namespace, d: int) -> dict[str, Any]:
+    """`lmscope train` on the harvest store itself (shuffled reads from its shards, as a user trains), timed from
+    its own log: tokens/s over the whole run after the first log line (setup, norm estimation and b_dec init
+    excluded; data loading included)."""
+    import shutil
+    import tempfile
+
+    out = Path(tempfile.mkdtemp(prefix="lmscope_train_cli_"))
+    cmd = [
+        sys.executable, "-m", "lmscope.cli.app", "train", "--acts", str(args.store), "--arch", "topk", "--k",
+        str(args.k), "--expansion", str(args.d_sae // d), "--tokens", str(args.cli_tokens), "--batch-size",
+        str(args.batch_size), "--warmup-steps", str(args.warmup_steps), "--epochs", "8", "--no-progress", "--out",
+        str(out),
+    ]  # fmt: skip
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    try:
+        if proc.returncode != 0:
+            return {"status": "error", "command": " ".join(cmd[2:]), "stderr": proc.stderr[-2000:]}
+        log = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        first, last = log[0], log[-1]
+        dt = last["tokens"] / last["tok_s"] - first["tokens"] / first["tok_s"]
+        return {
+            "status": "ok",
+            "command": "lmscope " + " ".join(cmd[4:-1]) + " OUT",
+            "tokens": last["tokens"],
+            "tokens_per_s": round((last["tokens"] - first["tokens"]) / dt, 1) if dt > 0 else None,
+            "tokens_per_s_whole_run": last["tok_s"],
+            "wall_seconds": wall,
+            "final_step_fvu": last.get("fvu"),
+        }
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+
+
 # The configurations each anchor can run in, fastest expected first; --probe-steps times each and keeps the
 # fastest that works. The flags are those of benchmarks/anchors/<lib>_train_topk.py.
 ANCHOR_CONFIGS: dict[str, dict[str, list[str]]] = {
@@ -343,6 +379,10 @@ def main() -> None:
     ap.add_argument("--timeout", type=int, default=7200, help="seconds per sequential anchor run")
     ap.add_argument("--anchors-python", type=Path, default=ANCHORS_PY)
     ap.add_argument("--store", type=Path, default=RESULTS / "acts_smollm2_stdlib_l6", help="lmscope harvest dir")
+    ap.add_argument(
+        "--cli-tokens", type=int, default=409_600,
+        help="also time `lmscope train --acts STORE` for this many tokens (0: skip), the command a user runs",
+    )  # fmt: skip
     ap.add_argument("--out", type=Path, default=RESULTS / "train_throughput.json")
     args = ap.parse_args()
     args.lr = args.lr if args.lr is not None else 2e-4 / math.sqrt(args.d_sae / 2**14)
@@ -396,8 +436,11 @@ def main() -> None:
         runs["lmscope"].append(train_lmscope(x, x_eval, args, between=anchor_steps))
         for a in served:
             runs[a.lib].append(a.finish())
+    cli = train_cli(args, d) if args.cli_tokens and "lmscope" in libs else None
     ceilings.append(topk_ceilings(args.batch_size, d, args.d_sae, args.k, args.ceiling_repeats))
     ceiling = best_of(ceilings)
+    if cli and cli.get("tokens_per_s"):
+        cli["fraction_of_matmul_topk"] = round(cli["tokens_per_s"] / ceiling["matmul_topk_tokens_per_s"], 4)
 
     results: dict[str, Any] = {}
     for lib, rs in runs.items():
@@ -456,6 +499,7 @@ def main() -> None:
         "eval_dead_frac": {lib: r.get("eval_dead_frac") for lib, r in done.items()},
         "converged": {lib: r["convergence"]["converged"] for lib, r in done.items()},
         "all_converged": bool(done) and all(r["convergence"]["converged"] for r in done.values()),
+        "lmscope_train_cli": cli,
         "lmscope_over_sparsify": ratio("lmscope", "sparsify"),
         "lmscope_over_saelens": ratio("lmscope", "saelens"),
         "targets": {"lmscope_ge_sparsify": bool(ratio("lmscope", "sparsify") and rate["lmscope"] >= rate["sparsify"])},

@@ -325,9 +325,10 @@ class Dictionary(nn.Module):
     def remove_parallel_grad(self) -> None:
         """Drop the part of each decoder row's gradient that would only change its (fixed) norm."""
         if self.unit_norm_decoder and self.W_dec.grad is not None:
-            w = self.W_dec / self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8)
-            g = self.W_dec.grad
-            g.sub_((g * w).sum(1, keepdim=True) * w)
+            # g -= (g . w) w / |w|^2 row by row, with row dot products: no [d_sae, d_out] temporaries
+            w, g = self.W_dec, self.W_dec.grad
+            sq = torch.einsum("ij,ij->i", w, w).clamp_min(1e-16)
+            g.addcmul_(w, torch.einsum("ij,ij->i", g, w).div_(sq).unsqueeze(1), value=-1)
 
     @torch.no_grad()
     def fold_scale(self, scale_in: float, scale_out: float) -> None:

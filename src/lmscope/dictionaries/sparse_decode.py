@@ -9,6 +9,8 @@ gradient then flows from the scattered value gradient through an ordinary dense 
 
 from __future__ import annotations
 
+import weakref
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -16,6 +18,34 @@ import torch.nn.functional as F
 from torch import Tensor
 
 _CHUNK = 1024  # tokens per gather in backward: bounds the [chunk, k, d] buffer
+
+# The [tokens, d_sae] pre-activation buffer of each encoder weight's training steps, reused from step to step: a
+# fresh 75 MB tensor a step (4096 x 4608 fp32) costs page faults on a CPU that rival the top-k. Keyed weakly by the
+# weight (by id, dropped when the weight is freed: a tensor cannot be a WeakKeyDictionary key, as its == is
+# elementwise), so it goes when the dictionary does.
+_PRE_BUFFERS: dict[int, Tensor] = {}
+
+
+_SIDE: ThreadPoolExecutor | None = None
+
+
+def _side_thread() -> ThreadPoolExecutor:
+    global _SIDE
+    if _SIDE is None:
+        _SIDE = ThreadPoolExecutor(1, thread_name_prefix="lmscope-sparse")
+    return _SIDE
+
+
+def _pre_buffer(w_enc: Tensor, n: int) -> Tensor:
+    shape = (n, w_enc.shape[1])
+    key = id(w_enc)
+    buf = _PRE_BUFFERS.get(key)
+    if buf is None or buf.shape != shape or buf.dtype != w_enc.dtype or buf.device != w_enc.device:
+        if buf is None:
+            weakref.finalize(w_enc, _PRE_BUFFERS.pop, key, None)
+        buf = torch.empty(shape, dtype=w_enc.dtype, device=w_enc.device)
+        _PRE_BUFFERS[key] = buf
+    return buf
 
 
 class SparseDecode(torch.autograd.Function):
@@ -84,7 +114,10 @@ class FusedTopK(torch.autograd.Function):
         ctx: Any, x: Tensor, w_enc: Tensor, b_enc: Tensor, w_dec: Tensor, b_dec: Tensor, k: int, center: bool
     ) -> tuple[Tensor, Tensor, Tensor]:
         bias = b_enc - b_dec @ w_enc if center else b_enc
-        pre = torch.addmm(bias, x, w_enc)
+        if x.dtype == w_enc.dtype and x.device == w_enc.device:
+            pre = torch.addmm(bias, x, w_enc, out=_pre_buffer(w_enc, x.shape[0]))
+        else:  # let addmm refuse or promote as it would
+            pre = torch.addmm(bias, x, w_enc)
         vals, idx = pre.topk(k, dim=1, sorted=False)
         del pre
         vals.clamp_min_(0.0)
@@ -101,7 +134,12 @@ class FusedTopK(torch.autograd.Function):
         m = w_dec.shape[0]
         need_x, need_we, need_be, need_wd, need_bd = ctx.needs_input_grad[:5]
         g_x = g_we = g_be = g_wd = g_bd = None
-        if need_wd:
+        # torch's COO sparse x dense product runs on one thread on a CPU: the decoder's product goes to a helper
+        # thread while this one does the encoder's (the two are independent; the result is the same either way).
+        pending = None
+        if need_wd and need_we and grad.device.type == "cpu" and torch.get_num_threads() > 1:
+            pending = _side_thread().submit(torch.sparse.mm, _coo_t(idx, vals, m), grad)
+        elif need_wd:
             g_wd = torch.sparse.mm(_coo_t(idx, vals, m), grad)
         g_vals = value_grads(grad, w_dec, idx) * (vals > 0)  # zero where the ReLU clipped
         g_pre_sum = torch.zeros(m, dtype=grad.dtype, device=grad.device).index_add_(
@@ -110,7 +148,7 @@ class FusedTopK(torch.autograd.Function):
         if need_we:
             g_we = torch.sparse.mm(_coo_t(idx, g_vals, m), x).T.contiguous()
             if ctx.center:
-                g_we.sub_(torch.outer(b_dec, g_pre_sum))
+                g_we.addr_(b_dec, g_pre_sum, alpha=-1)  # minus the outer product, without forming it
         if need_be:
             g_be = g_pre_sum
         if need_bd:
@@ -119,6 +157,8 @@ class FusedTopK(torch.autograd.Function):
                 g_bd = g_bd - w_enc @ g_pre_sum
         if need_x:
             g_x = torch.sparse.mm(_coo_t(idx, g_vals, m).t(), w_enc.T)
+        if pending is not None:
+            g_wd = pending.result()
         return g_x, g_we, g_be, g_wd, g_bd, None, None
 
 
