@@ -9,16 +9,27 @@ and the feature API (`GET /api/features/{id}`, the JSON behind a feature page) a
 timed in-process with FastAPI's TestClient on random *live* feature ids; p50/p95 reported (target: p95 < 100
 ms). Writes JSON.
 
+Three builds are timed against the harvest, `--repeats` rounds of them interleaved (harvest, atlas from the model,
+atlas from the harvested store, then again) so that other jobs on the machine weigh on all of them alike: each
+round's ratios are reported, and medians. Wall seconds and this process's CPU seconds (all threads) are both
+recorded; on a shared machine the CPU seconds are the steadier measure. The atlas from the store reads the
+harvest's float16 activations instead of running the model (`build_atlas(activations=...)`).
+
     python benchmarks/atlas.py [--model smollm2-135m] [--tokens 32768] [--d-sae 16384] [--train-epochs 10]
+    python benchmarks/atlas.py --layer 10 --d-sae 4608 --tokens 65536     # the demo's configuration
+    python benchmarks/atlas.py --dict DIR                                 # a saved dictionary, no training
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import os
 import platform
 import random
 import resource
+import shutil
 import statistics
 import sys
 import tempfile
@@ -55,10 +66,43 @@ def time_requests(client, urls: list[str]) -> dict[str, float]:
             "max_ms": round(max(times), 2), "requests": len(times)}  # fmt: skip
 
 
+def timed(fn):
+    """(result, wall seconds, CPU seconds of this process)."""
+    w, c = time.perf_counter(), time.process_time()
+    out = fn()
+    return out, time.perf_counter() - w, time.process_time() - c
+
+
+def timed_build(model, d, corpus, out: Path, cfg, **kw) -> tuple[Path, float, float, float]:
+    """(atlas, wall seconds, CPU seconds, wall seconds of the streaming pass: until its progress event says
+    finished; the rest is the finalisation: logit effects, neighbours, co-firing, rows and writes)."""
+    marks: list[float] = []
+
+    def progress(ev) -> None:
+        if ev.finished and not marks:
+            marks.append(time.perf_counter())
+
+    t = time.perf_counter()
+    path, wall, cpu = timed(lambda: build_atlas(
+        model, d, corpus, out=out, config=cfg, progress=progress, overwrite=True, **kw,
+    ))  # fmt: skip
+    return path, wall, cpu, (marks[0] if marks else time.perf_counter()) - t
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--hook", default="blocks.6.resid_post")
+    ap.add_argument("--layer", type=int, default=None, help="shorthand for --hook blocks.LAYER.resid_post")
+    ap.add_argument("--dict", default=None, help="a saved dictionary for the hook (skips training)")
+    ap.add_argument("--save-dict", default=None, help="save the trained dictionary here (for --dict later)")
+    ap.add_argument("--repeats", type=int, default=1, help="rounds of harvest / atlas / atlas from the store")
+    ap.add_argument("--no-store", action="store_true", help="skip the atlas built from the harvested store")
+    ap.add_argument("--no-families", action="store_true", help="build without feature families (if the build has them)")
     ap.add_argument("--corpus", default="stdlib")
     ap.add_argument("--tokens", type=int, default=32768)
     ap.add_argument("--context", type=int, default=128)
@@ -73,6 +117,8 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results/atlas.json")
     ap.add_argument("--keep", default=None, help="also copy the atlas file here")
     args = ap.parse_args()
+    if args.layer is not None:
+        args.hook = f"blocks.{args.layer}.resid_post"
 
     from fastapi.testclient import TestClient
 
@@ -84,33 +130,60 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         hcfg = HarvestConfig(hooks=[args.hook], tokens=args.tokens, context=args.context, batch_size=args.batch,
                              dtype="float16", shard_tokens=65536)  # fmt: skip
-        t = time.perf_counter()
-        manifest = harvest(model, args.corpus, Path(tmp) / "acts", hcfg, progress=False)
-        harvest_s = time.perf_counter() - t
+        acts_dir = Path(tmp) / "acts"
+        manifest, harvest_s, harvest_cpu = timed(lambda: harvest(model, args.corpus, acts_dir, hcfg, progress=False))
         n_harvest = manifest["tokens"]
 
-        t = time.perf_counter()
-        source = StoreSource(Path(tmp) / "acts", [args.hook], args.train_batch, seed=0, epochs=args.train_epochs)
-        rows = source.store.n_rows or 0
-        steps = args.train_epochs * (rows // args.train_batch)
-        tc = TrainConfig(total_tokens=steps * args.train_batch, warmup_steps=max(1, steps // 10),
-                         dead_window_tokens=rows, log_every=10**9)  # fmt: skip
-        dcfg = DictConfig(arch="topk", d_in=d_in, d_sae=args.d_sae, k=args.k, hook=args.hook, model=args.model)
-        trainer = Trainer([RunSpec(dcfg, name="sae")], tc)
-        d = trainer.fit(source)["sae"]
-        train = {"rows": rows, "epochs": args.train_epochs, "steps": trainer.step, "tokens": trainer.tokens,
-                 "batch": args.train_batch, "seconds": round(time.perf_counter() - t, 2),
-                 "dead_frac_at_end": trainer.runs[0].dead.dead_fraction(),
-                 "train_fvu_mean_over_steps": trainer.runs[0].record.get("fvu")}  # fmt: skip
+        if args.dict:
+            from lmscope.dictionaries.formats import load_dictionary
+
+            d = load_dictionary(args.dict)
+            if d.cfg.hook != args.hook:
+                raise SystemExit(f"--dict reads {d.cfg.hook}, not {args.hook}; pass --hook/--layer to match")
+            train = {"saved": str(Path(args.dict).resolve()), "config": d.cfg.to_dict()}
+        else:
+            t = time.perf_counter()
+            source = StoreSource(acts_dir, [args.hook], args.train_batch, seed=0, epochs=args.train_epochs)
+            rows = source.store.n_rows or 0
+            steps = args.train_epochs * (rows // args.train_batch)
+            tc = TrainConfig(total_tokens=steps * args.train_batch, warmup_steps=max(1, steps // 10),
+                             dead_window_tokens=rows, log_every=10**9)  # fmt: skip
+            dcfg = DictConfig(arch="topk", d_in=d_in, d_sae=args.d_sae, k=args.k, hook=args.hook, model=args.model)
+            trainer = Trainer([RunSpec(dcfg, name="sae")], tc)
+            d = trainer.fit(source)["sae"]
+            train = {"rows": rows, "epochs": args.train_epochs, "steps": trainer.step, "tokens": trainer.tokens,
+                     "batch": args.train_batch, "seconds": round(time.perf_counter() - t, 2),
+                     "dead_frac_at_end": trainer.runs[0].dead.dead_fraction(),
+                     "train_fvu_mean_over_steps": trainer.runs[0].record.get("fvu")}  # fmt: skip
+            if args.save_dict:
+                from lmscope.dictionaries.formats import save_dictionary
+
+                save_dictionary(d, args.save_dict)
         cfg = AtlasConfig(tokens=args.tokens, context=args.context, batch_size=args.batch)
-        marks: dict[str, float] = {}
-        t = time.perf_counter()
-        out = build_atlas(
-            model, d, args.corpus, out=Path(tmp) / "atlas.db", config=cfg, progress=False,
-            log=lambda msg: marks.setdefault(msg, time.perf_counter()),
-        )  # fmt: skip
-        atlas_s = time.perf_counter() - t
-        pass_s = marks.get("writing examples", time.perf_counter()) - t
+        if args.no_families and "families" in {f.name for f in dataclasses.fields(AtlasConfig)}:
+            cfg = dataclasses.replace(cfg, families=False)
+        rounds: list[dict[str, float]] = []
+        for r in range(args.repeats):
+            if r:  # a fresh harvest each round after the first (whose store also trained the dictionary)
+                shutil.rmtree(acts_dir)
+                _, harvest_s, harvest_cpu = timed(lambda: harvest(model, args.corpus, acts_dir, hcfg, progress=False))
+            out, atlas_s, atlas_cpu, pass_s = timed_build(model, d, args.corpus, Path(tmp) / "atlas.db", cfg)
+            one = {"harvest_s": harvest_s, "harvest_cpu_s": harvest_cpu, "atlas_s": atlas_s,
+                   "atlas_cpu_s": atlas_cpu, "atlas_pass_s": pass_s}  # fmt: skip
+            if not args.no_store:
+                _, store_s, store_cpu, store_pass = timed_build(
+                    model, d, args.corpus, Path(tmp) / "atlas_store.db", cfg, activations=acts_dir
+                )
+                one |= {"store_atlas_s": store_s, "store_atlas_cpu_s": store_cpu, "store_atlas_pass_s": store_pass}
+            one = {k: round(v, 2) for k, v in one.items()}
+            one["atlas_vs_harvest"] = round(one["harvest_s"] / one["atlas_s"], 3)
+            one["atlas_vs_harvest_cpu"] = round(one["harvest_cpu_s"] / one["atlas_cpu_s"], 3)
+            if not args.no_store:
+                one["store_atlas_vs_harvest"] = round(one["harvest_s"] / one["store_atlas_s"], 3)
+                one["store_atlas_vs_harvest_cpu"] = round(one["harvest_cpu_s"] / one["store_atlas_cpu_s"], 3)
+            rounds.append(one)
+            print(json.dumps(one), flush=True)
+        harvest_s, atlas_s, pass_s = (median([x[k] for x in rounds]) for k in ("harvest_s", "atlas_s", "atlas_pass_s"))
         size_mb = out.stat().st_size / 1e6
         if args.keep:
             Path(args.keep).write_bytes(out.read_bytes())
@@ -153,6 +226,10 @@ def main() -> None:
         "atlas_pass_s": round(pass_s, 2),
         "atlas_finalise_s": round(atlas_s - pass_s, 2),
         "atlas_mb": round(size_mb, 1),
+        "rounds": rounds,
+        "median": {k: round(median([x[k] for x in rounds]), 3) for k in rounds[0]},
+        "families": getattr(cfg, "families", None),
+        "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
         "feature_api": feature_api,
         "feature_page_html": feature_page,
         "search_api": search_api,

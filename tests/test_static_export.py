@@ -37,7 +37,7 @@ def _links(page: Path) -> list[str]:
 def test_every_link_of_every_page_resolves_inside_the_site(env) -> None:
     pages = sorted(env.site.rglob("*.html"))
     n = env.store.n_features
-    assert env.summary["features"] == n and len(pages) == n + 2  # overview, list, one page per feature
+    assert env.summary["features"] == n and len(pages) == n + 3  # overview, list, map, one page per feature
     for page in pages:
         for link in _links(page):
             assert not link.startswith("/"), f"{page}: absolute link {link}"

@@ -201,16 +201,17 @@ class FeatureAccumulator:
         return b, p, f, a
 
     def _update_top(self, z: Tensor, cmax: Tensor, cpos: Tensor, ctx_ids: Tensor) -> None:
-        vals = torch.cat([self.top.act, cmax.T], dim=1)  # [F, k + B]
-        # a stable sort, not topk: equal activations keep stream order (the lower context id first), the order
-        # `merge` uses, so a build split over ranks keeps the same examples
-        new_v, sel = (t[:, : self.k] for t in torch.sort(vals, dim=1, descending=True, stable=True))
-        is_new = (sel >= self.k) & (new_v > 0)
-        rows = is_new.any(1).nonzero().squeeze(1)  # only features whose top-k changed are rewritten
+        # Only a feature with a context above its k-th best (strictly: an equal one comes later in the stream, so
+        # it loses the tie) and above 0 gains an example; the rows sorted are those features'.
+        t = self.top
+        rows = ((t.act[:, -1:] < cmax.T) & (cmax.T > 0)).any(1).nonzero().squeeze(1)
         if not len(rows):
             return
-        t = self.top
-        sel, new_v, is_new = sel[rows], new_v[rows], is_new[rows]
+        vals = torch.cat([t.act[rows], cmax[:, rows].T], dim=1)  # [rows, k + B]
+        # a stable sort, not topk: equal activations keep stream order (the lower context id first), the order
+        # `merge` uses, so a build split over ranks keeps the same examples
+        new_v, sel = (x[:, : self.k] for x in torch.sort(vals, dim=1, descending=True, stable=True))
+        is_new = (sel >= self.k) & (new_v > 0)
         keep_old = sel.clamp(max=self.k - 1)
         act, ctx, pos = (x[rows].gather(1, keep_old) for x in (t.act, t.ctx, t.pos))
         win = t.win[rows].gather(1, keep_old.unsqueeze(-1).expand(-1, -1, self.W))

@@ -26,6 +26,7 @@ from lmscope.atlas.config import AtlasConfig
 from lmscope.atlas.db import write as db_write
 from lmscope.atlas.db.schema import SCHEMA_VERSION, AtlasError, Connection, create, get_meta, is_complete, set_meta
 from lmscope.atlas.distributed import gather_to_main, merge_accumulators, stack_chunks, unstack_chunks
+from lmscope.atlas.from_store import StoreActivations
 from lmscope.atlas.neighbours import CofireSample
 from lmscope.atlas.provenance import dictionary_hash, load_eval_metrics, model_hash
 from lmscope.atlas.write import write_results
@@ -84,6 +85,25 @@ def _load_inputs(
     return model, dictionary, dict_path
 
 
+def _store_input(
+    activations: str | Path | None,
+    model: Model,
+    dictionary: Dictionary,
+    hook: str,
+    corpus: Corpus,
+    cfg: AtlasConfig,
+    other: Model | None,
+) -> StoreActivations | None:
+    """The harvest to read the activations from, checked (None: run the model)."""
+    if activations is None:
+        return None
+    if other is not None:
+        raise AtlasError("a crosscoder's atlas runs both models; build it without activations=")
+    dcfg = dictionary.cfg
+    out_hook = dcfg.hook_out if dcfg.is_transcoder and dcfg.hook_out and dcfg.hook_out != hook else None
+    return StoreActivations(activations, model, corpus, [hook] + ([out_hook] if out_hook else []), cfg)
+
+
 def _check_other(model: Model, dictionary: Dictionary, other: Model | None) -> None:
     """A two-model crosscoder reads [BASE | OTHER] and needs OTHER; any other dictionary reads one model."""
     n = dictionary.cfg.n_models
@@ -122,6 +142,7 @@ def build_atlas(
     dtype: str = "auto",
     log: Callable[[str], None] | None = None,
     other: Model | str | None = None,
+    activations: str | Path | None = None,
 ) -> Path:
     """Build a feature atlas of `dictionary` on `model` over `tokens` tokens of `corpus`; returns the path.
 
@@ -131,6 +152,8 @@ def build_atlas(
     OTHER half read through OTHER's unembedding.
     `hook` overrides the dictionary's `cfg.hook`. The file at `out` appears only once it is complete.
     `progress` is called with events of task "atlas" counting tokens (see lmscope.core.progress).
+    `activations`: a harvest directory of this model, corpus and packing holding the hook; the build reads the
+    activations from it instead of running the model (see atlas/from_store.py; not for a crosscoder).
     """
     from lmscope._version import __version__
 
@@ -171,15 +194,18 @@ def build_atlas(
     corpus = open_corpus(corpus)
     corpus.record_names = True  # the atlas says which document each context came from (context_sources)
     packer = ContextPacker(model.tokenizer, cfg.packing)
+    stored = _store_input(activations, model, dictionary, hook, corpus, cfg, other_model)
     out.parent.mkdir(parents=True, exist_ok=True)
     started = time.time()
     if not main:  # another rank: its share of the batches, merged on rank 0, which writes the file
-        _stream(model, dictionary, hook, corpus, packer, cfg, None, None, other_model)
+        _stream(model, dictionary, hook, corpus, packer, cfg, None, None, other_model, stored)
         barrier()
         return out
     conn = create(partial)
     try:
-        acc, cofire, metrics = _stream(model, dictionary, hook, corpus, packer, cfg, conn, progress, other_model)
+        acc, cofire, metrics = _stream(
+            model, dictionary, hook, corpus, packer, cfg, conn, progress, other_model, stored
+        )
         provenance = {
             "lmscope_version": __version__,
             "schema_version": SCHEMA_VERSION,
@@ -193,6 +219,7 @@ def build_atlas(
                            "sha256": dictionary_hash(dictionary),
                            "training": getattr(dictionary, "metadata", {}).get("training", {})},
             "hook": hook,
+            "activations": None if stored is None else stored.describe(),  # read from a harvest, not the model
             "other": None if other_model is None else {
                 "spec": other_model.spec, "class": type(other_model.hf).__name__, "hash": model_hash(other_model)},
             "special_token_ids": packer.special_ids,  # left out of every statistic (the web greys them)
@@ -202,6 +229,10 @@ def build_atlas(
             "ranks": n_ranks,
         }  # fmt: skip
         write_results(conn, model, dictionary, acc, cofire, metrics, provenance, cfg, dict_path, log, other_model)
+        if cfg.families:  # the optional families and map tables, in their own transaction (atlas/families.py)
+            from lmscope.atlas.families import write_at_build
+
+            write_at_build(conn, dictionary.W_dec, log)
         conn.close()
     except BaseException:
         with contextlib.suppress(Exception):
@@ -222,6 +253,7 @@ def _stream(
     conn: Connection | None,
     progress: ProgressCallback | None,
     other: Model | None = None,
+    stored: StoreActivations | None = None,
 ) -> tuple[FeatureAccumulator, CofireSample, dict[str, float]]:
     """One pass over the corpus. Under torchrun, batch i is this rank's if i mod N == rank; rank 0 (`conn` given)
     writes every context and returns the merged results (atlas/distributed.py); the others return theirs, unused."""
@@ -245,15 +277,21 @@ def _stream(
     n_ctx = 0
     emit(progress, ProgressEvent(task="atlas", done=0, total=target, unit="tokens"))
     other_capture = other.capture([hook], stop_early=True) if other is not None else contextlib.nullcontext()
-    with model.capture(hooks, stop_early=True) as acts, other_capture as acts_o, torch.inference_mode():
-        for i, batch in enumerate(_contexts(packer, corpus, cfg)):
+    capture: contextlib.AbstractContextManager[Any] = (
+        model.capture(hooks, stop_early=True) if stored is None else contextlib.nullcontext({})
+    )
+    batches = ((b, None) for b in _contexts(packer, corpus, cfg)) if stored is None else stored.batches()
+    with capture as acts, other_capture as acts_o, torch.inference_mode():
+        for i, (batch, from_store) in enumerate(batches):
             B, C = batch.tokens.shape
             if i % W == R:
-                ids = torch.from_numpy(batch.tokens)
-                model(ids)
+                if from_store is None:
+                    model(torch.from_numpy(batch.tokens))
+                else:  # a harvest's rows: no forward pass
+                    acts = {h: t.to(dev) for h, t in from_store.items()}
                 x = acts[hook].float()
                 if other is not None and acts_o is not None:  # a crosscoder reads [BASE | OTHER], rebuilds both
-                    other(ids)
+                    other(torch.from_numpy(batch.tokens))
                     x = torch.cat([x, acts_o[hook].float().to(x.device)], dim=-1)
                 if x.shape[-1] != dcfg.d_in:
                     raise AtlasError(

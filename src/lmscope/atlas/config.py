@@ -27,6 +27,7 @@ class AtlasConfig:
     cofire_tokens: int = 32_768  # size of the co-firing token sample
     logit_top: int = 10
     seed: int = 0
+    families: bool = True  # feature families and the 2-D map at the end (lmscope.atlas.families)
     packing: PackingConfig = field(default_factory=PackingConfig)
 
     def __post_init__(self) -> None:

@@ -2,8 +2,8 @@
 
 Co-firing is counted on a systematic sample of tokens (every `stride`-th non-special token of the build),
 whose active feature sets are kept in compressed (CSR) form, so memory is bounded by the sample size times
-L0. The counts C[i, j] (tokens of the sample where both i and j fire) are computed in chunks of features
-with a sparse-dense product, never as a dense d_sae x d_sae matrix.
+L0. The counts C[i, j] (tokens of the sample where both i and j fire) are counted in chunks of features from the
+pairs of features that fire on one token, never as a dense d_sae x d_sae matrix.
 """
 
 from __future__ import annotations
@@ -55,10 +55,13 @@ class CofireSample:
         self.n_rows += n_rows
         self.n_entries += int(rows.numel())
 
-    def top(self, k: int = 10, chunk: int = 512) -> tuple[Tensor, Tensor, Tensor]:
+    def top(self, k: int = 10, chunk: int = 512, max_pairs: int = 1 << 22) -> tuple[Tensor, Tensor, Tensor]:
         """(counts, ids, fraction), each [d_sae, k]: the features co-firing most often with each feature.
 
         fraction = counts / (sampled tokens where the feature itself fired), i.e. P(j fires | i fires).
+        For a chunk of features i, C[i, j] is counted from the pairs (i, j) of features firing on one sampled token,
+        enumerated by index arithmetic on the sample sorted by token (work: the number of such pairs, about the
+        sample size times L0 squared), into a dense [chunk, d_sae] block whose top k are taken.
         """
         k = min(k, self.d_sae - 1)
         counts = torch.zeros(self.d_sae, k)
@@ -66,20 +69,36 @@ class CofireSample:
         if not self.rows or k <= 0:
             return counts, ids, torch.zeros(self.d_sae, k)
         r, c = torch.cat(self.rows), torch.cat(self.cols)
-        z = torch.sparse_coo_tensor(
-            torch.stack([c, r]), torch.ones(r.numel()), (self.d_sae, self.n_rows), check_invariants=False
-        ).coalesce()
+        order = torch.argsort(r, stable=True)
+        r, c = r[order], c[order]  # CSR: each sampled token's features together
+        per_row = torch.bincount(r, minlength=self.n_rows)
+        row_start = torch.cumsum(per_row, 0) - per_row
         own = torch.zeros(self.d_sae).index_add_(0, c, torch.ones(c.numel()))
-        dense_cols = torch.zeros(self.n_rows, chunk)
-        for s in range(0, self.d_sae, chunk):
-            e = min(s + chunk, self.d_sae)
-            dense_cols.zero_()
-            sel = (c >= s) & (c < e)
-            dense_cols[r[sel], c[sel] - s] = 1.0
-            block = torch.sparse.mm(z, dense_cols[:, : e - s]).T  # [e - s, d_sae]: C[i, j] for i in the chunk
+        by_col = torch.argsort(c, stable=True)  # the entries of each chunk of features, found by binary search
+        c_sorted = c[by_col]
+        F = self.d_sae
+        block = torch.zeros(chunk * F)
+        for s in range(0, F, chunk):
+            e = min(s + chunk, F)
+            lo, hi = (int(x) for x in torch.searchsorted(c_sorted, torch.tensor([s, e])))
+            blk = block[: (e - s) * F]
+            blk.zero_()
+            ent = by_col[lo:hi]  # entries (token, i) with i in the chunk
+            n_pair = per_row[r[ent]]
+            ends = torch.cumsum(n_pair, 0)
+            a = 0
+            while a < len(ent):  # pieces of at most `max_pairs` pairs (at least one entry), to bound memory
+                b = max(a + 1, int(torch.searchsorted(ends, int(ends[a] - n_pair[a]) + max_pairs, right=True)))
+                e_ab, n_ab = ent[a:b], n_pair[a:b]
+                first = torch.repeat_interleave(row_start[r[e_ab]], n_ab)
+                step = torch.arange(int(n_ab.sum())) - torch.repeat_interleave(torch.cumsum(n_ab, 0) - n_ab, n_ab)
+                key = torch.repeat_interleave(c[e_ab] - s, n_ab) * F + c[first + step]  # (i - s, j): j fires with i
+                blk.index_add_(0, key, torch.ones(key.numel()))
+                a = b
+            blk = blk.view(e - s, F)
             rows = torch.arange(e - s)
-            block[rows, rows + s] = -1.0
-            v, i = block.topk(k, dim=1)
+            blk[rows, rows + s] = -1.0
+            v, i = blk.topk(k, dim=1)
             counts[s:e], ids[s:e] = v.clamp_min(0), i
         frac = counts / own.clamp_min(1).unsqueeze(1)
         return counts, ids, frac

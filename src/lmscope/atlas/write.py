@@ -27,7 +27,8 @@ RESIDUAL_KINDS = ("embed", "resid_pre", "resid_mid", "resid_post", "attn_out", "
 def vocab_strings(tokenizer: Any, n: int) -> list[str]:
     """Each token id decoded on its own (ids beyond the tokenizer read `<id N>`)."""
     have = min(n, len(tokenizer)) if tokenizer is not None else 0
-    texts = list(tokenizer.batch_decode([[i] for i in range(have)])) if have else []
+    # one array, not a list of lists: the tokenizer converts it in one call, not element by element
+    texts = list(tokenizer.batch_decode(np.arange(have, dtype=np.int64).reshape(-1, 1))) if have else []
     return texts + [f"<id {i}>" for i in range(have, n)]
 
 
@@ -64,46 +65,83 @@ def _logit_rows(
     return rows, note + ("; a crosscoder: its OTHER half through OTHER's unembedding" if other is not None else "")
 
 
+def _context_texts(
+    conn: Connection, used: np.ndarray, vocab: list[str]
+) -> tuple[dict[int, list[int]], dict[int, str], dict[int, list[int]]]:
+    """For each context id in `used`: its tokens, its text (each token's vocabulary text joined; "" for an id
+    outside the vocabulary) and the character offset where each token's text starts (and the end), so that the
+    text of positions a..b-1 is `text[offsets[a]:offsets[b]]`, the same string as joining those tokens' texts."""
+    want = set(used.tolist())
+    n = len(vocab)
+    tokens: dict[int, list[int]] = {}
+    texts: dict[int, str] = {}
+    offsets: dict[int, list[int]] = {}
+    for cid, ids in read.iter_contexts(conn):
+        if cid not in want:
+            continue
+        tokens[cid] = ids.tolist()
+        pieces = [vocab[t] if 0 <= t < n else "" for t in tokens[cid]]
+        texts[cid] = "".join(pieces)
+        offsets[cid] = [0, *np.cumsum([len(x) for x in pieces], dtype=np.int64).tolist()]
+    return tokens, texts, offsets
+
+
 def _example_rows(
     acc: FeatureAccumulator,
     conn: Connection,
     vocab: list[str],
     context: int,
 ) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
-    """Rows for `examples` and `quantile_bins`."""
+    """Rows for `examples` and `quantile_bins`, ordered by feature, then its top examples by rank, then each
+    quantile bin's samples by activation, descending (ties: slot order). Built with array operations: the text of
+    a window is a slice of its context's text (see `_context_texts`), its activations a slice of its window."""
     top = {k: v.cpu().numpy() for k, v in vars(acc.top).items()}
     q = {k: v.cpu().numpy() for k, v in vars(acc.q).items()}
     width, n_cov = (t.cpu().numpy() for t in acc.bin_ranges())
     q_count = acc.q_count.cpu().numpy()
     max_act = acc.max_act.cpu().numpy()
-    used = set(np.unique(top["ctx"]).tolist()) | set(np.unique(q["ctx"]).tolist())
-    used.discard(-1)
-    tokens: dict[int, np.ndarray] = {}
-    for cid, ids in read.iter_contexts(conn):
-        if cid in used:
-            tokens[cid] = ids
-    before = acc.before
+    K, W = acc.K, acc.W
+    # quantile bins covering (0, max]: (feature, bin, lo, hi, count)
+    bf, bb = np.nonzero(np.arange(K)[None, :] < n_cov[:, None])
+    w64 = width.astype(np.float64)[bf]
+    lo = bb * w64
+    hi = np.minimum((bb + 1) * w64, max_act.astype(np.float64)[bf])
+    bin_rows = list(zip(bf.tolist(), bb.tolist(), lo.tolist(), hi.tolist(), q_count[bf, bb].tolist(), strict=True))
+    # top examples: the filled slots of each feature, in slot order
+    tf, tj = np.nonzero(top["ctx"] >= 0)
+    t_rank = (np.cumsum(top["ctx"] >= 0, axis=1) - 1)[tf, tj]
+    # quantile samples of the covered bins: filled slots by activation, descending, stably
+    filled = q["ctx"] >= 0
+    order = np.argsort(np.where(filled, -q["act"], np.inf), axis=-1, kind="stable")
+    sorted_filled = np.take_along_axis(filled, order, -1)
+    sorted_filled &= (np.arange(K)[None, :] < n_cov[:, None])[..., None]
+    qf, qb, q_rank = np.nonzero(sorted_filled)
+    qj = order[qf, qb, q_rank]
+    n_top = len(tf)
+    f = np.concatenate([tf, qf])
+    grp = np.concatenate([np.full(n_top, -1), qb])  # top examples (-1) before bin 0, 1, ...
+    rank = np.concatenate([t_rank, q_rank])
+    ctx = np.concatenate([top["ctx"][tf, tj], q["ctx"][qf, qb, qj]])
+    pos = np.concatenate([top["pos"][tf, tj], q["pos"][qf, qb, qj]])
+    act = np.concatenate([top["act"][tf, tj], q["act"][qf, qb, qj]]).astype(np.float32)
+    win = np.concatenate([top["win"][tf, tj], q["win"][qf, qb, qj]]).astype("<f4").reshape(-1, W)
+    ro = np.lexsort((rank, grp, f))
+    f, grp, rank, ctx, pos, act, win = f[ro], grp[ro], rank[ro], ctx[ro], pos[ro], act[ro], win[ro]
+    first = pos - acc.before
+    start = np.maximum(0, first)
+    end = np.minimum(context, pos + acc.after + 1)
+    a_lo = (np.arange(len(f)) * W + (start - first)) * 4  # byte offsets of each window's kept activations
+    a_hi = a_lo + (end - start) * 4
+    tokens, texts, offsets = _context_texts(conn, np.unique(ctx), vocab)
+    blob = win.tobytes()
     rows: list[tuple[Any, ...]] = []
-
-    def add(f: int, kind: str, b: int, rank: int, ctx: int, pos: int, act: float, win: np.ndarray) -> None:
-        start, end = max(0, pos - before), min(context, pos + acc.after + 1)
-        ids = tokens[ctx][start:end]
-        acts = win[start - (pos - before) : end - (pos - before)].astype("<f4")
-        text = "".join(vocab[t] if 0 <= t < len(vocab) else "" for t in ids.tolist())
-        rows.append((f, kind, b, rank, ctx, pos, float(act), start, acts.tobytes(), int(tokens[ctx][pos]), text))
-
-    bin_rows: list[tuple[Any, ...]] = []
-    for f in range(acc.F):
-        for rank, j in enumerate(np.nonzero(top["ctx"][f] >= 0)[0]):
-            add(f, "top", -1, rank, int(top["ctx"][f, j]), int(top["pos"][f, j]), top["act"][f, j], top["win"][f, j])
-        for b in range(int(n_cov[f])):
-            lo, hi = b * float(width[f]), min((b + 1) * float(width[f]), float(max_act[f]))
-            bin_rows.append((f, b, lo, hi, int(q_count[f, b])))
-            slots = np.nonzero(q["ctx"][f, b] >= 0)[0]
-            slots = slots[np.argsort(-q["act"][f, b, slots], kind="stable")]
-            for rank, j in enumerate(slots):
-                add(f, "quantile", b, rank, int(q["ctx"][f, b, j]), int(q["pos"][f, b, j]), q["act"][f, b, j],
-                    q["win"][f, b, j])  # fmt: skip
+    kinds = ("quantile", "top")
+    for fi, g, r, c, p, a, s, e, lo_b, hi_b in zip(
+        f.tolist(), grp.tolist(), rank.tolist(), ctx.tolist(), pos.tolist(), act.tolist(), start.tolist(),
+        end.tolist(), a_lo.tolist(), a_hi.tolist(), strict=True,
+    ):  # fmt: skip
+        off = offsets[c]
+        rows.append((fi, kinds[g < 0], g, r, c, p, a, s, blob[lo_b:hi_b], tokens[c][p], texts[c][off[s] : off[e]]))
     return rows, bin_rows
 
 

@@ -37,6 +37,13 @@ EXPORT_EPILOG = (
     "  lmscope export tc-atlas/layer03.db --static site3/  (a transcoder layer: features/MODEL-blocks.3.mlp_in/ID.json "
     "for lmscope's graphs in circuit-tracer's viewer)"
 )
+FAMILIES_EPILOG = (
+    "Examples:\n\n"
+    "  lmscope families atlas.db                          (the dictionary the atlas records; default levels)\n\n"
+    "  lmscope families atlas.db --dict sae/ --levels 16,64,256 --cofire-weight 0.3\n\n"
+    "An atlas built by this lmscope has them already (browse them at /map of `lmscope serve`); this command adds them "
+    "to an older atlas or recomputes them with other settings."
+)
 SERVE_EPILOG = (
     "Examples:\n\n"
     "  lmscope serve atlas.db                       (http://127.0.0.1:8000, inspector uses the atlas's model)\n\n"
@@ -75,6 +82,14 @@ def register(app: typer.Typer) -> None:
         progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
         other: Annotated[
             str | None, typer.Option(help="A crosscoder's second model (OTHER); MODEL is then BASE.")
+        ] = None,
+        activations: Annotated[
+            Path | None,
+            typer.Option(
+                help="A harvest (lmscope harvest --out DIR) of MODEL over this corpus at the dictionary's hook: the "
+                "atlas reads its activations instead of running the model (several times faster; float16 harvests "
+                "round them)."
+            ),
         ] = None,
         device: DeviceOpt = "auto",
         dtype: DtypeOpt = "auto",
@@ -115,7 +130,7 @@ def register(app: typer.Typer) -> None:
             path = build_atlas(
                 m, dict_dir, src, out=out, config=cfg, hook=hook, overwrite=overwrite, progress=bar,
                 command=shlex.join(["lmscope", *sys.argv[1:]]),
-                log=lambda msg: err_console.print(msg, highlight=False), other=o,
+                log=lambda msg: err_console.print(msg, highlight=False), other=o, activations=activations,
             )  # fmt: skip
         if not is_main():
             return  # rank 0 wrote the file and reports it
@@ -219,6 +234,50 @@ def register(app: typer.Typer) -> None:
         console.print(f"wrote {r['features']:,} of {r['total']:,} features to {r['out']}; open {index} in a browser, "
                       "or host the folder anywhere", highlight=False)  # fmt: skip
         console.print(f"graph-viewer feature JSON: {r['out']}/features/{r['scan']}/ID.json", highlight=False)
+
+    @app.command(epilog=FAMILIES_EPILOG)
+    @handles_errors
+    def families(
+        atlas: Annotated[Path, typer.Argument(help="An atlas file made by `lmscope atlas`.")],
+        dict_dir: Annotated[
+            Path | None, typer.Option("--dict", help="The atlas's dictionary (default: where the atlas records it).")
+        ] = None,
+        cofire_weight: Annotated[
+            float, typer.Option(help="Weight of co-firing in the distance: 0 decoder cosine only, 1 co-firing only.")
+        ] = 0.5,
+        levels: Annotated[
+            str | None,
+            typer.Option(help="Families per level, coarsest first, e.g. 16,64,256 (default: about n/256,n/64,n/16)."),
+        ] = None,
+        seed: Annotated[int, typer.Option(help="Seed of the map's layout (t-SNE) and of the shuffled baselines.")] = 0,
+        max_features: Annotated[
+            int, typer.Option(help="Refuse atlases with more live features (memory: about 10 bytes per pair).")
+        ] = 16_384,
+    ) -> None:
+        """Group ATLAS's live features into families (decoder cosine and co-firing, a hierarchy) and lay them out on a
+        2-D map, stored in the atlas (replacing any); a failed run leaves the atlas as it was."""
+        from lmscope.atlas.families import FamilyConfig, FamilyError, add_families
+
+        lv = None
+        if levels is not None:
+            try:
+                lv = tuple(int(x) for x in levels.split(",") if x.strip())
+            except ValueError:
+                raise FamilyError(f"--levels {levels!r}: write numbers of families separated by commas, coarsest "
+                                  "first, e.g. 16,64,256") from None  # fmt: skip
+        cfg = FamilyConfig(cofire_weight=cofire_weight, levels=lv, seed=seed, max_features=max_features)
+        meta = add_families(atlas, dict_dir, cfg, log=lambda msg: err_console.print(msg, highlight=False))
+        console.print(f"[green]done[/]: {meta['live']:,} live features ({meta['dead_excluded']:,} dead left out) in "
+                      f"{meta['seconds']['total']:.1f} s", highlight=False)  # fmt: skip
+        for q in meta["quality"]:
+            console.print(
+                f"  level {q['level']}: {q['families']:,} families (largest {q['largest']:,}); within a family: "
+                f"decoder cosine {q['cos_within']:.4f} (shuffled {q['cos_within_shuffled']:.4f}), co-firing "
+                f"{q['cofire_within']:.4f} ({q['cofire_within_shuffled']:.4f}); labelled by a shared term "
+                f"{q['labelled']:.0%} ({q['labelled_shuffled']:.0%})",
+                highlight=False,
+            )
+        console.print(f"browse the map with: lmscope serve {atlas}  (then /map)", highlight=False)
 
 
 class _Stopped(Exception):

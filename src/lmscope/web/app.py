@@ -33,7 +33,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from lmscope._version import __version__
 from lmscope.atlas.store import AtlasStore
 from lmscope.errors import LmscopeError
-from lmscope.web import api, audit_api, diff_api, graph_api, labels_api, match_api, pages, steer_api
+from lmscope.web import api, audit_api, diff_api, graph_api, labels_api, map_api, match_api, pages, steer_api
 from lmscope.web.state import MAX_FEATURES_PER_TOKEN, MAX_INSPECT_CHARS, Live, install, load_live
 
 STATIC = Path(__file__).parent / "static"
@@ -125,6 +125,8 @@ def create_app(
     app.include_router(audit_api.router)
     app.include_router(audit_api.pages_router)
     app.include_router(match_api.router)
+    app.include_router(map_api.router)
+    app.include_router(map_api.pages_router)
     app.include_router(pages.router)
 
     @app.exception_handler(RequestValidationError)

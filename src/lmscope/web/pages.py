@@ -12,6 +12,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from markupsafe import Markup
 
+from lmscope.atlas.family_map import feature_families
 from lmscope.atlas.store import AtlasStore, FeatureQuery
 from lmscope.explain.labels import MAX_LABEL_CHARS
 from lmscope.explain.scorers import SCORER_MEANINGS, score_meaning
@@ -235,6 +236,7 @@ def feature_context(store: AtlasStore, data: dict[str, Any], read_only: bool) ->
         "f": data, "n_features": store.n_features, "max_label": MAX_LABEL_CHARS, "read_only": read_only,
         "max_inspect": MAX_INSPECT_CHARS,
         "steer": {"max_chars": MAX_STEER_CHARS, "max_tokens": MAX_STEER_TOKENS, "max_strength": MAX_STRENGTH},
+        "families": feature_families(store.conn, data["id"]),  # None: the atlas has no map (lmscope families)
     }  # fmt: skip
 
 

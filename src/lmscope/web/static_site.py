@@ -7,7 +7,8 @@ any folder and over `file://`. The feature list is one page whose search runs in
 `MAX_STATIC_FEATURES` features (`limit` exports the first N of a larger atlas). Every feature's JSON, as the API
 serves it, goes to `api/features/{id}.json`, and as circuit-tracer's attribution-graph viewer reads it to
 `features/{scan}/{id}.json` (lmscope.atlas.neuronpedia: the fields, and how a graph node names its file); the scan
-defaults to the atlas's model and hook, the name lmscope's graphs give a layer's transcoder features.
+defaults to the atlas's model and hook, the name lmscope's graphs give a layer's transcoder features. The feature map
+and its families go to `map.html`, their data inside the page (a page opened from disk cannot fetch them).
 
 The site is written into a temporary folder beside OUT and renamed into place when complete: an interrupted export
 leaves no half-written site, and an existing non-empty OUT is refused rather than overwritten.
@@ -30,6 +31,7 @@ from lmscope.core.progress import ProgressCallback, ProgressEvent
 from lmscope.errors import LmscopeError
 from lmscope.web import pages
 from lmscope.web.app import STATIC, plotly_js
+from lmscope.web.map_api import map_page_context
 
 MAX_STATIC_FEATURES = 65_536  # the client-side search index stays a few MB (about 150 bytes a feature)
 LINK = re.compile(r'(href|src|action)="/([^"]*)"')
@@ -51,7 +53,7 @@ def _request(store: AtlasStore) -> Any:
 def relink(html: str, prefix: str, exported: int) -> str:
     """Make the explorer's absolute links relative to a page `prefix` ("" at the root, "../" one folder down):
     `/` the overview, `/features[?q]` the list, `/features/N` a feature page (the list, for one not exported),
-    `/static/...` and `/vendor/...` the assets."""
+    `/map` the feature map, `/static/...` and `/vendor/...` the assets."""
 
     def one(m: re.Match[str]) -> str:
         attr, path = m.group(1), m.group(2)
@@ -64,6 +66,8 @@ def relink(html: str, prefix: str, exported: int) -> str:
         elif (fm := FEATURE.fullmatch(base)) is not None:
             fid = int(fm.group(1))
             target = f"features/{fid}.html" if fid < exported else "features/index.html"
+        elif base == "map":  # the feature map, one page (its families are in the page, picked by #family-N)
+            target = "map.html"
         elif base.startswith(("static/", "vendor/")):
             target = base
         else:  # a page a static site does not have (the inspector, graphs, the API): leave the link out
@@ -146,6 +150,8 @@ def export_static(
         (tmp / "features" / "index.js").write_text(f"window.LMSCOPE_FEATURES = {index};\n", encoding="utf-8")
         html = pages.render("static_features.html", request, static=True, exported=n, total=store.n_features)
         (tmp / "features" / "index.html").write_text(relink(html, "../", n), encoding="utf-8")
+        html = pages.render("map.html", request, static=True, **map_page_context(store, static=True, exported=n))
+        (tmp / "map.html").write_text(relink(html, "", n), encoding="utf-8")  # "no map" when the atlas has none
         tmp.chmod(0o755)  # mkdtemp makes it private; a site is for others to read
         if out.exists():
             out.rmdir()  # empty (checked above)

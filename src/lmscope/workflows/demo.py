@@ -254,6 +254,9 @@ class Demo:
     def atlas(self, run: Path) -> dict[str, Any]:
         from lmscope.atlas.build import build_atlas
 
+        # The harvest already holds these contexts' activations (the atlas's tokens are its first ones): read them
+        # instead of running the model again (float16, as harvested). A given dictionary (--dict) has no harvest.
+        harvested = self.cfg.dictionary is None and self.cfg.atlas_tokens <= self.cfg.harvest_tokens
         build_atlas(
             self.model,
             self.dict_dir(),
@@ -263,13 +266,14 @@ class Demo:
             overwrite=True,
             command="lmscope demo",
             progress=self.progress,
+            activations=run / ACTS if harvested else None,
         )
         from lmscope.atlas.db.read import feature_counts
 
         conn = self._open_atlas(run)
         total, live = feature_counts(conn)
         conn.close()
-        return {"features": total, "live": live}
+        return {"features": total, "live": live, "activations": "harvest" if harvested else "model"}
 
     def _open_atlas(self, run: Path) -> Any:
         from lmscope.atlas.schema import open_atlas

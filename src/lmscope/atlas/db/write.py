@@ -12,6 +12,9 @@ from lmscope.atlas.db.schema import (
     CROSSCODER_DDL,
     CROSSCODER_TABLE,
     SOURCES_TABLE,
+    TRIGRAM_RANK_BITS,
+    TRIGRAM_STATEMENTS,
+    TRIGRAM_TABLE,
     Connection,
     has_table,
     set_meta,
@@ -65,11 +68,22 @@ def write_build(
             )
         conn.executemany("INSERT INTO vocab (id, text) VALUES (?, ?)", list(enumerate(vocab)))
         conn.executemany("INSERT INTO features VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", feature_rows)
+        # The trigram index is filled in one statement, not row by row by its trigger (several times faster);
+        # the trigger is put back for anything inserted later. Same rows as the trigger's.
+        trigram = has_table(conn, TRIGRAM_TABLE)
+        if trigram:
+            conn.execute("DROP TRIGGER IF EXISTS examples_search_trigram")
         conn.executemany(
             "INSERT INTO examples (feature, kind, bin, rank, context, pos, act, start, acts, peak_token, text) "
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             example_rows,
         )
+        if trigram:
+            conn.execute(
+                f"INSERT INTO {TRIGRAM_TABLE} (rowid, text) SELECT (feature << {TRIGRAM_RANK_BITS}) | rank, text "
+                f"FROM examples WHERE kind = 'top' AND rank >= 0 AND rank < {1 << TRIGRAM_RANK_BITS} ORDER BY rowid"
+            )
+            conn.execute(TRIGRAM_STATEMENTS[1])
         conn.executemany("INSERT INTO quantile_bins VALUES (?, ?, ?, ?, ?)", bin_rows)
         conn.execute(
             "INSERT INTO search (text, feature, kind, ref) SELECT text, feature, 'example', rowid FROM examples "
@@ -94,7 +108,12 @@ def write_latent_scaling(conn: Connection, rows: Sequence[tuple[int, float | Non
     return int(cur.rowcount)
 
 
-def compact(conn: Connection) -> None:
-    """Reclaim free pages and fold the write-ahead log into the file (after `write_build`)."""
-    conn.execute("VACUUM")
+def compact(conn: Connection, min_free: float = 0.05) -> None:
+    """Fold the write-ahead log into the file (after `write_build`), and reclaim free pages when they are at least
+    `min_free` of the file (the contexts no example refers to, when there are many). A build leaves few, and VACUUM
+    rewrites the whole file, which takes seconds for a large atlas."""
+    pages = int(conn.execute("PRAGMA page_count").fetchone()[0])
+    free = int(conn.execute("PRAGMA freelist_count").fetchone()[0])
+    if free > 0 and free >= min_free * pages:
+        conn.execute("VACUUM")
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
