@@ -196,7 +196,7 @@ def train_cli(args: argparse.Namespace, d: int) -> dict[str, Any]:
         dt = last["tokens"] / last["tok_s"] - first["tokens"] / first["tok_s"]
         return {
             "status": "ok",
-            "command": "lmscope " + " ".join(cmd[4:-1]) + " OUT",
+            "command": "lmscope " + " ".join(cmd[3:-1]) + " OUT",
             "tokens": last["tokens"],
             "tokens_per_s": round((last["tokens"] - first["tokens"]) / dt, 1) if dt > 0 else None,
             "tokens_per_s_whole_run": last["tok_s"],

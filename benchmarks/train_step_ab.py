@@ -1,0 +1,113 @@
+"""The TopK training step of a git revision against the working tree's, alternating on the same batches (JSON).
+
+    .venv/bin/python benchmarks/train_step_ab.py [--ref 96dc08a] [--steps 20] [--threads 2]
+
+Each variant is a full step as the trainer runs it: `FusedTopK` forward and backward, the MSE, the decoder-gradient
+projection (`remove_parallel_grad`), gradient clipping, fused Adam and the decoder renormalisation, on d=576, m=4608,
+k=32, batch 4096 of random rows. The revision's `lmscope/dictionaries/sparse_decode.py` is read with `git show` and
+imported on its own; its projection is the one written out below (the code of `Dictionary.remove_parallel_grad` up
+to 381caa0). The two steps alternate (which goes first alternates too), so load from other jobs hits both; the
+first two steps of each are dropped. Reports the median step times, their ratio and the largest loss difference.
+Writes benchmarks/results/train_step_ab.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lmscope.core.atomic import atomic_write_json
+from lmscope.dictionaries import DictConfig, build
+from lmscope.dictionaries.sparse_decode import fused_topk
+
+ROOT = Path(__file__).resolve().parent
+
+
+def module_at(ref: str, path: str) -> Any:
+    src = subprocess.run(["git", "show", f"{ref}:{path}"], capture_output=True, text=True, check=True, cwd=ROOT).stdout
+    f = Path(tempfile.mkdtemp()) / "ref_module.py"
+    f.write_text(src)
+    spec = importlib.util.spec_from_file_location("ref_module", f)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def old_projection(d: Any) -> None:
+    with torch.no_grad():
+        w = d.W_dec / d.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8)
+        g = d.W_dec.grad
+        g.sub_((g * w).sum(1, keepdim=True) * w)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--ref", default="96dc08a", help="the git revision to compare with")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", type=Path, default=ROOT / "results" / "train_step_ab.json")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    ref = module_at(args.ref, "src/lmscope/dictionaries/sparse_decode.py")
+    d_in, m, k, b = 576, 4608, 32, 4096
+    x_all = torch.randn(args.steps * b, d_in, generator=torch.Generator().manual_seed(0))
+
+    def make() -> tuple[Any, torch.optim.Optimizer]:
+        d = build(DictConfig(arch="topk", d_in=d_in, d_sae=m, k=k), seed=0)
+        return d, torch.optim.Adam(d.parameters(), lr=1e-4, fused=True)
+
+    def step(d: Any, opt: torch.optim.Optimizer, x: torch.Tensor, fused: Callable, project: Callable) -> float:
+        recon, _vals, _idx = fused(x, d.W_enc, d.b_enc, d.W_dec, d.b_dec, k, True)
+        loss = (recon - x).pow(2).sum(-1).mean()
+        loss.backward()
+        project(d)
+        torch.nn.utils.clip_grad_norm_(d.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        d.post_step()
+        return float(loss.detach())
+
+    variants = {
+        "ref": (*make(), ref.fused_topk, old_projection),
+        "tree": (*make(), fused_topk, lambda d: d.remove_parallel_grad()),
+    }
+    times: dict[str, list[float]] = {n: [] for n in variants}
+    losses: dict[str, list[float]] = {n: [] for n in variants}
+    for i in range(args.steps):
+        x = x_all[i * b : (i + 1) * b]
+        order = list(variants) if i % 2 else list(variants)[::-1]
+        for n in order:
+            d, opt, fused, project = variants[n]
+            t = time.perf_counter()
+            losses[n].append(step(d, opt, x, fused, project))
+            times[n].append(time.perf_counter() - t)
+    med = {n: statistics.median(ts[2:]) for n, ts in times.items()}
+    out = {
+        "benchmark": "train_step_ab",
+        "ref": args.ref,
+        "steps": args.steps,
+        "threads": args.threads,
+        "median_step_seconds": med,
+        "speedup": med["ref"] / med["tree"],
+        "max_loss_difference": max(abs(a - c) for a, c in zip(losses["ref"], losses["tree"], strict=True)),
+        "step_seconds": times,
+        "command": " ".join(["benchmarks/train_step_ab.py", *sys.argv[1:]]),
+    }
+    atomic_write_json(args.out, out)
+    print(f"{args.ref}: {1000 * med['ref']:.0f} ms  working tree: {1000 * med['tree']:.0f} ms  "
+          f"speed-up {out['speedup']:.2f}x  max |loss difference| {out['max_loss_difference']:.1e}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
