@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
-import platform
 import statistics
 import sys
 import time
@@ -28,7 +26,7 @@ from typing import Any
 
 import torch
 
-import lmscope
+from _runinfo import run_info
 from lmscope.core.atomic import atomic_write_json
 from lmscope.synthetic.benchmark import RecoveryBenchConfig, dictionary_configs, run_recovery
 from lmscope.synthetic.recovery import RecoveryReport, ScoreSettings
@@ -101,14 +99,7 @@ def main() -> None:
         "scenarios": {n: dataclasses.asdict(dataclasses.replace(BASE, **SCENARIOS[n])) for n in names},
         "summary": summary,
         "runs": runs,
-        "lmscope_version": lmscope.__version__,
-        "python": sys.version.split()[0],
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "machine": platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
+        **run_info(),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(args.out, out)

@@ -33,7 +33,6 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -44,7 +43,7 @@ from typing import Any
 
 import torch
 
-import lmscope
+from _runinfo import run_info
 from lmscope.core.atomic import atomic_write_json
 from lmscope.dictionaries import architectures
 from lmscope.synthetic.benchmark import RecoveryBenchConfig, dictionary_configs, run_recovery
@@ -230,14 +229,7 @@ def main() -> None:
         },
         "scenarios": results,
         "anchors": anchor_runs,
-        "lmscope_version": lmscope.__version__,
-        "python": sys.version.split()[0],
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "machine": platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
+        **run_info(),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(args.out, out)

@@ -17,7 +17,6 @@ import argparse
 import importlib.util
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -26,6 +25,7 @@ from typing import Any
 
 import torch
 
+from _runinfo import run_info
 from lmscope.core.atomic import atomic_write_json
 from lmscope.dictionaries import DictConfig, build
 from lmscope.dictionaries.sparse_decode import fused_topk
@@ -102,7 +102,7 @@ def main() -> None:
         "speedup": med["ref"] / med["tree"],
         "max_loss_difference": max(abs(a - c) for a, c in zip(losses["ref"], losses["tree"], strict=True)),
         "step_seconds": times,
-        "command": " ".join(["benchmarks/train_step_ab.py", *sys.argv[1:]]),
+        **run_info(),
     }
     atomic_write_json(args.out, out)
     print(f"{args.ref}: {1000 * med['ref']:.0f} ms  working tree: {1000 * med['tree']:.0f} ms  "

@@ -43,7 +43,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import re
 import statistics
 import subprocess
@@ -57,6 +56,7 @@ import torch
 
 import lmscope
 from _ceilings import best_of, topk_ceilings
+from _runinfo import run_info
 from anchors._common import convergence, open_acts, write_acts
 from anchors_setup import ensure_anchors
 from lmscope import load_model
@@ -503,13 +503,7 @@ def main() -> None:
         "lmscope_over_sparsify": ratio("lmscope", "sparsify"),
         "lmscope_over_saelens": ratio("lmscope", "saelens"),
         "targets": {"lmscope_ge_sparsify": bool(ratio("lmscope", "sparsify") and rate["lmscope"] >= rate["sparsify"])},
-        "python": sys.version.split()[0],
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "machine": platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
+        **run_info(),
     }
     write_json(args.out, out)
     brief = {**out, "results": {lib: {k: v for k, v in r.items() if k not in ("step_seconds", "step_fvu")}

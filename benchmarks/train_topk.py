@@ -17,18 +17,15 @@ benchmarks/results/train_topk.json.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-import lmscope
 from _ceilings import best_of, topk_ceilings
+from _runinfo import run_info
 from lmscope.core.atomic import atomic_write_json
 from lmscope.dictionaries import DictConfig, build
 from lmscope.training import RunSpec, TensorSource, TrainConfig, Trainer
@@ -111,14 +108,7 @@ def main() -> None:
         },
         "ceilings": ceiling,
         "ceiling_runs": ceilings,
-        "lmscope_version": lmscope.__version__,
-        "python": sys.version.split()[0],
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "machine": platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
+        **run_info(),
     }
     if dense_times:
         ref = batch / statistics.median(dense_times[2:])
