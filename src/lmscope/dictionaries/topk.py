@@ -24,13 +24,15 @@ from lmscope.dictionaries.base import (
 from lmscope.dictionaries.sparse_decode import fused_topk, sparse_decode
 
 
-def aux_k_loss(dictionary: Dictionary, x: Tensor, residual: Tensor, dead_mask: Tensor | None) -> Tensor:
-    """Reconstruct `residual` (target - recon, detached) from the top pre-activations of the dead latents.
+def aux_k_loss(dictionary: Dictionary, x: Tensor, target: Tensor, recon: Tensor, dead_mask: Tensor | None) -> Tensor:
+    """Reconstruct the residual (target - recon, detached) from the top pre-activations of the dead latents.
 
-    Only the dead latents' pre-activations are computed (x @ W_enc[:, dead]), so the cost scales with their count.
+    Only the dead latents' pre-activations are computed (x @ W_enc[:, dead]), so the cost scales with their count;
+    with no dead latent nothing is computed, not even the residual.
     """
     if dead_mask is None or not bool(dead_mask.any()):
         return x.new_zeros(())
+    residual = (target - recon).detach()
     dead = dead_mask.nonzero().squeeze(1)
     w = dictionary.W_enc.index_select(1, dead)
     pre = x @ w + dictionary.b_enc.index_select(0, dead)
@@ -118,7 +120,7 @@ class TopKDictionary(KSparse):
         )
         recon = self.with_skip(recon, x)
         mse = self.mse(target, recon)
-        aux = aux_k_loss(self, x, (target - recon).detach(), state.dead_mask)
+        aux = aux_k_loss(self, x, target, recon, state.dead_mask)
         loss = mse + self.cfg.aux_coeff * aux
         active = vals > 0
         fired = torch.zeros(self.cfg.d_sae, device=x.device).index_add_(0, idx.reshape(-1), active.reshape(-1).float())

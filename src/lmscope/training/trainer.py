@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from lmscope.core.progress import ProgressCallback, ProgressEvent, emit, resolve
 from lmscope.dictionaries.base import DictConfig, Dictionary, DictionaryError, LossState, architecture, build
 from lmscope.dictionaries.formats import save_dictionary
-from lmscope.dictionaries.metrics import fvu
+from lmscope.dictionaries.metrics import fvu, fvu_from_sse
 from lmscope.training import distributed as ddp
 from lmscope.training.checkpoint import (
     CHECKPOINT,
@@ -359,9 +359,13 @@ class Trainer:
         run.dead.update(ddp.all_reduce_sum(fired.detach().clone()), global_tokens)
         if run.control is not None:  # every rank steers by the global L0, so all keep one coefficient
             run.control.update(float(ddp.all_reduce_sum(l0.detach().clone())) / ddp.world_size())
+        if "mse" in terms:  # the loss's squared error, summed over the width and averaged over tokens: reused
+            step_fvu = float(fvu_from_sse(terms["mse"].double() * _flat(ys).shape[0], ys))
+        else:
+            step_fvu = float(fvu(ys, recon.detach()))
         return {
             "loss": float(loss.detach()),
-            "fvu": float(fvu(ys, recon.detach())),
+            "fvu": step_fvu,
             "l0": float(l0),
             "lr": lr,
             **{k: float(v) for k, v in terms.items()},
