@@ -64,6 +64,13 @@ VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "token_topk_1/4": ({}, {"token_topk_frac": 0.25}),
     "token_topk_1/2": ({}, {"token_topk_frac": 0.5}),
     "token_topk_7/8": ({}, {"token_topk_frac": 0.875}),
+    # jumprelu only: its own knobs (the benchmark's are bandwidth 0.2, initial threshold 0.2, L0 coefficient 3)
+    "jr_bw0.1": ({}, {"jumprelu_bandwidth": 0.1}),
+    "jr_bw0.4": ({}, {"jumprelu_bandwidth": 0.4}),
+    "jr_thr0.1": ({}, {"jumprelu_init_threshold": 0.1}),
+    "jr_thr0.4": ({}, {"jumprelu_init_threshold": 0.4}),
+    "jr_l0_1": ({}, {"l0_coeff": 1.0}),
+    "jr_l0_10": ({}, {"l0_coeff": 10.0}),
     # relu / jumprelu only (a coefficient-controlled architecture): aim at L0 4 (the truth's) instead of L1 2 / L0 3
     "target_l0": ({}, {"target_l0": 4.0}),
     "target_l0_lr2e-3": ({"lr": 2e-3}, {"target_l0": 4.0}),

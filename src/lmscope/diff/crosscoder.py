@@ -75,8 +75,10 @@ def paired_activations(base: Model, other: Model, hook: str, ctx: Contexts, batc
 
 def crosscoder_configs(cfg: CrosscoderConfig, d_model: int, hook: str, spec: str | None) -> list[RunSpec]:
     m = cfg.expansion * d_model
+    # batch-level selection from the first step (token_topk_frac=0): what the diff's figures and organism tests were
+    # measured with; BatchTopK's TopK phase (the default for SAEs) has not been evaluated on crosscoders
     runs = [RunSpec(DictConfig(arch="batchtopk", d_in=2 * d_model, d_sae=m, k=cfg.k, n_models=2, hook=hook,
-                               model=spec), name="batchtopk", lr=cfg.lr)]  # fmt: skip
+                               model=spec, token_topk_frac=0.0), name="batchtopk", lr=cfg.lr)]  # fmt: skip
     if cfg.l1:  # the same peak LR as the BatchTopK run (ReLU's default 5e-5 is meant for far longer runs)
         lr = cfg.lr if cfg.lr is not None else default_lr(runs[0].dict_cfg)
         runs.append(RunSpec(DictConfig(arch="crosscoder_l1", d_in=2 * d_model, d_sae=m, l1_coeff=cfg.l1_coeff,
