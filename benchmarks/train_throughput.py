@@ -35,6 +35,11 @@ matmul alone, `torch.addmm` on [4096, 576] x [576, 4608], and that addmm plus `t
 the only dense work of a TopK step with a sparse backward (lmscope's fused step executes 2 * d * m dense FLOPs
 per token, the encoder forward; its backward and decoder are sparse), so `fraction_of_matmul_topk` = tokens/s
 / the addmm+topk tokens/s is at most 1 for any implementation. Target: lmscope >= sparsify.
+
+Allocator: lmscope's trainer fixes glibc's mmap and trim thresholds (lmscope/core/allocator.py: step-sized tensors
+stay in the heap instead of being faulted in again every step). `--anchor-malloc same` (the default) gives the
+anchors' processes the same two thresholds through glibc's environment variables; `default` leaves theirs at glibc's
+defaults. The choice is recorded in the JSON (`anchor_malloc`).
 """
 
 from __future__ import annotations
@@ -62,6 +67,7 @@ from anchors_setup import ensure_anchors
 from lmscope import load_model
 from lmscope.activations import HarvestConfig, harvest
 from lmscope.activations.store import ActivationStore
+from lmscope.core.allocator import MMAP_THRESHOLD, TRIM_THRESHOLD
 from lmscope.dictionaries import DictConfig
 from lmscope.training import RunSpec, TensorSource, TrainConfig, Trainer
 
@@ -240,6 +246,10 @@ def anchor_cmd(lib: str, acts: Path, n_train: int, args: argparse.Namespace, fla
 
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "TQDM_DISABLE": "1"}
+# lmscope's trainer fixes glibc's mmap and trim thresholds (lmscope/core/allocator.py); with --anchor-malloc same the
+# anchors' processes get the same two settings through glibc's own environment variables, so no library is timed
+# with an allocator the others lack
+SAME_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD), "MALLOC_TRIM_THRESHOLD_": str(TRIM_THRESHOLD)}
 
 
 class ServedAnchor:
@@ -383,8 +393,14 @@ def main() -> None:
         "--cli-tokens", type=int, default=409_600,
         help="also time `lmscope train --acts STORE` for this many tokens (0: skip), the command a user runs",
     )  # fmt: skip
+    ap.add_argument(
+        "--anchor-malloc", choices=("same", "default"), default="same",
+        help="same: the anchors run with the glibc thresholds lmscope's trainer sets; default: glibc's defaults",
+    )  # fmt: skip
     ap.add_argument("--out", type=Path, default=RESULTS / "train_throughput.json")
     args = ap.parse_args()
+    if args.anchor_malloc == "same":
+        ENV.update(SAME_MALLOC)
     args.lr = args.lr if args.lr is not None else 2e-4 / math.sqrt(args.d_sae / 2**14)
     libs = [lib.strip() for lib in args.libs.split(",") if lib.strip()]
     bad = sorted(set(libs) - {"lmscope", *SCRIPTS})
@@ -483,6 +499,7 @@ def main() -> None:
         "warmup_steps": args.warmup_steps,
         "repeats": args.repeats,
         "mode": "sequential" if args.sequential else "interleaved by step",
+        "anchor_malloc": {"setting": args.anchor_malloc, **(SAME_MALLOC if args.anchor_malloc == "same" else {})},
         "dense_flops_per_token_lmscope": 2 * d * args.d_sae,
         "ceilings": ceiling,
         "ceiling_runs": ceilings,

@@ -28,6 +28,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
+from lmscope.core.allocator import keep_freed_blocks
 from lmscope.core.progress import ProgressCallback, ProgressEvent, emit, resolve
 from lmscope.dictionaries.base import DictConfig, Dictionary, DictionaryError, LossState, architecture, build
 from lmscope.dictionaries.formats import save_dictionary
@@ -384,6 +385,8 @@ class Trainer:
         `progress` receives one task per run (its name; unit "steps", total the step count), on the main rank.
         """
         report = resolve(progress) if ddp.is_main() else None
+        if self.device.type == "cpu":  # step-sized gradients and temporaries stay in the heap (core/allocator.py)
+            keep_freed_blocks()
         resumed = resume and self._resume(source)
         if self.out_dir is not None and ddp.is_main():
             self.out_dir.mkdir(parents=True, exist_ok=True)
