@@ -361,7 +361,7 @@ class Trainer:
         if run.control is not None:  # every rank steers by the global L0, so all keep one coefficient
             run.control.update(float(ddp.all_reduce_sum(l0.detach().clone())) / ddp.world_size())
         if "mse" in terms:  # the loss's squared error, summed over the width and averaged over tokens: reused
-            step_fvu = float(fvu_from_sse(terms["mse"].double() * _flat(ys).shape[0], ys))
+            step_fvu = float(fvu_from_sse(float(terms["mse"]) * _flat(ys).shape[0], ys))
         else:
             step_fvu = float(fvu(ys, recon.detach()))
         return {
