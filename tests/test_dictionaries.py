@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import re
 import shutil
@@ -166,8 +167,14 @@ def test_sparse_decode_matches_dense_values_and_gradients() -> None:
 
 @pytest.mark.parametrize("center", [True, False])
 @pytest.mark.parametrize("m", [64, 600])  # 600: latents unused by any token, and several blocks of the transpose
-def test_fused_topk_matches_the_dense_reference(center: bool, m: int) -> None:
+@pytest.mark.parametrize("product", ["csr", "coo"])  # coo: the path off a CPU, forced here
+def test_fused_topk_matches_the_dense_reference(
+    center: bool, m: int, product: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Forward and every gradient of the fused sparse TopK step equal plain autograd on dense latents (float64)."""
+    if product == "coo":
+        module = importlib.import_module("lmscope.dictionaries.sparse_decode")  # (the package re-exports a function)
+        monkeypatch.setattr(module, "_ByLatent", lambda idx, m: None)
     g = torch.Generator().manual_seed(0)
     n, d, k = 300, 16, 5
     x = torch.randn(n, d, generator=g, dtype=torch.float64).requires_grad_()

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import warnings
 import weakref
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -25,16 +24,6 @@ _CHUNK = 1024  # tokens per gather in backward: bounds the [chunk, k, d] buffer
 # weight (by id, dropped when the weight is freed: a tensor cannot be a WeakKeyDictionary key, as its == is
 # elementwise), so it goes when the dictionary does.
 _PRE_BUFFERS: dict[int, Tensor] = {}
-
-
-_SIDE: ThreadPoolExecutor | None = None
-
-
-def _side_thread() -> ThreadPoolExecutor:
-    global _SIDE
-    if _SIDE is None:
-        _SIDE = ThreadPoolExecutor(1, thread_name_prefix="lmscope-sparse")
-    return _SIDE
 
 
 def _pre_buffer(w_enc: Tensor, n: int) -> Tensor:
@@ -177,15 +166,10 @@ class FusedTopK(torch.autograd.Function):
         need_x, need_we, need_be, need_wd, need_bd = ctx.needs_input_grad[:5]
         g_x = g_we = g_be = g_wd = g_bd = None
         # On a CPU both sparse products go through one latent-sorted CSR pattern (torch's CSR product is
-        # multi-threaded); elsewhere through COO products, the decoder's on a helper thread when several are allowed.
+        # multi-threaded, its COO product sorts its own copy and runs on one thread); elsewhere through COO products.
         by_latent = _ByLatent(idx, m) if grad.device.type == "cpu" and (need_wd or need_we) else None
-        pending = None
-        if need_wd and by_latent is not None:
-            g_wd = by_latent.mm(vals, grad)
-        elif need_wd and need_we and torch.get_num_threads() > 1:
-            pending = _side_thread().submit(torch.sparse.mm, _coo_t(idx, vals, m), grad)
-        elif need_wd:
-            g_wd = torch.sparse.mm(_coo_t(idx, vals, m), grad)
+        if need_wd:
+            g_wd = by_latent.mm(vals, grad) if by_latent is not None else torch.sparse.mm(_coo_t(idx, vals, m), grad)
         g_vals = value_grads(grad, w_dec, idx) * (vals > 0)  # zero where the ReLU clipped
         g_pre_sum = torch.zeros(m, dtype=grad.dtype, device=grad.device).index_add_(
             0, idx.reshape(-1), g_vals.reshape(-1)
@@ -205,8 +189,6 @@ class FusedTopK(torch.autograd.Function):
                 g_bd = g_bd - w_enc @ g_pre_sum
         if need_x:
             g_x = torch.sparse.mm(_coo_t(idx, g_vals, m).t(), w_enc.T)
-        if pending is not None:
-            g_wd = pending.result()
         return g_x, g_we, g_be, g_wd, g_bd, None, None
 
 
