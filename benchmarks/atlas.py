@@ -43,6 +43,7 @@ from lmscope import load_model
 from lmscope.activations import HarvestConfig, harvest
 from lmscope.activations.sources import StoreSource
 from lmscope.atlas import AtlasConfig, build_atlas, open_atlas
+from lmscope.core.atomic import atomic_write_json
 from lmscope.dictionaries import DictConfig
 from lmscope.training import RunSpec, TrainConfig, Trainer
 
@@ -245,9 +246,7 @@ def main() -> None:
     }  # fmt: skip
     out_path = Path(args.out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp_path = out_path.with_name(out_path.name + ".tmp")
-    tmp_path.write_text(json.dumps(result, indent=2) + "\n")
-    tmp_path.replace(out_path)
+    atomic_write_json(out_path, result)
     print(json.dumps(result, indent=2))
 
 

@@ -15,21 +15,19 @@ import collections
 import dataclasses
 import functools
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
-import lmscope
 import lmscope.atlas.build as build_mod
 import lmscope.atlas.neighbours as neighbours_mod
 import lmscope.atlas.write as write_mod
+from _runinfo import run_info
 from lmscope import load_model
 from lmscope.atlas import AtlasConfig, build_atlas
 from lmscope.atlas.accumulate import FeatureAccumulator
+from lmscope.core.atomic import atomic_write_json
 from lmscope.dictionaries.formats import load_dictionary
 
 SPENT: dict[str, float] = collections.defaultdict(float)
@@ -106,16 +104,11 @@ def main() -> None:
         "stream_cpu_s": round(stream, 2),
         "finalise_cpu_s": round(cpu - stream, 2),
         "phases_cpu_s": phases,
-        "threads": torch.get_num_threads(),
-        "lmscope": lmscope.__version__,
-        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
+        **run_info(),
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_path = out.with_name(out.name + ".tmp")
-    tmp_path.write_text(json.dumps(result, indent=2) + "\n")
-    tmp_path.replace(out)
+    atomic_write_json(out, result)
     print(json.dumps(result, indent=2))
 
 

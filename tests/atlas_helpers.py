@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
 import torch
@@ -54,3 +55,12 @@ def make_tiny_atlas(root: Path, labels: bool = False) -> tuple[lmscope.Model, to
         conn.commit()
         conn.close()
     return model, d, corpus, out
+
+
+def table_rows(db: Path, sql: str) -> list[tuple]:
+    """Every row `sql` returns from the atlas at `db`, as tuples (tables compared between two builds)."""
+    conn = sqlite3.connect(db)
+    try:
+        return [tuple(r) for r in conn.execute(sql).fetchall()]
+    finally:
+        conn.close()

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -15,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from atlas_helpers import table_rows
 from lmscope.atlas.accumulate import FeatureAccumulator
 
 SCRIPT = textwrap.dedent(
@@ -30,14 +30,6 @@ SCRIPT = textwrap.dedent(
     build_atlas(model, sys.argv[2], sys.argv[3], out=sys.argv[4], config=cfg, progress=False)
     """
 )
-
-
-def _rows(db: Path, sql: str) -> list[tuple]:
-    conn = sqlite3.connect(db)
-    try:
-        return [tuple(r) for r in conn.execute(sql).fetchall()]
-    finally:
-        conn.close()
 
 
 @pytest.fixture(scope="module")
@@ -75,16 +67,16 @@ def test_two_ranks_build_the_same_atlas_as_one_process(built: tuple[Path, Path])
         "SELECT * FROM quantile_bins ORDER BY feature, bin",
         "SELECT id, n_fired, density, max_act, dead, hist, logits, neighbours, cofire FROM features ORDER BY id",
     ):
-        a, b = _rows(one, sql), _rows(two, sql)
+        a, b = table_rows(one, sql), table_rows(two, sql)
         assert len(a) > 0 and a == b, sql
-    ma = _rows(one, "SELECT id, mean_act FROM features ORDER BY id")
-    mb = _rows(two, "SELECT id, mean_act FROM features ORDER BY id")
+    ma = table_rows(one, "SELECT id, mean_act FROM features ORDER BY id")
+    mb = table_rows(two, "SELECT id, mean_act FROM features ORDER BY id")
     assert all(x[0] == y[0] and x[1] == pytest.approx(y[1], rel=1e-12, abs=1e-12) for x, y in zip(ma, mb, strict=True))
-    meta = {k: json.loads(v) for k, v in _rows(one, "SELECT key, value FROM meta")}
-    meta2 = {k: json.loads(v) for k, v in _rows(two, "SELECT key, value FROM meta")}
+    meta = {k: json.loads(v) for k, v in table_rows(one, "SELECT key, value FROM meta")}
+    meta2 = {k: json.loads(v) for k, v in table_rows(two, "SELECT key, value FROM meta")}
     assert meta["metrics"]["atlas"] == meta2["metrics"]["atlas"], "FVU, L0, dead: replayed in batch order"
     assert meta2["provenance"]["ranks"] == 2 and meta["provenance"]["ranks"] == 1
-    n_examples = _rows(one, "SELECT count(*) FROM examples WHERE kind = 'quantile'")[0][0]
+    n_examples = table_rows(one, "SELECT count(*) FROM examples WHERE kind = 'quantile'")[0][0]
     assert n_examples > 50, "the tiny build must exercise the quantile samples"
 
 
@@ -135,5 +127,5 @@ def test_lmscope_atlas_runs_under_torchrun_and_rank_0_reports(built: tuple[Path,
                        env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("done") == 1, r.stdout
-    meta = {k: json.loads(v) for k, v in _rows(root / "cli.db", "SELECT key, value FROM meta")}
+    meta = {k: json.loads(v) for k, v in table_rows(root / "cli.db", "SELECT key, value FROM meta")}
     assert meta["provenance"]["ranks"] == 2 and meta["complete"] == 1

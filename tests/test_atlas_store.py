@@ -4,14 +4,13 @@ reason."""
 
 from __future__ import annotations
 
-import sqlite3
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 import lmscope
-from atlas_helpers import CFG, HOOK, make_corpus, tiny_dictionary
+from atlas_helpers import CFG, HOOK, make_corpus, table_rows, tiny_dictionary
 from lmscope.activations import HarvestConfig, harvest
 from lmscope.atlas import AtlasError, build_atlas
 from lmscope.dictionaries.formats import save_dictionary
@@ -26,14 +25,6 @@ TABLES = (
     "SELECT * FROM features ORDER BY id",
     "SELECT value FROM meta WHERE key = 'metrics'",
 )
-
-
-def _rows(db: Path, sql: str) -> list[tuple]:
-    conn = sqlite3.connect(db)
-    try:
-        return [tuple(r) for r in conn.execute(sql).fetchall()]
-    finally:
-        conn.close()
 
 
 @pytest.fixture(scope="module")
@@ -54,9 +45,9 @@ def test_an_atlas_from_the_store_equals_one_from_the_model(env) -> None:
     two = build_atlas(model, root / "dict", corpus, out=root / "store.db", config=CFG, progress=False,
                       activations=root / "acts")  # fmt: skip
     for sql in TABLES:
-        a, b = _rows(one, sql), _rows(two, sql)
+        a, b = table_rows(one, sql), table_rows(two, sql)
         assert a and a == b, sql
-    prov = _rows(two, "SELECT value FROM meta WHERE key = 'provenance'")[0][0]
+    prov = table_rows(two, "SELECT value FROM meta WHERE key = 'provenance'")[0][0]
     assert '"activations": {"path"' in prov and '"dtype": "float32"' in prov
 
 

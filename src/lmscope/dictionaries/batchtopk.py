@@ -128,34 +128,28 @@ class BatchTopKDictionary(KSparse):
     @torch.no_grad()
     def estimate_threshold(self, pre: Tensor) -> None:
         """TopK phase: the batch-level cut of a sample of tokens, as a running mean that the batch phase restarts."""
-        sample = pre[: _CUT_SAMPLE_TOKENS]
-        z = self.batch_select(sample)
+        if self._fold_threshold(self.batch_select(pre[:_CUT_SAMPLE_TOKENS]), self._cut_updates):
+            self._cut_updates += 1
+            self.threshold_updates.fill_(0)  # so the batch phase's first update replaces this estimate
+
+    @torch.no_grad()
+    def update_threshold(self, z: Tensor) -> None:
+        if self._fold_threshold(z, int(self.threshold_updates)):
+            self.threshold_updates.add_(1)
+
+    def _fold_threshold(self, z: Tensor, n: int) -> bool:
+        """Fold the smallest selected activation of `z` into the threshold as update number n: a running mean first,
+        so early batches fade out, then an EMA. False when nothing was selected."""
         positive = z[z > 0]
         if positive.numel() == 0:
-            return
+            return False
         low = positive.min()
-        n = self._cut_updates
         momentum = min(THRESHOLD_MOMENTUM, n / (n + 1))
         if torch.isnan(self.threshold):
             self.threshold.copy_(low)
         else:
             self.threshold.mul_(momentum).add_((1 - momentum) * low)
-        self._cut_updates = n + 1
-        self.threshold_updates.fill_(0)  # so the batch phase's first update replaces this estimate
-
-    @torch.no_grad()
-    def update_threshold(self, z: Tensor) -> None:
-        positive = z[z > 0]
-        if positive.numel() == 0:
-            return
-        low = positive.min()
-        n = int(self.threshold_updates)
-        momentum = min(THRESHOLD_MOMENTUM, n / (n + 1))  # a running mean first, so early batches fade out
-        if torch.isnan(self.threshold):
-            self.threshold.copy_(low)
-        else:
-            self.threshold.mul_(momentum).add_((1 - momentum) * low)
-        self.threshold_updates.add_(1)
+        return True
 
     def training_loss(self, x: Tensor, target: Tensor, state: LossState) -> TrainOutput:
         pre = self.pre_acts(x)
