@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
 from lmscope.core.atomic import atomic_write_json  # noqa: E402
-from lmscope.dictionaries import architectures  # noqa: E402
+from lmscope.dictionaries import architecture, architectures  # noqa: E402
 from lmscope.synthetic.benchmark import RecoveryBenchConfig, dictionary_configs, run_recovery  # noqa: E402
 from lmscope.synthetic.recovery import score_dictionary  # noqa: E402
 from lmscope.training import RunSpec  # noqa: E402
@@ -63,7 +63,9 @@ VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "token_topk_0": ({}, {"token_topk_frac": 0.0}),
     "token_topk_1/4": ({}, {"token_topk_frac": 0.25}),
     "token_topk_1/2": ({}, {"token_topk_frac": 0.5}),
+    "token_topk_3/4": ({}, {"token_topk_frac": 0.75}),
     "token_topk_7/8": ({}, {"token_topk_frac": 0.875}),
+    "token_topk_15/16": ({}, {"token_topk_frac": 0.9375}),
     # jumprelu only: its own knobs (the benchmark's are bandwidth 0.2, initial threshold 0.2, L0 coefficient 3)
     "jr_bw0.1": ({}, {"jumprelu_bandwidth": 0.1}),
     "jr_bw0.4": ({}, {"jumprelu_bandwidth": 0.4}),
@@ -97,7 +99,11 @@ def job(spec: tuple[str, str, int, list[str], int]) -> dict[str, Any]:
     if "target_l0" in dict_changes:
         configs = dictionary_configs(cfg, archs, target_l0=dict_changes["target_l0"])
         dict_changes = {k: v for k, v in dict_changes.items() if k != "target_l0"}
-    runs = [RunSpec(dataclasses.replace(c, **dict_changes), lr=cfg.lr) for c in configs]
+    def changed(c: Any) -> Any:  # a TopK-phase fraction only for the architectures that have the phase
+        keep = {k: v for k, v in dict_changes.items() if k != "token_topk_frac" or architecture(c.arch).has_topk_phase}
+        return dataclasses.replace(c, **keep)
+
+    runs = [RunSpec(changed(c), lr=cfg.lr) for c in configs]
     t0 = time.perf_counter()
     result = run_recovery(cfg, runs)
     out: dict[str, Any] = {"variant": variant, "scenario": scenario, "seed": seed, "seconds": time.perf_counter() - t0}

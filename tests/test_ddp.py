@@ -26,6 +26,8 @@ SCRIPT = textwrap.dedent(
     runs = [
         RunSpec(DictConfig(arch="topk", d_in=16, d_sae=64, k=4), lr=3e-3),
         RunSpec(DictConfig(arch="relu", d_in=16, d_sae=32), lr=3e-3),
+        # with their TopK phases (thresholds and the ReLU's bias shift from the batch cut, gathered over the ranks)
+        RunSpec(DictConfig(arch="jumprelu", d_in=16, d_sae=32, k=4), lr=3e-3),
     ]
     tc = TrainConfig(total_tokens=12 * 512, warmup_steps=3, progress_bar=False, dead_window_tokens=1024)
     Trainer(runs, tc, sys.argv[1], device=device).fit(TensorSource(x, batch_size=512))
@@ -60,7 +62,7 @@ def test_two_gloo_ranks_match_one_process(tmp_path: Path) -> None:
             f"rank {rank} did not run in a world of 2"
         )
     assert (tmp_path / "one" / "rank0.txt").read_text() == "world 1"
-    for name in ("topk-m64-k4", "relu-m32-l1_5"):
+    for name in ("topk-m64-k4", "relu-m32-l1_5", "jumprelu-m32-l0_0.001"):
         a = load_file(str(tmp_path / "one" / name / "dictionary.safetensors"))
         b = load_file(str(tmp_path / "two" / name / "dictionary.safetensors"))
         for key in a:

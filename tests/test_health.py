@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import math
@@ -133,8 +134,14 @@ def test_the_controller_reaches_its_target_and_resumes_exactly_from_json() -> No
     with pytest.raises(Exception, match="aims at L0 8, this run at 9"):
         SparsityController(9.0, 1.0, 10).load(saved)
     assert controller_for(TOPK, 100) is None and controller_for(RELU, 100) is None
-    ctl2 = controller_for(DictConfig(arch="jumprelu", d_in=8, d_sae=32, target_l0=4, l0_coeff=0.2), 100)
+    jr = DictConfig(arch="jumprelu", d_in=8, d_sae=32, target_l0=4, l0_coeff=0.2, token_topk_frac=0.0)
+    ctl2 = controller_for(jr, 100)
     assert ctl2 is not None and ctl2.hold == 5 and ctl2.coeff == pytest.approx(0.2 * ControlSettings().start)
+    # with a TopK phase (the default) the penalty starts at its end: held through it and the ramp after, and the
+    # gain paced to the 125 steps left of 1,000 (without: 1,000)
+    ctl3 = controller_for(dataclasses.replace(jr, token_topk_frac=0.875), 1000)
+    assert ctl3 is not None and ctl3.hold == 925 and ctl3.gain == ControlSettings().max_gain  # 10 / 125, capped
+    assert controller_for(jr, 1000).gain == pytest.approx(10 / 1000)
 
 
 def _recovery_data(samples: int) -> tuple[torch.Tensor, int]:
@@ -146,8 +153,11 @@ def test_relu_on_recovery_data_warns_with_a_too_small_coefficient_and_reaches_a_
     torch.set_num_threads(1)
     x, d = _recovery_data(1 << 18)
     runs = [
-        RunSpec(DictConfig(arch="relu", d_in=d, d_sae=256, l1_coeff=0.01), lr=4e-3),  # far too weak a penalty
-        RunSpec(DictConfig(arch="relu", d_in=d, d_sae=256, target_l0=12, l1_coeff=2.0), lr=4e-3),
+        # far too weak a penalty
+        RunSpec(DictConfig(arch="relu", d_in=d, d_sae=256, l1_coeff=0.01, token_topk_frac=0.0), lr=4e-3),
+        # the controller over the whole run (with the default TopK phase it acts on the last eighth only:
+        # tests/test_topk_phase.py checks that case)
+        RunSpec(DictConfig(arch="relu", d_in=d, d_sae=256, target_l0=12, l1_coeff=2.0, token_topk_frac=0.0), lr=4e-3),
     ]
     events: list[ProgressEvent] = []
     tc = TrainConfig(total_tokens=x.shape[0], warmup_steps=20, log_every=16, dead_window_tokens=1 << 16)

@@ -163,10 +163,14 @@ def test_train_transcoder_and_clean_errors(acts: Path, tmp_path: Path) -> None:
 def test_train_to_a_target_l0_matryoshka_and_health_lines(acts: Path, tmp_path: Path) -> None:
     base = ["train", "--acts", str(acts), "--hook", HOOKS[0], "--expansion", "2", "--tokens", "2k", "--batch-size",
             "256", "--warmup-steps", "2"]  # fmt: skip
-    result = CliRunner().invoke(app, [*base, "--out", str(tmp_path / "t"), "--arch", "relu", "--target-l0", "8"])
+    # without the TopK phase (with it the 8 steps would be a TopK at k = 8, on target and healthy)
+    result = CliRunner().invoke(
+        app, [*base, "--out", str(tmp_path / "t"), "--arch", "relu", "--target-l0", "8", "--topk-phase", "0"]
+    )
     assert result.exit_code == 0, result.output
     d = load_dictionary(tmp_path / "t" / f"{HOOKS[0]}-relu-m64-l0target_8")
     assert d.cfg.target_l0 == 8 and d.cfg.l1_coeff == d.metadata["training"]["sparsity_control"]["coeff"]
+    assert d.cfg.token_topk_frac == 0.0
     said = " ".join(result.output.split())  # rich wraps long lines
     assert "l0target_8 health: L0 " in said  # 8 steps are too few for the controller: the health line says so,
     assert f"{HOOKS[0]}-relu-m64-l0target_8: warning: L0 " in said  # the warning came as it was raised

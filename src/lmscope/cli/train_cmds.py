@@ -48,7 +48,7 @@ def sweep_configs(
     The architecture names the DictConfig field it varies (`Dictionary.sparsity_param`); each such field has
     its command-line list here (--k, --l1, --l0); an empty list means the default. `target_l0s` (--target-l0) sweeps
     target L0s instead of the coefficient, which must then not be given as well. `groups`: matryoshka groups.
-    `token_topk_frac` (--topk-phase): the TopK phase of batchtopk / matryoshka; None means the default.
+    `token_topk_frac` (--topk-phase): the TopK phase (batchtopk, matryoshka, jumprelu); None means the default.
     """
     if arch not in architectures():
         raise DictionaryError(f"unknown --arch {arch!r}; choose one of {', '.join(architectures())}")
@@ -75,11 +75,9 @@ def sweep_configs(
         values, field, cast = target_l0s, "target_l0", float
     extra: dict[str, Any] = {"matryoshka_groups": list(groups)} if groups else {}
     if token_topk_frac is not None:
-        if not hasattr(architecture(arch), "in_token_phase"):
-            raise DictionaryError(
-                f"--topk-phase is the per-token phase of batch-level selection (batchtopk, matryoshka); --arch {arch} "
-                "has none"
-            )
+        if not architecture(arch).has_topk_phase:
+            with_phase = ", ".join(a for a in architectures() if architecture(a).has_topk_phase)
+            raise DictionaryError(f"--topk-phase is the TopK phase of {with_phase}; --arch {arch} has none")
         extra["token_topk_frac"] = float(token_topk_frac)
     out = []
     for hook, expansion, value in itertools.product(hooks, expansions, values):
@@ -131,8 +129,8 @@ def register(app: typer.Typer) -> None:
         topk_phase: Annotated[
             float | None,
             typer.Option(
-                help="BatchTopK/Matryoshka: fraction of training that keeps each token's top k before the batch-level "
-                "selection (default 0.75; 0: batch selection throughout)."
+                help="BatchTopK/Matryoshka/JumpReLU: fraction of training that keeps each token's top k before the "
+                "architecture's own selection (default 0.75; JumpReLU 0.875; 0: no TopK phase)."
             ),
         ] = None,
         tokens: Annotated[str, typer.Option(help="Training tokens, e.g. 20M.")] = "20M",

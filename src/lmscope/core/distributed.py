@@ -7,7 +7,10 @@ everything is a no-op and the rank is 0 of 1.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
+import sys
+from types import TracebackType
 
 import torch
 import torch.distributed as dist
@@ -42,18 +45,39 @@ def init_from_env(device: str = "auto") -> torch.device:
         if use_cuda:
             torch.cuda.set_device(dev)
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        _note_uncaught_exceptions()
         atexit.register(shutdown)
     return dev
+
+
+_failed = False  # an exception reached the top level of this process (so its peers may never reach the barrier)
+
+
+def _note_uncaught_exceptions() -> None:
+    previous = sys.excepthook
+
+    def hook(kind: type[BaseException], value: BaseException, tb: TracebackType | None) -> None:
+        global _failed
+        _failed = True
+        previous(kind, value, tb)
+
+    sys.excepthook = hook
 
 
 def shutdown() -> None:
     """Leave the process group cleanly (registered at exit by `init_from_env`).
 
     A process that exits with its gloo group alive lets C++ destroy still-joinable worker threads, which aborts
-    ("terminate called without an active exception") and turns a finished run into a failed one under torchrun.
+    ("terminate called without an active exception") and turns a finished run into a failed one under torchrun. The
+    ranks first meet at a barrier, so none tears its connections down while a peer may still be finishing its last
+    collective (skipped after an uncaught exception: torchrun stops the other ranks then).
     """
-    if is_distributed():
-        dist.destroy_process_group()
+    if not is_distributed():
+        return
+    if not _failed:
+        with contextlib.suppress(RuntimeError):  # a peer is gone already: leave anyway
+            dist.barrier()
+    dist.destroy_process_group()
 
 
 def all_reduce_sum(t: Tensor) -> Tensor:
@@ -65,3 +89,12 @@ def all_reduce_sum(t: Tensor) -> Tensor:
 def barrier() -> None:
     if is_distributed():
         dist.barrier()
+
+
+def all_gather_cat(t: Tensor) -> Tensor:
+    """Every rank's `t` (the same shape on all), concatenated along dim 0 in rank order; `t` itself without torchrun."""
+    if not is_distributed():
+        return t
+    parts = [torch.empty_like(t) for _ in range(world_size())]
+    dist.all_gather(parts, t.contiguous())
+    return torch.cat(parts)

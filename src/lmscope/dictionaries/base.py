@@ -63,9 +63,11 @@ class DictConfig:
     # matryoshka: the nested groups of latents, as fractions of d_sae (summing to 1) or latent counts (summing to
     # d_sae); prefix i is groups 0..i. Empty: 1/16, 1/16, 1/8, 1/4, 1/2 (Bussmann et al. 2025)
     matryoshka_groups: list[float] = field(default_factory=list)
-    # batchtopk / matryoshka: the first fraction of training selects each token's top k (TopK) before the batch-level
-    # selection takes over (the inference threshold is estimated in the batch phase); 0: batch selection throughout
-    token_topk_frac: float = 0.75
+    # batchtopk / matryoshka / jumprelu: the first fraction of training selects each token's top k (TopK; jumprelu: the
+    # target L0 when set, else k) before the architecture's own selection takes over (dictionaries/topk_phase.py);
+    # 0: no TopK phase. None: the architecture's default (`Dictionary.default_topk_phase`: 0.75 for batchtopk and
+    # matryoshka, 0.875 for jumprelu, 0 for the others)
+    token_topk_frac: float | None = None
     aux_coeff: float = 1 / 32
     apply_b_dec_to_input: bool | None = None  # None: True for autoencoders, False for transcoders
     hook: str | None = None  # the input hook, e.g. blocks.6.resid_post
@@ -77,6 +79,13 @@ class DictConfig:
 
     def __post_init__(self) -> None:
         cls = architecture(self.arch)
+        if self.token_topk_frac is None:
+            self.token_topk_frac = cls.default_topk_phase
+        elif self.token_topk_frac and not cls.has_topk_phase:
+            raise DictionaryError(
+                f"token_topk_frac={self.token_topk_frac:g}: a {self.arch} dictionary has no TopK phase (those that do: "
+                f"{', '.join(a for a in architectures() if architecture(a).has_topk_phase)}); leave it unset"
+            )
         for name in ("d_in", "d_sae", "k"):
             if int(getattr(self, name)) < 1:
                 raise DictionaryError(f"{name} must be a positive integer, got {getattr(self, name)}")
@@ -139,7 +148,9 @@ class DictConfig:
 class LossState:
     """What the trainer tells a dictionary about training when it asks for the loss."""
 
-    progress: float = 1.0  # fraction of training done, in [0, 1]
+    progress: float = 1.0  # fraction of training done, in [0, 1]: step / total_steps
+    step: int = 0  # this step's index (0-based) and the run's length: a resumed run sees the same values
+    total_steps: int = 1
     dead_mask: Tensor | None = None  # [d_sae] bool: latents that have not fired over the dead window
     # the sparsity coefficient a controller chose for this step (`Dictionary.controlled_coeff`, cfg.target_l0 set):
     # it replaces the config's coefficient (the warmup ramp still applies). None: the config's coefficient
@@ -176,6 +187,13 @@ class Dictionary(nn.Module):
     saelens_imports: ClassVar[tuple[str, ...]]  # SAELens architecture names loaded as this architecture
     # the DictConfig field of the penalty weight a target L0 controls (relu: l1_coeff); None: cfg.target_l0 is refused
     controlled_coeff: ClassVar[str | None] = None
+    # trains with a TopK phase first (`DictConfig.token_topk_frac`, dictionaries/topk_phase.py), by default for this
+    # fraction of training
+    has_topk_phase: ClassVar[bool] = False
+    default_topk_phase: ClassVar[float] = 0.0
+    # with a TopK phase and a target L0: where the controller starts, as a fraction of the config's coefficient
+    # (None: ControlSettings.start, as without a phase)
+    control_start_after_phase: ClassVar[float | None] = None
     REQUIRED_KNOWLEDGE: ClassVar[tuple[str, ...]] = (
         "sparsity_param", "run_tag", "loss_terms", "saelens_arch", "saelens_imports"
     )  # fmt: skip

@@ -28,11 +28,9 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from lmscope.dictionaries import topk_phase
 from lmscope.dictionaries.base import DictConfig, DictionaryError, FormatError, LossState, TrainOutput, register
 from lmscope.dictionaries.topk import KSparse, aux_k_loss
-
-THRESHOLD_MOMENTUM = 0.99
-_CUT_SAMPLE_TOKENS = 512  # TopK phase: the tokens whose batch-level cut estimates the threshold
 
 
 @register("batchtopk")
@@ -46,15 +44,13 @@ class BatchTopKDictionary(KSparse):
     def extra_tensor_shapes(cls, cfg: DictConfig) -> dict[str, tuple[int, ...]]:
         return {"threshold": ()}
 
+    has_topk_phase = True
+    default_topk_phase = 0.75
+
     @classmethod
     def validate_config(cls, cfg: DictConfig) -> None:
         super().validate_config(cfg)
-        frac = float(cfg.token_topk_frac)
-        if not 0.0 <= frac < 1.0:
-            raise DictionaryError(
-                f"token_topk_frac={frac:g} is out of range: it is the fraction of training that selects per token "
-                "before the batch-level selection, in [0, 1) (0: batch selection throughout)"
-            )
+        topk_phase.check_fraction(cfg)
 
     def to_saelens(self, tensors: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Any]]:
         theta = float(tensors["threshold"])
@@ -90,7 +86,6 @@ class BatchTopKDictionary(KSparse):
         super().__init__(cfg)
         self.register_buffer("threshold", torch.tensor(float("nan")))
         self.register_buffer("threshold_updates", torch.tensor(0, dtype=torch.long))
-        self._cut_updates = 0  # TopK-phase estimates so far (a resumed run restarts this running mean)
 
     def activation(self, pre: Tensor) -> Tensor:
         theta = float(self.threshold)
@@ -102,54 +97,34 @@ class BatchTopKDictionary(KSparse):
         return torch.where(pre > max(theta, 0.0), pre, torch.zeros_like(pre))
 
     def batch_select(self, pre: Tensor) -> Tensor:
-        flat = torch.relu(pre).reshape(-1)
-        n = min(self.cfg.k * pre.shape[0], flat.numel())
-        vals, idx = flat.topk(n, sorted=False)
-        return torch.zeros_like(flat).scatter_(0, idx, vals).reshape(pre.shape)
-
-    def token_select(self, pre: Tensor) -> Tensor:
-        """The TopK phase's selection: each token's k largest pre-activations (ReLU'd)."""
-        vals, idx = pre.topk(min(self.cfg.k, pre.shape[-1]), dim=-1, sorted=False)
-        return torch.zeros_like(pre).scatter_(-1, idx, torch.relu(vals))
-
-    def in_token_phase(self, state: LossState) -> bool:
-        return state.progress < float(self.cfg.token_topk_frac)
+        return topk_phase.batch_topk(pre, self.cfg.k)
 
     def select(self, pre: Tensor, state: LossState) -> Tensor:
         """The training selection of this step, with the threshold updated to match."""
-        if self.in_token_phase(state):
-            z = self.token_select(pre)
-            self.estimate_threshold(pre.detach())
+        if topk_phase.in_phase(self.cfg, state):
+            z = topk_phase.token_topk(pre, self.cfg.k)
+            self.estimate_threshold(pre.detach(), state.step)
         else:
             z = self.batch_select(pre)
             self.update_threshold(z.detach())
         return z
 
     @torch.no_grad()
-    def estimate_threshold(self, pre: Tensor) -> None:
-        """TopK phase: the batch-level cut of a sample of tokens, as a running mean that the batch phase restarts."""
-        if self._fold_threshold(self.batch_select(pre[:_CUT_SAMPLE_TOKENS]), self._cut_updates):
-            self._cut_updates += 1
+    def estimate_threshold(self, pre: Tensor, step: int) -> None:
+        """TopK phase: the batch-level cut of a sample of tokens folded in as update number `step` (a running mean
+        that the batch phase restarts; the count is the trainer's, so a resumed run folds as an uninterrupted one)."""
+        low = topk_phase.batch_cut(pre, self.cfg.k)
+        if low is not None:
+            topk_phase.fold(self.threshold, low, step)
             self.threshold_updates.fill_(0)  # so the batch phase's first update replaces this estimate
 
     @torch.no_grad()
     def update_threshold(self, z: Tensor) -> None:
-        if self._fold_threshold(z, int(self.threshold_updates)):
-            self.threshold_updates.add_(1)
-
-    def _fold_threshold(self, z: Tensor, n: int) -> bool:
-        """Fold the smallest selected activation of `z` into the threshold as update number n: a running mean first,
-        so early batches fade out, then an EMA. False when nothing was selected."""
+        """Batch phase: fold the smallest activation this step's selection kept into the threshold."""
         positive = z[z > 0]
-        if positive.numel() == 0:
-            return False
-        low = positive.min()
-        momentum = min(THRESHOLD_MOMENTUM, n / (n + 1))
-        if torch.isnan(self.threshold):
-            self.threshold.copy_(low)
-        else:
-            self.threshold.mul_(momentum).add_((1 - momentum) * low)
-        return True
+        if positive.numel():
+            topk_phase.fold(self.threshold, positive.min(), int(self.threshold_updates))
+            self.threshold_updates.add_(1)
 
     def training_loss(self, x: Tensor, target: Tensor, state: LossState) -> TrainOutput:
         pre = self.pre_acts(x)

@@ -211,7 +211,13 @@ def export_saelens(d: Dictionary, path: str | Path) -> Path:
             "sae_lens_version": SAELENS_LAYOUT_VERSION,
             "model_name": cfg.model,
             "hook_name": cfg.hook,
-            "lmscope": {"arch": d.arch, "k": cfg.k, "hook_out": cfg.hook_out},
+            "lmscope": {
+                "arch": d.arch,
+                "k": cfg.k,
+                "hook_out": cfg.hook_out,
+                # how it trained, for an import back (only when it had a TopK phase: older exports stay byte-equal)
+                **({"token_topk_frac": cfg.token_topk_frac} if cfg.token_topk_frac else {}),
+            },
         },
     }
     saelens_cfg.update(extra_cfg)
@@ -359,6 +365,8 @@ def load_saelens(path: str | Path, device: str | torch.device = "cpu") -> Dictio
         hook=meta.get("hook_name") or raw.get("hook_name") or raw.get("hook_point"),
         hook_out=meta.get("hook_name_out") or raw.get("hook_name_out") or lm.get("hook_out"),
         model=meta.get("model_name") or raw.get("model_name"),
+        # an lmscope export says how it was trained; a file SAELens trained did not have lmscope's TopK phase
+        token_topk_frac=float(lm.get("token_topk_frac", 0.0)) if lm.get("arch") == arch else 0.0,
     )
     d = from_tensors(cfg, {k_: v for k_, v in tensors.items()}, src).to(device)
     training: dict[str, Any] = {"imported_from": "saelens", "path": src}

@@ -5,16 +5,25 @@ of width `jumprelu_bandwidth` give the thresholds a pseudo-derivative, both from
 the jump) and from the L0 penalty (weighted by `l0_coeff`, ramped up over `l1_warmup_frac` of training; with
 `target_l0` set, the trainer's controller chooses that weight each step, starting from `l0_coeff`).
 The threshold is a parameter itself (kept >= MIN_THRESHOLD after each step), so files hold it exactly.
+
+Training starts with a TopK phase (`token_topk_frac` of training, 0.875 by default; dictionaries/topk_phase.py): each
+token keeps its top k pre-activations (k = `target_l0` when set, else `k`), the AuxK loss revives dead latents, and
+no L0 penalty applies. Meanwhile every latent's threshold follows a running estimate of the batch-level cut of k per
+token, so when the JumpReLU selection takes over its L0 starts near k; the L0 penalty then ramps in over
+`l1_warmup_frac`. From random weights the L0 penalty and the thresholds kill latents early; on the recovery
+benchmark at 10x superposition about half of them died (docs/superposition.md).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
+from lmscope.dictionaries import topk_phase
 from lmscope.dictionaries.base import DictConfig, Dictionary, FormatError, LossState, TrainOutput, register
+from lmscope.dictionaries.topk import aux_k_loss
 
 MIN_THRESHOLD = 1e-6
 
@@ -58,10 +67,16 @@ class _Step(torch.autograd.Function):
 class JumpReLUDictionary(Dictionary):
     sparsity_param = "l0_coeff"
     run_tag = "l0_{l0_coeff:g}"
-    loss_terms = ("mse", "l0")
+    loss_terms = ("mse", "l0", "aux")
     saelens_arch = "jumprelu"
     saelens_imports = ("jumprelu", "jumprelu_transcoder")
     controlled_coeff = "l0_coeff"
+    has_topk_phase: ClassVar[bool] = True
+    default_topk_phase: ClassVar[float] = 0.875
+
+    @classmethod
+    def validate_config(cls, cfg: DictConfig) -> None:
+        topk_phase.check_fraction(cfg)
 
     @classmethod
     def default_lr(cls, cfg: DictConfig) -> float:
@@ -105,6 +120,8 @@ class JumpReLUDictionary(Dictionary):
         return torch.where(pre > theta, pre, torch.zeros_like(pre))
 
     def training_loss(self, x: Tensor, target: Tensor, state: LossState) -> TrainOutput:
+        if topk_phase.in_phase(self.cfg, state):
+            return self.topk_phase_loss(x, target, state)
         pre = self.pre_acts(x)
         theta = self.threshold
         bw = self.cfg.jumprelu_bandwidth
@@ -114,9 +131,39 @@ class JumpReLUDictionary(Dictionary):
         l0 = _Step.apply(pre, theta, bw).sum(-1).mean()
         active = z > 0
         return TrainOutput(
-            loss=mse + self.penalty_coeff(state, self.cfg.l1_warmup_frac) * l0,
+            loss=mse + self.penalty_coeff(topk_phase.ramp_state(self.cfg, state), self.cfg.l1_warmup_frac) * l0,
             recon=recon,
             fired=active.sum(0).float(),
             l0=l0.detach(),
-            terms={"mse": mse.detach(), "l0": l0.detach()},
+            terms={"mse": mse.detach(), "l0": l0.detach(), "aux": torch.zeros((), device=x.device)},
         )
+
+    def topk_phase_loss(self, x: Tensor, target: Tensor, state: LossState) -> TrainOutput:
+        """The TopK phase's step: each token's top k, AuxK for dead latents, the thresholds set to the batch cut."""
+        k = topk_phase.phase_k(self.cfg)
+        pre = self.pre_acts(x)
+        z = topk_phase.token_topk(pre, k)
+        recon = self.with_skip(z @ self.W_dec + self.b_dec, x)
+        mse = self.mse(target, recon)
+        aux = aux_k_loss(self, x, target, recon, state.dead_mask)
+        self.estimate_threshold(pre, k, state.step)
+        active = z > 0
+        l0 = active.sum(-1).float().mean().detach()
+        # the thresholds take no part in this loss; a zero term keeps them in the graph (DDP expects every parameter
+        # to receive a gradient), and Adam leaves a parameter whose gradients have all been zero where it is
+        return TrainOutput(
+            loss=mse + self.cfg.aux_coeff * aux + 0.0 * self.threshold.sum(),
+            recon=recon,
+            fired=active.sum(0).float(),
+            l0=l0,
+            terms={"mse": mse.detach(), "l0": l0, "aux": aux.detach()},
+        )
+
+    @torch.no_grad()
+    def estimate_threshold(self, pre: Tensor, k: int, step: int) -> None:
+        """Every latent's threshold := the running estimate of the batch-level cut of k per token, as update number
+        `step` (the phase starts at step 0, whose estimate replaces the initial threshold; the count comes from the
+        trainer, so a resumed run folds exactly as an uninterrupted one)."""
+        low = topk_phase.batch_cut(pre, k)  # the same on every rank under torchrun
+        if low is not None:
+            topk_phase.fold(self.threshold, low.clamp_min(MIN_THRESHOLD), step)

@@ -116,7 +116,9 @@ def load_gemmascope(path: str | Path, hook: str | None = None, device: str | tor
         )
     if t["b_dec"].shape != (d_in,):
         raise FormatError(f"{f}: b_dec has shape {tuple(t['b_dec'].shape)}, expected ({d_in},)")
-    cfg = DictConfig(arch="jumprelu", d_in=int(d_in), d_sae=int(d_sae), apply_b_dec_to_input=False, hook=hook)
+    cfg = DictConfig(
+        arch="jumprelu", d_in=int(d_in), d_sae=int(d_sae), apply_b_dec_to_input=False, hook=hook, token_topk_frac=0.0
+    )
     d = from_tensors(cfg, dict(t), str(f)).to(device)
     d.metadata = {"normalization": {"kind": "none"},  # type: ignore[assignment]
                   "training": {"imported_from": "gemmascope", "path": str(f)}}  # fmt: skip

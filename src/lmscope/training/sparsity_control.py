@@ -14,8 +14,10 @@ coefficient only after the weights have moved (tens of steps at a high learning 
 gain is small: `horizon / total_steps` by default, bounded to [min_gain, max_gain]; the whole run can move the
 coefficient by about `horizon` e-folds. The controller holds still over the first `hold` fraction of training,
 while the architecture's own warmup ramps the penalty in (`l1_warmup_frac`), so it does not wind up on the L0 of an
-untrained dictionary. Start from a coefficient that gives *more* active latents than the target: a ReLU latent
-pushed below zero everywhere by too strong a penalty never fires again, so L0 is best approached from above.
+untrained dictionary; with a TopK phase (dictionaries/topk_phase.py) it holds until the penalty has ramped in after
+the phase, and its gain is paced to the steps left then. Start from a coefficient that gives *more* active latents
+than the target: a ReLU latent pushed below zero everywhere by too strong a penalty never fires again, so L0 is best
+approached from above.
 
 The state is a few floats, saved in the trainer's checkpoint as JSON (floats round-trip exactly), so a killed and
 resumed run continues bit for bit.
@@ -23,6 +25,7 @@ resumed run continues bit for bit.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -119,8 +122,15 @@ def controller_for(
 ) -> SparsityController | None:
     """The controller of a run whose config sets `target_l0` (None otherwise): it starts from the config's
     coefficient and holds still while the penalty ramps in (`l1_warmup_frac` of training)."""
-    coeff = architecture(cfg.arch).controlled_coeff
+    cls = architecture(cfg.arch)
+    coeff = cls.controlled_coeff
     if cfg.target_l0 is None or coeff is None:
         return None
-    hold = math.ceil(max(0.0, cfg.l1_warmup_frac) * total_steps)
-    return SparsityController(float(cfg.target_l0), float(getattr(cfg, coeff)), total_steps, hold, settings)
+    # with a TopK phase the penalty applies only after it (ramping in from there): hold still until the ramp is done,
+    # and pace the gain to the steps that are left then
+    phase = float(cfg.token_topk_frac or 0.0) if cls.has_topk_phase else 0.0
+    hold = math.ceil((phase + max(0.0, cfg.l1_warmup_frac)) * total_steps)
+    active = max(1, total_steps - math.ceil(phase * total_steps))
+    if phase > 0 and settings is None and cls.control_start_after_phase is not None:
+        settings = dataclasses.replace(ControlSettings(), start=cls.control_start_after_phase)
+    return SparsityController(float(cfg.target_l0), float(getattr(cfg, coeff)), active, hold, settings)

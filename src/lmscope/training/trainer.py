@@ -143,8 +143,11 @@ class _LossModule(nn.Module):
         super().__init__()
         self.dictionary = dictionary
 
-    def forward(self, x: Tensor, y: Tensor, progress: float, dead: Tensor, coeff: float | None) -> tuple[Any, ...]:
-        out = self.dictionary.training_loss(x, y, LossState(progress=progress, dead_mask=dead, sparsity_coeff=coeff))
+    def forward(
+        self, x: Tensor, y: Tensor, step: int, total: int, dead: Tensor, coeff: float | None
+    ) -> tuple[Any, ...]:
+        state = LossState(progress=step / total, step=step, total_steps=total, dead_mask=dead, sparsity_coeff=coeff)
+        out = self.dictionary.training_loss(x, y, state)
         return out.loss, out.recon, out.fired, out.l0, out.terms
 
 
@@ -349,7 +352,7 @@ class Trainer:
         ys = xs if y is x else ddp.shard(y).to(self.device, torch.float32) * run.scale_out
         dead = run.dead.dead_mask().to(self.device)
         coeff = run.control.coeff if run.control is not None else None
-        loss, recon, fired, l0, terms = run.module(xs, ys, self.step / max(1, self.total_steps), dead, coeff)
+        loss, recon, fired, l0, terms = run.module(xs, ys, self.step, max(1, self.total_steps), dead, coeff)
         loss.backward()
         d.remove_parallel_grad()
         if self.cfg.grad_clip:
