@@ -191,3 +191,14 @@ def test_a_target_l0_is_reached_after_the_phase(arch: str) -> None:
     (c,) = dictionary_configs(cfg, [arch], target_l0=6.0)
     (report,) = run_recovery(cfg, [RunSpec(c, lr=cfg.lr)]).reports.values()
     assert report.l0 == pytest.approx(6.0, rel=0.25), report.line()
+
+
+def test_train_command_gives_relu_and_jumprelu_their_phase_k() -> None:
+    from lmscope.cli.train_cmds import sweep_configs
+
+    (cfg,) = sweep_configs("jumprelu", ["h"], {"h": 8}, [6], [2], [], [0.5])
+    assert cfg.k == 6 and cfg.l0_coeff == 0.5 and cfg.token_topk_frac == 0.875
+    (cfg,) = sweep_configs("relu", ["h"], {"h": 8}, [6], [2], [], [], target_l0s=[5.0], token_topk_frac=0.5)
+    assert cfg.k == 6 and topk_phase.phase_k(cfg) == 5 and cfg.token_topk_frac == 0.5  # the target wins
+    with pytest.raises(DictionaryError, match=r"--k 4,8: for --arch relu k is only its TopK phase's k"):
+        sweep_configs("relu", ["h"], {"h": 8}, [4, 8], [2], [], [])

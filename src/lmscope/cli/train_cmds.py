@@ -74,6 +74,13 @@ def sweep_configs(
             )
         values, field, cast = target_l0s, "target_l0", float
     extra: dict[str, Any] = {"matryoshka_groups": list(groups)} if groups else {}
+    if key != "k" and architecture(arch).has_topk_phase and ks:  # --k: the TopK phase's k (when no target L0 is set)
+        if len(ks) > 1:
+            raise DictionaryError(
+                f"--k {','.join(map(str, ks))}: for --arch {arch} k is only its TopK phase's k, one value; sweep "
+                f"{flags[key]} or --target-l0 instead"
+            )
+        extra["k"] = int(ks[0])
     if token_topk_frac is not None:
         if not architecture(arch).has_topk_phase:
             with_phase = ", ".join(a for a in architectures() if architecture(a).has_topk_phase)
@@ -116,7 +123,10 @@ def register(app: typer.Typer) -> None:
         arch: Annotated[str, typer.Option(help=f"One of {', '.join(architectures())}.")] = "topk",
         hook: Annotated[str, typer.Option(help="Input hook(s), comma-separated (default: the store's first).")] = "",
         hook_out: Annotated[str, typer.Option(help="Target hook: trains transcoders hook -> hook_out.")] = "",
-        k: Annotated[str, typer.Option(help="TopK/BatchTopK active latents; a list sweeps.")] = "32",
+        k: Annotated[
+            str,
+            typer.Option(help="TopK/BatchTopK active latents; a list sweeps. ReLU/JumpReLU: their TopK phase's k."),
+        ] = "32",
         expansion: Annotated[str, typer.Option(help="d_sae / d_in; a list sweeps.")] = "8",
         l1: Annotated[str, typer.Option(help="ReLU L1 coefficient (default 5); a list sweeps.")] = "",
         l0: Annotated[str, typer.Option(help="JumpReLU L0 coefficient (default 0.001); a list sweeps.")] = "",
