@@ -139,14 +139,15 @@ def test_the_knowledge_keeps_the_published_figures() -> None:
         "topk": 2e-4, "batchtopk": 2e-4, "relu": 5e-5, "jumprelu": 7e-5, "matryoshka": 2e-4
     }  # fmt: skip
     assert default_lr(DictConfig(arch="topk", d_in=8, d_sae=2**16)) == pytest.approx(1e-4)
+    # k sweeps for topk; for relu and jumprelu it is one value, their TopK phase's k (a list: tests/test_topk_phase.py)
     swept = {
-        a: [(c.k, c.l1_coeff, c.l0_coeff) for c in sweep_configs(a, ["h"], {"h": 8}, [2, 4], [2], [1.0, 3.0], [0.1])]
-        for a in ("topk", "relu", "jumprelu")
+        a: [(c.k, c.l1_coeff, c.l0_coeff) for c in sweep_configs(a, ["h"], {"h": 8}, ks, [2], [1.0, 3.0], [0.1])]
+        for a, ks in (("topk", [2, 4]), ("relu", [4]), ("jumprelu", [4]))
     }
     assert swept == {
         "topk": [(2, 5.0, 1e-3), (4, 5.0, 1e-3)],
-        "relu": [(32, 1.0, 1e-3), (32, 3.0, 1e-3)],
-        "jumprelu": [(32, 5.0, 0.1)],
+        "relu": [(4, 1.0, 1e-3), (4, 3.0, 1e-3)],
+        "jumprelu": [(4, 5.0, 0.1)],
     }
     assert all(isinstance(c.k, int) for c in sweep_configs("batchtopk", ["h"], {"h": 8}, [2], [2], [], []))
     for arch in ("topk", "batchtopk"):
