@@ -14,8 +14,10 @@ from safetensors.torch import load_file
 
 SCRIPT = textwrap.dedent(
     """
+    import faulthandler
     import sys
     import torch
+    faulthandler.enable()  # a rank that aborts (SIGABRT, once seen in CI at exit) shows where, in the stderr tail
     from lmscope.dictionaries import DictConfig
     from lmscope.training import RunSpec, TensorSource, TrainConfig, Trainer
     from lmscope.training import distributed
@@ -52,7 +54,7 @@ def _one_and_two_ranks(script_text: str, tmp_path: Path) -> None:
          str(tmp_path / "two")],
         env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
-    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    assert ddp.returncode == 0, ddp.stderr[-8000:]  # the ranks' own output comes before torchrun's long report
 
 
 def test_two_gloo_ranks_match_one_process(tmp_path: Path) -> None:
