@@ -48,7 +48,7 @@ def sweep_configs(
     The architecture names the DictConfig field it varies (`Dictionary.sparsity_param`); each such field has
     its command-line list here (--k, --l1, --l0); an empty list means the default. `target_l0s` (--target-l0) sweeps
     target L0s instead of the coefficient, which must then not be given as well. `groups`: matryoshka groups.
-    `token_topk_frac` (--topk-phase): the TopK phase (batchtopk, matryoshka, jumprelu); None means the default.
+    `token_topk_frac` (--topk-phase): the TopK phase (batchtopk, matryoshka, jumprelu, relu); None: the default.
     """
     if arch not in architectures():
         raise DictionaryError(f"unknown --arch {arch!r}; choose one of {', '.join(architectures())}")
@@ -139,8 +139,8 @@ def register(app: typer.Typer) -> None:
         topk_phase: Annotated[
             float | None,
             typer.Option(
-                help="BatchTopK/Matryoshka/JumpReLU: fraction of training that keeps each token's top k before the "
-                "architecture's own selection (default 0.75; JumpReLU 0.875; 0: no TopK phase)."
+                help="BatchTopK/Matryoshka/JumpReLU/ReLU: fraction of training that keeps each token's top k before "
+                "the architecture's own selection (default 0.75; JumpReLU and ReLU 0.875; 0: no TopK phase)."
             ),
         ] = None,
         tokens: Annotated[str, typer.Option(help="Training tokens, e.g. 20M.")] = "20M",

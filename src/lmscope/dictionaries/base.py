@@ -63,10 +63,10 @@ class DictConfig:
     # matryoshka: the nested groups of latents, as fractions of d_sae (summing to 1) or latent counts (summing to
     # d_sae); prefix i is groups 0..i. Empty: 1/16, 1/16, 1/8, 1/4, 1/2 (Bussmann et al. 2025)
     matryoshka_groups: list[float] = field(default_factory=list)
-    # batchtopk / matryoshka / jumprelu: the first fraction of training selects each token's top k (TopK; jumprelu: the
-    # target L0 when set, else k) before the architecture's own selection takes over (dictionaries/topk_phase.py);
-    # 0: no TopK phase. None: the architecture's default (`Dictionary.default_topk_phase`: 0.75 for batchtopk and
-    # matryoshka, 0.875 for jumprelu, 0 for the others)
+    # batchtopk / matryoshka / jumprelu / relu: the first fraction of training selects each token's top k (TopK; relu
+    # and jumprelu: the target L0 when set, else k) before the architecture's own selection takes over
+    # (dictionaries/topk_phase.py); 0: no TopK phase. None: the architecture's default (`Dictionary.default_topk_phase`:
+    # 0.75 for batchtopk and matryoshka, 0.875 for jumprelu and relu, 0 for topk)
     token_topk_frac: float | None = None
     aux_coeff: float = 1 / 32
     apply_b_dec_to_input: bool | None = None  # None: True for autoencoders, False for transcoders
@@ -85,6 +85,11 @@ class DictConfig:
             raise DictionaryError(
                 f"token_topk_frac={self.token_topk_frac:g}: a {self.arch} dictionary has no TopK phase (those that do: "
                 f"{', '.join(a for a in architectures() if architecture(a).has_topk_phase)}); leave it unset"
+            )
+        elif not 0.0 <= self.token_topk_frac < 1.0:
+            raise DictionaryError(
+                f"token_topk_frac={self.token_topk_frac:g} is out of range: it is the fraction of training that "
+                "selects each token's top k before the architecture's own selection, in [0, 1) (0: no TopK phase)"
             )
         for name in ("d_in", "d_sae", "k"):
             if int(getattr(self, name)) < 1:

@@ -47,11 +47,6 @@ class BatchTopKDictionary(KSparse):
     has_topk_phase = True
     default_topk_phase = 0.75
 
-    @classmethod
-    def validate_config(cls, cfg: DictConfig) -> None:
-        super().validate_config(cfg)
-        topk_phase.check_fraction(cfg)
-
     def to_saelens(self, tensors: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Any]]:
         theta = float(tensors["threshold"])
         if theta != theta:  # NaN

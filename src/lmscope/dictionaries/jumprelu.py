@@ -23,7 +23,6 @@ from torch import Tensor, nn
 
 from lmscope.dictionaries import topk_phase
 from lmscope.dictionaries.base import DictConfig, Dictionary, FormatError, LossState, TrainOutput, register
-from lmscope.dictionaries.topk import aux_k_loss
 
 MIN_THRESHOLD = 1e-6
 
@@ -73,10 +72,6 @@ class JumpReLUDictionary(Dictionary):
     controlled_coeff = "l0_coeff"
     has_topk_phase: ClassVar[bool] = True
     default_topk_phase: ClassVar[float] = 0.875
-
-    @classmethod
-    def validate_config(cls, cfg: DictConfig) -> None:
-        topk_phase.check_fraction(cfg)
 
     @classmethod
     def default_lr(cls, cfg: DictConfig) -> float:
@@ -140,23 +135,18 @@ class JumpReLUDictionary(Dictionary):
 
     def topk_phase_loss(self, x: Tensor, target: Tensor, state: LossState) -> TrainOutput:
         """The TopK phase's step: each token's top k, AuxK for dead latents, the thresholds set to the batch cut."""
-        k = topk_phase.phase_k(self.cfg)
-        pre = self.pre_acts(x)
-        z = topk_phase.token_topk(pre, k)
-        recon = self.with_skip(z @ self.W_dec + self.b_dec, x)
-        mse = self.mse(target, recon)
-        aux = aux_k_loss(self, x, target, recon, state.dead_mask)
-        self.estimate_threshold(pre, k, state.step)
-        active = z > 0
+        p = topk_phase.phase_step(self, x, target, state)
+        self.estimate_threshold(p.pre, topk_phase.phase_k(self.cfg), state.step)
+        active = p.z > 0
         l0 = active.sum(-1).float().mean().detach()
         # the thresholds take no part in this loss; a zero term keeps them in the graph (DDP expects every parameter
         # to receive a gradient), and Adam leaves a parameter whose gradients have all been zero where it is
         return TrainOutput(
-            loss=mse + self.cfg.aux_coeff * aux + 0.0 * self.threshold.sum(),
-            recon=recon,
+            loss=p.mse + self.cfg.aux_coeff * p.aux + 0.0 * self.threshold.sum(),
+            recon=p.recon,
             fired=active.sum(0).float(),
             l0=l0,
-            terms={"mse": mse.detach(), "l0": l0, "aux": aux.detach()},
+            terms={"mse": p.mse.detach(), "l0": l0, "aux": p.aux.detach()},
         )
 
     @torch.no_grad()

@@ -22,7 +22,6 @@ from torch import Tensor
 
 from lmscope.dictionaries import topk_phase
 from lmscope.dictionaries.base import DictConfig, Dictionary, LossState, TrainOutput, register
-from lmscope.dictionaries.topk import aux_k_loss
 
 
 @register("relu")
@@ -39,10 +38,6 @@ class ReLUDictionary(Dictionary):
     # the bias shift leaves the ReLU near the target L0, not dense: a target L0 is best approached from the config's
     # coefficient itself (from a twentieth of it, L0 ended 60% above a target of 6 in tests/test_topk_phase.py's case)
     control_start_after_phase: ClassVar[float | None] = 1.0
-
-    @classmethod
-    def validate_config(cls, cfg: DictConfig) -> None:
-        topk_phase.check_fraction(cfg)
 
     def to_saelens(self, tensors: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Any]]:
         """A transcoder to another width is SAELens's `transcoder` class (ReLU); the standard SAE has no d_out."""
@@ -65,23 +60,21 @@ class ReLUDictionary(Dictionary):
         return torch.relu(pre)
 
     def training_loss(self, x: Tensor, target: Tensor, state: LossState) -> TrainOutput:
-        phase = topk_phase.fraction(self.cfg)
-        in_phase = state.progress < phase
-        if phase > 0 and not in_phase:
-            if state.step == topk_phase.first_step_after(self.cfg, state.total_steps):
-                self.leave_topk_phase(x)
-            state = topk_phase.ramp_state(self.cfg, state)  # the L1 weight ramps in from the end of the phase
-        pre = self.pre_acts(x)
-        z = topk_phase.token_topk(pre, topk_phase.phase_k(self.cfg)) if in_phase else torch.relu(pre)
-        recon = self.with_skip(z @ self.W_dec + self.b_dec, x)
-        mse = self.mse(target, recon)
-        l1 = (z * self.penalty_weights()).sum(-1).mean()
+        in_phase = topk_phase.in_phase(self.cfg, state)
         if in_phase:
-            aux = aux_k_loss(self, x, target, recon, state.dead_mask)
+            z, recon, mse, aux = topk_phase.phase_step(self, x, target, state)[1:]
+        else:
+            if topk_phase.just_ended(self.cfg, state):
+                self.leave_topk_phase(x)
+            z = torch.relu(self.pre_acts(x))
+            recon = self.with_skip(z @ self.W_dec + self.b_dec, x)
+            mse = self.mse(target, recon)
+            aux = x.new_zeros(())
+        l1 = (z * self.penalty_weights()).sum(-1).mean()
+        if in_phase:  # no L1 in the phase; after it the L1 weight ramps in from the phase's end
             loss = mse + self.cfg.aux_coeff * aux
         else:
-            aux = x.new_zeros(())
-            loss = mse + self.penalty_coeff(state, self.cfg.l1_warmup_frac) * l1
+            loss = mse + self.penalty_coeff(topk_phase.ramp_state(self.cfg, state), self.cfg.l1_warmup_frac) * l1
         active = z > 0
         return TrainOutput(
             loss=loss,

@@ -1,27 +1,29 @@
 """The TopK phase: the first `DictConfig.token_topk_frac` of training selects each token's k largest pre-activations.
 
 Dictionaries whose training sparsity comes from a batch-level selection (BatchTopK, Matryoshka) or a penalty
-(JumpReLU) leave many latents dead when they start from random weights at high superposition: on the ground-truth
-recovery benchmark at 10x, BatchTopK from its first step kept 41% of its latents alive and JumpReLU about half,
-where TopK on the same samples keeps 80% (docs/superposition.md). Starting with per-token TopK (the AuxK loss
-revives what dies) spreads the latents over the features; the architecture's own selection then takes over for the
-rest of training, starting from a threshold estimated during the phase, so a run stopped inside the phase still
-encodes with its architecture's inference rule.
+(JumpReLU, ReLU) leave many latents dead or recover few features when they start from random weights at high
+superposition: on the ground-truth recovery benchmark at 10x, BatchTopK from its first step kept 41% of its latents
+alive and JumpReLU about half, where TopK on the same samples keeps 80%, and an L1 ReLU recovered the fewest
+features (docs/superposition.md). Starting with per-token TopK (the AuxK loss revives what dies) spreads the latents
+over the features; the architecture's own selection then takes over for the rest of training, starting from a
+threshold estimated during the phase, so a run stopped inside the phase still encodes with its architecture's
+inference rule.
 
-This module holds what those architectures share: whether a step is in the phase, the per-token selection, and the
-threshold estimate (the batch-level cut of a sample of tokens, folded into a running mean, then an EMA).
+This module holds what those architectures share: whether a step is in the phase, the per-token selection and its
+loss, and the threshold estimate (the batch-level cut of a sample of tokens, folded into a running mean, then an EMA).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from lmscope.core import distributed
-from lmscope.dictionaries.base import DictConfig, DictionaryError, LossState
+from lmscope.dictionaries.base import DictConfig, Dictionary, LossState
+from lmscope.dictionaries.topk import aux_k_loss
 
 THRESHOLD_MOMENTUM = 0.99
 CUT_SAMPLE_TOKENS = 512  # the tokens whose batch-level cut estimates the threshold during the phase
@@ -30,16 +32,6 @@ CUT_SAMPLE_TOKENS = 512  # the tokens whose batch-level cut estimates the thresh
 def fraction(cfg: DictConfig) -> float:
     """The config's phase fraction (DictConfig resolves None to the architecture's default when it is built)."""
     return float(cfg.token_topk_frac or 0.0)
-
-
-def check_fraction(cfg: DictConfig) -> None:
-    """Refuse a phase fraction outside [0, 1)."""
-    frac = fraction(cfg)
-    if not 0.0 <= frac < 1.0:
-        raise DictionaryError(
-            f"token_topk_frac={frac:g} is out of range: it is the fraction of training that selects each token's top "
-            "k before the architecture's own selection, in [0, 1) (0: no TopK phase)"
-        )
 
 
 def in_phase(cfg: DictConfig, state: LossState) -> bool:
@@ -65,6 +57,23 @@ def token_topk(pre: Tensor, k: int) -> Tensor:
     return torch.zeros_like(pre).scatter_(-1, idx, torch.relu(vals))
 
 
+class PhaseStep(NamedTuple):
+    pre: Tensor  # the pre-activations
+    z: Tensor  # each token's top k of them (ReLU'd), dense
+    recon: Tensor
+    mse: Tensor
+    aux: Tensor  # the AuxK loss of the dead latents (0 when none is dead)
+
+
+def phase_step(d: Dictionary, x: Tensor, target: Tensor, state: LossState) -> PhaseStep:
+    """A TopK-phase forward pass of `d`: each token keeps its top `phase_k`, reconstructed by the decoder, with the
+    reconstruction's MSE and the AuxK loss that revives dead latents."""
+    pre = d.pre_acts(x)
+    z = token_topk(pre, phase_k(d.cfg))
+    recon = d.with_skip(z @ d.W_dec + d.b_dec, x)
+    return PhaseStep(pre, z, recon, d.mse(target, recon), aux_k_loss(d, x, target, recon, state.dead_mask))
+
+
 def batch_topk(pre: Tensor, k: int) -> Tensor:
     """The k * n_tokens largest ReLU'd pre-activations across the batch (a token keeps any number), dense."""
     flat = torch.relu(pre).reshape(-1)
@@ -73,15 +82,10 @@ def batch_topk(pre: Tensor, k: int) -> Tensor:
     return torch.zeros_like(flat).scatter_(0, idx, vals).reshape(pre.shape)
 
 
-def first_step_after(cfg: DictConfig, total_steps: int) -> int:
-    """The first step (0-based) whose progress, step / total_steps, is past the phase."""
+def just_ended(cfg: DictConfig, state: LossState) -> bool:
+    """Whether this is the first step after the phase: this step is past it and the previous one was in it."""
     frac = fraction(cfg)
-    s = max(0, math.ceil(frac * total_steps))
-    while s > 0 and (s - 1) / total_steps >= frac:
-        s -= 1
-    while s / total_steps < frac:
-        s += 1
-    return s
+    return state.step >= 1 and (state.step - 1) / state.total_steps < frac <= state.step / state.total_steps
 
 
 @torch.no_grad()
