@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lmscope.dictionaries.select import top_k
+
 _CHUNK = 1024  # tokens per gather in backward: bounds the [chunk, k, d] buffer
 
 # The [tokens, d_sae] pre-activation buffer of each encoder weight's training steps, reused from step to step: a
@@ -149,7 +151,7 @@ class FusedTopK(torch.autograd.Function):
             pre = torch.addmm(bias, x, w_enc, out=_pre_buffer(w_enc, x.shape[0]))
         else:  # let addmm refuse or promote as it would
             pre = torch.addmm(bias, x, w_enc)
-        vals, idx = pre.topk(k, dim=1, sorted=False)
+        vals, idx = top_k(pre, k)  # torch.topk's set, in two cheaper passes (dictionaries/select.py)
         del pre
         vals.clamp_min_(0.0)
         recon = F.embedding_bag(idx, w_dec, per_sample_weights=vals, mode="sum") + b_dec

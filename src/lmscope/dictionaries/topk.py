@@ -21,6 +21,7 @@ from lmscope.dictionaries.base import (
     TrainOutput,
     register,
 )
+from lmscope.dictionaries.select import top_k
 from lmscope.dictionaries.sparse_decode import fused_topk, sparse_decode
 
 
@@ -91,7 +92,7 @@ class TopKDictionary(KSparse):
         return tensors, k
 
     def select(self, pre: Tensor) -> tuple[Tensor, Tensor]:
-        vals, idx = pre.topk(self.cfg.k, dim=-1, sorted=False)
+        vals, idx = top_k(pre, self.cfg.k)
         return torch.relu(vals), idx
 
     def activation(self, pre: Tensor) -> Tensor:

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from lmscope.core import distributed
 from lmscope.dictionaries.base import DictConfig, Dictionary, LossState
+from lmscope.dictionaries.select import top_k
 from lmscope.dictionaries.topk import aux_k_loss
 
 THRESHOLD_MOMENTUM = 0.99
@@ -53,7 +54,7 @@ def phase_k(cfg: DictConfig) -> int:
 
 def token_topk(pre: Tensor, k: int) -> Tensor:
     """Each token's k largest pre-activations (ReLU'd), dense [..., d_sae]; gradients flow to the kept ones."""
-    vals, idx = pre.topk(min(k, pre.shape[-1]), dim=-1, sorted=False)
+    vals, idx = top_k(pre, min(k, pre.shape[-1]))
     return torch.zeros_like(pre).scatter_(-1, idx, torch.relu(vals))
 
 
