@@ -141,6 +141,9 @@ def run_recovery(
         r if isinstance(r, RunSpec) else RunSpec(r, lr=cfg.lr)
         for r in (runs if runs is not None else dictionary_configs(cfg))
     ]
+    # every run starts from the same random draws (cfg.seed), so a run's result does not depend on which others
+    # train beside it (the trainer's default seeds run i with seed + i) and architectures compare at equal init
+    specs = [s if s.init_seed is not None else dataclasses.replace(s, init_seed=cfg.seed) for s in specs]
     for s in specs:
         if s.dict_cfg.d_in != truth.d:
             raise GroundTruthError(

@@ -94,6 +94,9 @@ class RunSpec:
     dict_cfg: DictConfig
     name: str | None = None
     lr: float | None = None  # None: default_lr(dict_cfg)
+    # the seed of the initial weights; None: the trainer's seed + the run's position, so runs side by side differ.
+    # Comparisons set one seed for all, so every run starts from the same draws whatever trains beside it.
+    init_seed: int | None = None
 
     def resolved_name(self) -> str:
         if self.name:
@@ -198,7 +201,7 @@ class Trainer:
                 name=n,
                 spec=s,
                 lr=s.lr if s.lr is not None else default_lr(s.dict_cfg),
-                dictionary=build(s.dict_cfg, seed=cfg.seed + i).to(self.device),
+                dictionary=build(s.dict_cfg, seed=cfg.seed + i if s.init_seed is None else s.init_seed).to(self.device),
                 dead=DeadTracker(s.dict_cfg.d_sae, cfg.dead_window_tokens),
                 health=HealthMonitor(s.dict_cfg),
             )
