@@ -290,6 +290,23 @@ def test_recovery_options_reach_the_trainer() -> None:
         assert words in str(e.value) and "\n" not in str(e.value)
 
 
+def test_a_run_does_not_depend_on_the_runs_beside_it() -> None:
+    """Every architecture starts from the same initial draws: TopK trained alone, and trained after ReLU in the same
+    benchmark, ends with the same weights (the trainer alone would seed run i with seed + i)."""
+    data = GroundTruthConfig(d=16, ratio=2, active=2, hierarchies=1, seed=3)
+    cfg = RecoveryBenchConfig(data=data, train_samples=2048, eval_samples=512, batch_size=512)
+    alone = run_recovery(cfg, dictionary_configs(cfg, ["topk"]))
+    beside = run_recovery(cfg, dictionary_configs(cfg, ["relu", "topk"]))
+    (a,) = alone.dictionaries.values()
+    b = next(d for name, d in beside.dictionaries.items() if beside.archs[name] == "topk")
+    relu = next(d for name, d in beside.dictionaries.items() if beside.archs[name] == "relu")
+    assert torch.equal(a.W_dec, b.W_dec) and torch.equal(a.W_enc, b.W_enc)
+    assert not torch.equal(relu.W_dec, b.W_dec)  # trained differently, from the same draws
+    assert alone.reports[next(iter(alone.reports))].mmcs == beside.reports[
+        next(n for n in beside.reports if beside.archs[n] == "topk")
+    ].mmcs
+
+
 def _benchmark_script():
     import importlib.util
     import sys
