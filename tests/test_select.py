@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
+
 import hypothesis.strategies as st
 import pytest
 import torch
 from hypothesis import given, settings
 
-from lmscope.dictionaries.select import MIN_BLOCKS_PER_K, MIN_WIDTH, block_size, top_k
+from lmscope.dictionaries.select import MIN_BLOCKS_PER_K, MIN_WIDTH, block_plan, block_size, top_k
 
 
 def check_same_set(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -24,6 +26,8 @@ def check_same_set(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]
 def test_real_widths_take_the_blocked_path_and_match_topk(width: int, k: int) -> None:
     bs = block_size(width, k)
     assert bs is not None and width % bs == 0 and width // bs >= MIN_BLOCKS_PER_K * k
+    plan = block_plan(width, k)
+    assert plan and width % math.prod(plan) == 0 and width // math.prod(plan) >= MIN_BLOCKS_PER_K * k
     check_same_set(torch.randn(64, width, generator=torch.Generator().manual_seed(width)), k)
 
 
@@ -46,13 +50,30 @@ def test_property_same_values_as_torch_topk(rows: int, width: int, k: int, level
 def test_adversarial_rows_all_top_values_in_one_block() -> None:
     """The k largest sit in one block (every nb-th element), where the block maxima alone would miss them."""
     width, k = 4608, 32
-    bs = block_size(width, k)
-    assert bs is not None
+    bs = block_plan(width, k)[0]
     nb = width // bs
     x = torch.randn(3, width) - 10
     x[:, torch.arange(bs) * nb + 5] = torch.arange(bs, dtype=torch.float32) + 100  # block 5 holds the bs largest
     x[1, 7] = 50.0
     check_same_set(x, k)
+
+
+def test_adversarial_rows_all_top_blocks_in_one_outer_block() -> None:
+    """Three passes: the k largest block maxima sit in one block of block maxima (one level up), and the top values
+    in few blocks, so a selection that took the outer level's maxima alone would miss them."""
+    width, k = 4608, 32
+    plan = block_plan(width, k)
+    assert len(plan) == 2, plan  # the three-pass plan at this shape
+    b1, b2 = plan
+    nb1, nb2 = width // b1, width // (b1 * b2)
+    x = torch.randn(4, width) - 10
+    # block maxima m[j] = max over r of x[r * nb1 + j]; outer block J holds the maxima j = J, J + nb2, ...
+    inner = torch.arange(b2) * nb2 + 3  # the block-maximum positions of outer block 3
+    for r in range(b1):
+        x[:, r * nb1 + inner] = 100 + r * b2 + torch.arange(b2, dtype=torch.float32)  # b1 * b2 largest, in outer 3
+    x[2, 11] = 99.5  # and one more elsewhere
+    check_same_set(x, k)
+    check_same_set(x, b1 * b2)
 
 
 def test_leading_dims_infinities_and_nan_follow_torch() -> None:

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from lmscope.activations.store import ActivationStore
+from lmscope.core.prefetch import prefetch
 from lmscope.corpora import ContextPacker, PackingConfig, open_corpus
 
 
@@ -23,7 +24,9 @@ class StoreSource:
         self.model = self.store.manifest.get("model_spec") or self.store.manifest.get("model")
 
     def __iter__(self) -> Iterator[Any]:
-        return self.store.batches(batch_size=self.batch_size, seed=self.seed, epochs=self.epochs, drop_last=True)
+        # read, verified and shuffled one batch ahead in a thread, so shard reads and checksums overlap the step
+        batches = self.store.batches(batch_size=self.batch_size, seed=self.seed, epochs=self.epochs, drop_last=True)
+        return prefetch(batches, depth=2)
 
 
 class StreamSource:

@@ -237,19 +237,29 @@ class ActivationStore:
                 idx = order[s : min(s + batch_size, rows)]
                 yield {k: _convert(k, buf[k][:n].index_select(0, idx), device, dtype) for k in names}
             rest = order[rows:]
-            for k in names:
-                buf[k][: len(rest)] = buf[k][:n].index_select(0, rest)
+            if shuffle:  # fill the holes below the new end with the kept rows above it (their order is random anyway)
+                gone = order[:rows]
+                holes, movers = gone[gone < len(rest)], rest[rest >= len(rest)]
+                for k in names:
+                    buf[k].index_copy_(0, holes, buf[k].index_select(0, movers))
+            else:  # keep the rest in order
+                for k in names:
+                    buf[k][: len(rest)] = buf[k][:n].index_select(0, rest)
             n = len(rest)
 
         for chunk in chunks:
             if not buf:
                 buf = {k: torch.empty((capacity, *chunk[k].shape[1:]), dtype=chunk[k].dtype) for k in names}
-            m = len(chunk[names[0]])
+            keep = chunk.pop(_KEEP, None)  # rows of the chunk to keep (special tokens left out), None: all
+            m = len(chunk[names[0]]) if keep is None else len(keep)
             if n + m > capacity:  # full: hand out all but half of it, whole batches only
                 out = (n - capacity // 2) // batch_size * batch_size
                 yield from emit(out)
             for k in names:
-                buf[k][n : n + m] = chunk[k]
+                if keep is None:
+                    buf[k][n : n + m] = chunk[k]
+                else:  # one copy, straight into the buffer
+                    torch.index_select(chunk[k], 0, keep, out=buf[k][n : n + m])
             n += m
             held = sum(t.numel() * t.element_size() for t in buf.values()) + 2 * _nbytes(chunk)
             self.peak_buffer_bytes = max(self.peak_buffer_bytes, held)
@@ -289,7 +299,7 @@ class ActivationStore:
                 chunk["special"] = f.get_slice("special")[c.start : c.stop]
                 if with_tokens:
                     chunk["tokens"] = f.get_slice("tokens")[c.start : c.stop].long()
-            kept = _exclude(chunk, self.exclude_special)
+            kept = _mark_kept(chunk, self.exclude_special)
             if kept is not None:
                 yield kept
 
@@ -346,6 +356,22 @@ _FIX = "Run `lmscope verify {d}` to list bad shards; delete them and rerun the h
 
 def _head(batch: ContextBatch, n: int) -> ContextBatch:
     return ContextBatch(batch.tokens[:n], batch.document[:n], batch.position[:n], batch.special[:n])
+
+
+_KEEP = "_keep"  # a chunk's key for the indices of its rows to keep (see _mark_kept)
+
+
+def _mark_kept(chunk: Batch, exclude_special: bool) -> Batch | None:
+    """The chunk with, under _KEEP, the indices of its non-special rows (absent when every row is kept), for the
+    shuffle buffer to copy in one pass; None when no row is kept."""
+    special = chunk.pop("special")
+    if not exclude_special or not bool(special.any()):
+        return chunk
+    keep = (special == 0).nonzero().squeeze(1)
+    if not len(keep):
+        return None
+    chunk[_KEEP] = keep
+    return chunk
 
 
 def _exclude(chunk: Batch, exclude_special: bool) -> Batch | None:

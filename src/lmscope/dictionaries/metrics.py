@@ -56,7 +56,7 @@ def fvu_from_sse(sse: Tensor | float, target: Tensor) -> Tensor:
     mean = t.sum(0).to(acc) / max(n, 1)
     centre = mean.to(t.dtype)
     # about the rounded mean c, corrected by sum |t - mean|^2 = sum |t - c|^2 - n |mean - c|^2
-    m2 = (t - centre).pow(2).sum(-1).to(acc).sum() - n * (mean - centre.to(acc)).pow(2).sum()
+    m2 = (t - centre).square_().sum(-1).to(acc).sum() - n * (mean - centre.to(acc)).pow(2).sum()
     return torch.as_tensor(sse, dtype=acc, device=t.device) / m2.clamp_min(EPS)
 
 
