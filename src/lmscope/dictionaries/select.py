@@ -67,7 +67,7 @@ def block_plan(width: int, k: int) -> tuple[int, ...]:
         for b2 in range(2, int(2 * target) + 1):
             if (width // b1) % b2 or width // (b1 * b2) < MIN_BLOCKS_PER_K * k:
                 continue
-            if not (0.5 <= b1 / target and 0.5 <= b2 / target):
+            if min(b1, b2) < 0.5 * target:
                 continue
             score = abs(math.log(b1 / target)) + abs(math.log(b2 / target))
             if best is None or score < best[0]:
