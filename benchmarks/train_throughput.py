@@ -390,8 +390,9 @@ def main() -> None:
     ap.add_argument("--anchors-python", type=Path, default=ANCHORS_PY)
     ap.add_argument("--store", type=Path, default=RESULTS / "acts_smollm2_stdlib_l6", help="lmscope harvest dir")
     ap.add_argument(
-        "--cli-tokens", type=int, default=409_600,
-        help="also time `lmscope train --acts STORE` for this many tokens (0: skip), the command a user runs",
+        "--cli-tokens", type=int, default=None,
+        help="also time `lmscope train --acts STORE` for this many tokens (default: the training rows of --tokens, so "
+        "its shards' one-off checksums weigh as in a real run; 0: skip), the command a user runs",
     )  # fmt: skip
     ap.add_argument(
         "--anchor-malloc", choices=("same", "default"), default="same",
@@ -413,6 +414,8 @@ def main() -> None:
     if n_train < 2 * args.batch_size:
         raise SystemExit(f"{args.tokens} tokens leave {n_train} training rows; use a larger --tokens")
     steps = n_train // args.batch_size
+    if args.cli_tokens is None:
+        args.cli_tokens = n_train
     if args.warmup_steps is None:
         args.warmup_steps = max(1, steps // 10)
     x, x_eval = acts[:n_train], acts[acts.shape[0] - args.eval_tokens :]
