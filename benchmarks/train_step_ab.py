@@ -134,13 +134,18 @@ def main() -> None:
         "median_step_seconds": med,
         "speedup": med["ref"] / med["tree"],
         "max_loss_difference": max(abs(a - c) for a, c in zip(losses["ref"], losses["tree"], strict=True)),
+        "max_relative_loss_difference": max(
+            abs(a - c) / max(abs(a), 1e-30) for a, c in zip(losses["ref"], losses["tree"], strict=True)
+        ),
+        "losses": losses,
         "step_seconds": times,
         "parts_median_ms": parts_ms,
         **run_info(),
     }
     atomic_write_json(args.out, out)
     print(f"{args.ref}: {1000 * med['ref']:.0f} ms  working tree: {1000 * med['tree']:.0f} ms  "
-          f"speed-up {out['speedup']:.2f}x  max |loss difference| {out['max_loss_difference']:.1e}")  # fmt: skip
+          f"speed-up {out['speedup']:.2f}x  max |loss difference| {out['max_loss_difference']:.1e} "
+          f"(relative {out['max_relative_loss_difference']:.1e})")  # fmt: skip
     print("working tree, part by part (median ms): " + ", ".join(f"{n} {v:.1f}" for n, v in parts_ms.items()))
 
 
