@@ -17,6 +17,7 @@ import argparse
 import importlib.util
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -41,6 +42,7 @@ def store_class_at(ref: str) -> Any:
     spec = importlib.util.spec_from_file_location("ref_store", f)
     assert spec is not None and spec.loader is not None
     mod = importlib.util.module_from_spec(spec)
+    sys.modules["ref_store"] = mod  # its dataclasses look their module up there
     spec.loader.exec_module(mod)
     return mod.ActivationStore
 
