@@ -158,14 +158,14 @@ class FusedTopK(torch.autograd.Function):
         del pre
         vals.clamp_min_(0.0)
         recon = F.embedding_bag(idx, w_dec, per_sample_weights=vals, mode="sum") + b_dec
-        ctx.save_for_backward(x, w_enc, w_dec, b_dec, vals, idx)
+        ctx.save_for_backward(x, w_enc, w_dec, vals, idx)
         ctx.center = center
         ctx.mark_non_differentiable(vals, idx)
         return recon, vals, idx
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor, _gv: Tensor, _gi: Tensor) -> tuple[Tensor | None, ...]:
-        x, w_enc, w_dec, b_dec, vals, idx = ctx.saved_tensors
+        x, w_enc, w_dec, vals, idx = ctx.saved_tensors
         grad = grad.contiguous()
         m = w_dec.shape[0]
         need_x, need_we, need_be, need_wd, need_bd = ctx.needs_input_grad[:5]
