@@ -149,6 +149,29 @@ def test_train_cli_resumes_an_interrupted_run_without_redoing_a_step(acts: Path,
     assert _same(a, b)
 
 
+def test_a_corrupt_shard_met_by_the_reading_thread_stops_training_with_one_clear_line(
+    acts: Path, tmp_path: Path
+) -> None:
+    """Batches are read and verified on a thread (core/prefetch.py): a checksum failure there still reaches the
+    command as the store's own error, naming the shard and the fix, with no traceback and no dictionary written."""
+    import shutil
+
+    bad = tmp_path / "acts"
+    shutil.copytree(acts, bad)
+    shards = sorted(bad.glob("shard_*.safetensors"))
+    data = bytearray(shards[-1].read_bytes())
+    data[-5] ^= 0xFF  # same size, other bytes: only the checksum can tell
+    shards[-1].write_bytes(bytes(data))
+    args = ["train", "--acts", str(bad), "--out", str(tmp_path / "out"), "--hook", HOOKS[0], "--k", "4",
+            "--expansion", "2", "--tokens", "8k", "--batch-size", "256", "--warmup-steps", "2", "--epochs", "2",
+            "--no-progress"]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code != 0
+    assert shards[-1].name in result.output and "lmscope verify" in result.output, result.output
+    assert "Traceback" not in result.output
+    assert not list((tmp_path / "out").glob("*/dictionary.safetensors"))
+
+
 def test_train_transcoder_and_clean_errors(acts: Path, tmp_path: Path) -> None:
     args = ["train", "--acts", str(acts), "--out", str(tmp_path / "tc"), "--hook", HOOKS[0], "--hook-out", HOOKS[1],
             "--k", "4", "--expansion", "2", "--tokens", "1k", "--batch-size", "256"]  # fmt: skip
