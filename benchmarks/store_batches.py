@@ -14,17 +14,14 @@ time it reads every shard). Writes benchmarks/results/store_batches.json.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from _gitref import module_at
 from _runinfo import run_info
 from lmscope.activations.store import ActivationStore
 from lmscope.core.atomic import atomic_write_json
@@ -32,19 +29,6 @@ from lmscope.core.checksums import file_sha256
 
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results"
-
-
-def store_class_at(ref: str) -> Any:
-    path = "src/lmscope/activations/store.py"
-    src = subprocess.run(["git", "show", f"{ref}:{path}"], capture_output=True, text=True, check=True, cwd=ROOT).stdout
-    f = Path(tempfile.mkdtemp()) / "ref_store.py"
-    f.write_text(src)
-    spec = importlib.util.spec_from_file_location("ref_store", f)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["ref_store"] = mod  # its dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod.ActivationStore
 
 
 def time_batches(cls: Any, store: Path, batches: int, batch_size: int) -> float:
@@ -76,7 +60,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     variants: dict[str, Any] = {"tree": ActivationStore}
     if args.ref:
-        variants = {"ref": store_class_at(args.ref), **variants}
+        ref_store = module_at(args.ref, "src/lmscope/activations/store.py", "ref_store")
+        variants = {"ref": ref_store.ActivationStore, **variants}
     for cls in variants.values():  # untimed: the shards into the page cache, first-touch costs paid
         time_batches(cls, args.store, args.batches, args.batch_size)
     rounds: dict[str, list[float]] = {name: [] for name in variants}

@@ -17,10 +17,7 @@ by part over `--steps` more steps (median ms each). Writes benchmarks/results/tr
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import statistics
-import subprocess
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -28,6 +25,7 @@ from typing import Any
 
 import torch
 
+from _gitref import module_at
 from _runinfo import run_info
 from lmscope.core.atomic import atomic_write_json
 from lmscope.dictionaries import DictConfig, build
@@ -35,17 +33,6 @@ from lmscope.dictionaries.metrics import fvu_from_sse
 from lmscope.dictionaries.sparse_decode import fused_topk
 
 ROOT = Path(__file__).resolve().parent
-
-
-def module_at(ref: str, path: str) -> Any:
-    src = subprocess.run(["git", "show", f"{ref}:{path}"], capture_output=True, text=True, check=True, cwd=ROOT).stdout
-    f = Path(tempfile.mkdtemp()) / "ref_module.py"
-    f.write_text(src)
-    spec = importlib.util.spec_from_file_location("ref_module", f)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def old_projection(d: Any) -> None:
@@ -63,8 +50,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "train_step_ab.json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    ref = module_at(args.ref, "src/lmscope/dictionaries/sparse_decode.py")
-    ref_metrics = module_at(args.ref, "src/lmscope/dictionaries/metrics.py")
+    ref = module_at(args.ref, "src/lmscope/dictionaries/sparse_decode.py", "ref_sparse_decode")
+    ref_metrics = module_at(args.ref, "src/lmscope/dictionaries/metrics.py", "ref_metrics")
     d_in, m, k, b = 576, 4608, 32, 4096
     x_all = torch.randn(args.steps * b, d_in, generator=torch.Generator().manual_seed(0))
 

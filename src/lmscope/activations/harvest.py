@@ -53,6 +53,7 @@ from lmscope.core.atomic import atomic_write_bytes, atomic_write_json, remove_st
 from lmscope.core.distributed import barrier
 from lmscope.core.distributed import rank as dist_rank
 from lmscope.core.distributed import world_size as dist_world
+from lmscope.core.prefetch import prefetch
 from lmscope.core.progress import ProgressCallback, ProgressEvent, emit, resolve
 from lmscope.corpora import ContextBatch, ContextPacker, Corpus, CorpusError, PackingConfig, open_corpus
 from lmscope.model.adapter import Model
@@ -136,40 +137,6 @@ def forward_batch(model: Model, acts: dict[str, torch.Tensor], hooks: list[str],
     missing = [h for h in hooks if h not in acts]
     if missing:
         raise HarvestError(f"the forward pass did not reach hook(s) {missing}")
-
-
-def _prefetch(it: Iterator[Any], size: int) -> Iterator[Any]:
-    """Run an iterator in a background thread (tokenisation overlaps the forward pass)."""
-    q: queue.Queue[Any] = queue.Queue(maxsize=size)
-    done, stop = object(), threading.Event()
-
-    def work() -> None:
-        try:
-            for item in it:
-                while not stop.is_set():
-                    try:
-                        q.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
-                    return
-            q.put(done)
-        except BaseException as exc:  # forwarded to the consumer
-            q.put(exc)
-
-    t = threading.Thread(target=work, daemon=True, name="lmscope-tokenize")
-    t.start()
-    try:
-        while True:
-            item = q.get()
-            if item is done:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
 
 
 @dataclass
@@ -468,7 +435,7 @@ def _run(
     report()
     try:
         with model.capture(hooks, stop_early=True) as acts:
-            for batch, ends in _prefetch(_batches(packer, corpus, cfg, manifest["shards"]), 4):
+            for batch, ends in prefetch(_batches(packer, corpus, cfg, manifest["shards"]), 4, name="lmscope-tokenize"):
                 n = len(batch) * c
                 if index % world != rank:  # another rank's shard: only count its rows
                     row += n

@@ -24,8 +24,8 @@ class _Failure:
         self.error = error
 
 
-def prefetch(items: Iterable[T], depth: int = 2) -> Iterator[T]:
-    """Yield the items of `items`, produced up to `depth` ahead by a daemon thread (depth >= 1)."""
+def prefetch(items: Iterable[T], depth: int = 2, name: str = "lmscope-prefetch") -> Iterator[T]:
+    """Yield the items of `items`, produced up to `depth` ahead by a daemon thread named `name` (depth >= 1)."""
     if depth < 1:
         raise ValueError(f"prefetch depth must be at least 1, got {depth}")
     ready: queue.Queue[object] = queue.Queue(maxsize=depth)
@@ -55,7 +55,7 @@ def prefetch(items: Iterable[T], depth: int = 2) -> Iterator[T]:
             if close is not None:
                 close()
 
-    thread = threading.Thread(target=produce, name="lmscope-prefetch", daemon=True)
+    thread = threading.Thread(target=produce, name=name, daemon=True)
     thread.start()
     try:
         while True:
