@@ -375,13 +375,12 @@ def _mark_kept(chunk: Batch, exclude_special: bool) -> Batch | None:
 
 
 def _exclude(chunk: Batch, exclude_special: bool) -> Batch | None:
-    special = chunk.pop("special")
-    if not exclude_special or not bool(special.any()):
-        return chunk
-    keep = special == 0
-    if not bool(keep.any()):
-        return None
-    return {k: v[keep] for k, v in chunk.items()}
+    """The chunk without its special-token rows (a copy where any are dropped); None when no row is kept."""
+    kept = _mark_kept(chunk, exclude_special)
+    if kept is None or _KEEP not in kept:
+        return kept
+    keep = kept.pop(_KEEP)
+    return {k: v[keep] for k, v in kept.items()}
 
 
 def _nbytes(chunk: Batch) -> int:

@@ -61,13 +61,12 @@ def block_plan(width: int, k: int) -> tuple[int, ...]:
         return ()
     target = (width / k) ** (1 / 3)
     best: tuple[float, int, int] | None = None
-    for b1 in range(2, int(2 * target) + 1):
+    sizes = range(max(2, math.ceil(target / 2)), int(2 * target) + 1)
+    for b1 in sizes:
         if width % b1:
             continue
-        for b2 in range(2, int(2 * target) + 1):
+        for b2 in sizes:
             if (width // b1) % b2 or width // (b1 * b2) < MIN_BLOCKS_PER_K * k:
-                continue
-            if min(b1, b2) < 0.5 * target:
                 continue
             score = abs(math.log(b1 / target)) + abs(math.log(b2 / target))
             if best is None or score < best[0]:

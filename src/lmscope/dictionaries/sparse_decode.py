@@ -154,7 +154,7 @@ class FusedTopK(torch.autograd.Function):
             pre = torch.addmm(b_enc, x, w_enc, out=_pre_buffer(w_enc, x.shape[0]))
         else:  # let addmm refuse or promote as it would
             pre = torch.addmm(b_enc, x, w_enc)
-        vals, idx = top_k(pre, k)  # torch.topk's set, in two cheaper passes (dictionaries/select.py)
+        vals, idx = top_k(pre, k)  # torch.topk's set, in a few cheaper passes (dictionaries/select.py)
         del pre
         vals.clamp_min_(0.0)
         recon = F.embedding_bag(idx, w_dec, per_sample_weights=vals, mode="sum") + b_dec
