@@ -149,11 +149,10 @@ def test_train_cli_resumes_an_interrupted_run_without_redoing_a_step(acts: Path,
     assert _same(a, b)
 
 
-def test_a_corrupt_shard_met_by_the_reading_thread_stops_training_with_one_clear_line(
-    acts: Path, tmp_path: Path
-) -> None:
-    """Batches are read and verified on a thread (core/prefetch.py): a checksum failure there still reaches the
-    command as the store's own error, naming the shard and the fix, with no traceback and no dictionary written."""
+def test_a_corrupt_shard_met_while_mapping_stops_training_with_one_clear_line(acts: Path, tmp_path: Path) -> None:
+    """Shards are mapped and verified two at a time on pool threads (activations/store.py `_Window`): a checksum
+    failure there still reaches the command as the store's own error, naming the shard and the fix, with no
+    traceback and no dictionary written."""
     import shutil
 
     bad = tmp_path / "acts"
@@ -210,9 +209,7 @@ def test_train_to_a_target_l0_matryoshka_and_health_lines(acts: Path, tmp_path: 
     assert m.exit_code == 0, m.output
     mat = load_dictionary(tmp_path / "m" / f"{HOOKS[0]}-matryoshka-m64-k4")
     assert mat.cfg.matryoshka_groups == [16, 16, 32] and mat.prefixes == [16, 32, 64] and float(mat.threshold) > 0
-    bad = CliRunner().invoke(
-        app, [*base, "--out", x, "--arch", "matryoshka", "--matryoshka-groups", "0.5,0.25"]
-    )
+    bad = CliRunner().invoke(app, [*base, "--out", x, "--arch", "matryoshka", "--matryoshka-groups", "0.5,0.25"])
     assert bad.exit_code == 2 and "matryoshka_groups=[0.5, 0.25] sums to 0.75" in bad.output
     # a sick dictionary (its decoder ten times too long): `lmscope eval` says so, and eval.json keeps the warnings
     with torch.no_grad():

@@ -9,7 +9,6 @@ from typing import Any
 import torch
 
 from lmscope.activations.store import ActivationStore
-from lmscope.core.prefetch import prefetch
 from lmscope.corpora import ContextPacker, PackingConfig, open_corpus
 
 
@@ -24,9 +23,10 @@ class StoreSource:
         self.model = self.store.manifest.get("model_spec") or self.store.manifest.get("model")
 
     def __iter__(self) -> Iterator[Any]:
-        # read, verified and shuffled one batch ahead in a thread, so shard reads and checksums overlap the step
-        batches = self.store.batches(batch_size=self.batch_size, seed=self.seed, epochs=self.epochs, drop_last=True)
-        return prefetch(batches, depth=2)
+        # Gathered in the trainer's thread, not a prefetch thread: a batch is one copy from the mapped shards (a few
+        # ms on all cores), while a thread working beside the step's multi-threaded kernels stalls them for longer
+        # than its work takes (measured: 20 ms a step for 3 ms of gathering on 2 cores; docs/harvest.md).
+        return self.store.batches(batch_size=self.batch_size, seed=self.seed, epochs=self.epochs, drop_last=True)
 
 
 class StreamSource:

@@ -10,8 +10,9 @@ Two sources, one interface:
         x = batch["blocks.6.resid_post"]               # [4096, d_model] float32
 
 Several hooks of one harvest come in the same batch (same rows), so several dictionaries train in one pass.
-Shuffling reads random chunks of rows from the memory-mapped shards into a buffer of bounded size,
-shuffles it, and hands out half of it at a time; `peak_buffer_bytes` reports the memory that took.
+Shuffling takes random chunks of rows from the memory-mapped shards into a window of bounded size, shuffles
+it, and hands out half of it at a time; on disk the window holds row numbers and each batch is gathered from
+the maps in one copy (activations/mapped.py). `peak_buffer_bytes` reports the memory the window's rows take.
 Special tokens (BOS/EOS/pad/separators, whose norms are huge outliers) are excluded unless asked for.
 """
 
@@ -19,7 +20,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, replace
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -36,17 +38,11 @@ from lmscope.activations.format import (
     storage_dtype,
 )
 from lmscope.activations.harvest import forward_batch
+from lmscope.activations.mapped import MappedShard
 from lmscope.corpora import ContextBatch, ContextPacker, Corpus, PackingConfig, open_corpus
 from lmscope.model.adapter import Model
 
 Batch = dict[str, torch.Tensor]
-
-
-@dataclass(frozen=True)
-class _Chunk:
-    shard: int
-    start: int
-    stop: int
 
 
 class ActivationStore:
@@ -205,14 +201,18 @@ class ActivationStore:
             need = 6 * batch_size * row_bytes / 1e6
             raise HarvestError(
                 f"buffer_mb={buffer_mb} is too small for batch_size={batch_size} with these hooks; "
-                f"use buffer_mb >= {need:.1f} or a smaller batch"
+                f"use buffer_mb >= {need:.3g} or a smaller batch"
             )
         chunk_rows = max(1, capacity // 4)
         names = [*self.hooks, *(["tokens"] if with_tokens else [])]
         self.peak_buffer_bytes = 0
         for epoch in range(epochs):
             gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-            chunks = self._chunks(chunk_rows, shuffle, gen, with_tokens)
+            if self._stream is None:  # rows gathered straight from the mapped shards
+                window = _Window(self, names, row_bytes, shuffle, gen, device, dtype)
+                yield from window.batches(chunk_rows, capacity, batch_size, drop_last)
+                continue
+            chunks = self._stream_chunks(chunk_rows, with_tokens)
             yield from self._shuffle(chunks, names, capacity, batch_size, shuffle, gen, drop_last, device, dtype)
 
     def _shuffle(
@@ -250,22 +250,30 @@ class ActivationStore:
         for chunk in chunks:
             if not buf:
                 buf = {k: torch.empty((capacity, *chunk[k].shape[1:]), dtype=chunk[k].dtype) for k in names}
-            keep = chunk.pop(_KEEP, None)  # rows of the chunk to keep (special tokens left out), None: all
-            m = len(chunk[names[0]]) if keep is None else len(keep)
+            m = len(chunk[names[0]])
             if n + m > capacity:  # full: hand out all but half of it, whole batches only
                 out = (n - capacity // 2) // batch_size * batch_size
                 yield from emit(out)
             for k in names:
-                if keep is None:
-                    buf[k][n : n + m] = chunk[k]
-                else:  # one copy, straight into the buffer
-                    torch.index_select(chunk[k], 0, keep, out=buf[k][n : n + m])
+                buf[k][n : n + m] = chunk[k]
             n += m
             held = sum(t.numel() * t.element_size() for t in buf.values()) + 2 * _nbytes(chunk)
             self.peak_buffer_bytes = max(self.peak_buffer_bytes, held)
         if n:
             last = n if not drop_last else n // batch_size * batch_size
             yield from emit(last)
+
+    def _map(self, index: int, names: Sequence[str]) -> MappedShard:
+        """The shard's tensors `names` (+ "special") as views of its memory map, verified on its first mapping."""
+        assert self.directory is not None
+        shard = self.manifest["shards"][index]
+        check = self._verify and index not in self._verified
+        mapped = MappedShard(
+            self.directory / shard["file"], [*names, "special"], shard["sha256"] if check else None,
+            _FIX.format(d=self.directory),
+        )  # fmt: skip
+        self._verified.add(index)
+        return mapped
 
     def _check(self, index: int) -> None:
         if not self._verify or index in self._verified:
@@ -278,30 +286,6 @@ class ActivationStore:
                 f"is corrupt). {_FIX.format(d=self.directory)}"
             )
         self._verified.add(index)
-
-    def _chunks(self, chunk_rows: int, shuffle: bool, gen: torch.Generator, with_tokens: bool) -> Iterator[Batch]:
-        if self._stream is not None:
-            yield from self._stream_chunks(chunk_rows, with_tokens)
-            return
-        assert self.directory is not None
-        shards = self.manifest["shards"]
-        plan = [
-            _Chunk(i, a, min(a + chunk_rows, s["rows"]))
-            for i, s in enumerate(shards)
-            for a in range(0, s["rows"], chunk_rows)
-        ]
-        if shuffle:
-            plan = [plan[i] for i in torch.randperm(len(plan), generator=gen).tolist()]
-        for c in plan:
-            self._check(c.shard)
-            with safe_open(str(self.directory / shards[c.shard]["file"]), framework="pt") as f:
-                chunk = {h: f.get_slice(h)[c.start : c.stop] for h in self.hooks}
-                chunk["special"] = f.get_slice("special")[c.start : c.stop]
-                if with_tokens:
-                    chunk["tokens"] = f.get_slice("tokens")[c.start : c.stop].long()
-            kept = _mark_kept(chunk, self.exclude_special)
-            if kept is not None:
-                yield kept
 
     # ------------------------------------------------------------------ streaming
     def _stream_rows(self, max_contexts: int | None, with_tokens: bool) -> Iterator[Batch]:
@@ -341,7 +325,7 @@ class ActivationStore:
             contexts = min(contexts, st["contexts"])
         sums, count = dict.fromkeys(self.hooks, 0.0), 0
         for chunk in self._stream_rows(contexts, False):
-            kept = _exclude(chunk, True) or _exclude(chunk, False)
+            kept = _exclude(dict(chunk), True) or _exclude(chunk, False)  # all special: the norms of every row
             assert kept is not None
             for h in self.hooks:
                 sums[h] += float(kept[h].double().norm(dim=-1).sum())
@@ -358,29 +342,15 @@ def _head(batch: ContextBatch, n: int) -> ContextBatch:
     return ContextBatch(batch.tokens[:n], batch.document[:n], batch.position[:n], batch.special[:n])
 
 
-_KEEP = "_keep"  # a chunk's key for the indices of its rows to keep (see _mark_kept)
-
-
-def _mark_kept(chunk: Batch, exclude_special: bool) -> Batch | None:
-    """The chunk with, under _KEEP, the indices of its non-special rows (absent when every row is kept), for the
-    shuffle buffer to copy in one pass; None when no row is kept."""
+def _exclude(chunk: Batch, exclude_special: bool) -> Batch | None:
+    """The chunk without its special-token rows (a copy where any are dropped); None when no row is kept."""
     special = chunk.pop("special")
     if not exclude_special or not bool(special.any()):
         return chunk
     keep = (special == 0).nonzero().squeeze(1)
     if not len(keep):
         return None
-    chunk[_KEEP] = keep
-    return chunk
-
-
-def _exclude(chunk: Batch, exclude_special: bool) -> Batch | None:
-    """The chunk without its special-token rows (a copy where any are dropped); None when no row is kept."""
-    kept = _mark_kept(chunk, exclude_special)
-    if kept is None or _KEEP not in kept:
-        return kept
-    keep = kept.pop(_KEEP)
-    return {k: v[keep] for k, v in kept.items()}
+    return {k: v[keep] for k, v in chunk.items()}
 
 
 def _nbytes(chunk: Batch) -> int:
@@ -389,3 +359,121 @@ def _nbytes(chunk: Batch) -> int:
 
 def _convert(name: str, t: torch.Tensor, device: str | torch.device, dtype: torch.dtype) -> torch.Tensor:
     return t.to(device) if name == "tokens" else t.to(device=device, dtype=dtype)
+
+
+_MAP_AHEAD = 2  # shards mapped (and verified) at once: one per core of a small machine
+_MAPS_KEPT = 64  # shards kept mapped when the window no longer refers to them (each map holds a file descriptor)
+
+
+class _Window:
+    """The shuffle of an on-disk store, holding row references instead of rows.
+
+    Chunks of `chunk_rows` rows are taken from the shards in a random order; the window holds the global row numbers
+    (a shard's first row number plus the row) of their kept rows, up to `capacity` of them. When the next chunk
+    would overflow it, all but half of the window (whole batches) is handed out in a random order and the other half
+    stays, as a buffer of rows would. A batch's rows are gathered from the shards' memory maps in one copy per row
+    (grouped by shard, then put back in the drawn order); a shard stays mapped while the window refers to it.
+    """
+
+    def __init__(
+        self, store: ActivationStore, names: list[str], row_bytes: int, shuffle: bool, gen: torch.Generator,
+        device: str | torch.device, dtype: torch.dtype,
+    ) -> None:  # fmt: skip
+        self.store, self.names, self.row_bytes, self.shuffle, self.gen = store, names, row_bytes, shuffle, gen
+        self.device, self.dtype = device, dtype
+        rows = [int(s["rows"]) for s in store.manifest["shards"]]
+        self.first = torch.tensor([0, *rows]).cumsum(0)  # first global row number of each shard (and the end)
+        self.rows = rows
+        self.mapped: dict[int, MappedShard] = {}
+        self.refs = torch.empty(0, dtype=torch.long)
+        self.hooks = [n for n in names if n != "tokens"]
+
+    def batches(self, chunk_rows: int, capacity: int, batch_size: int, drop_last: bool) -> Iterator[Batch]:
+        plan = [(i, a, min(a + chunk_rows, n)) for i, n in enumerate(self.rows) for a in range(0, n, chunk_rows)]
+        if self.shuffle:
+            plan = [plan[i] for i in torch.randperm(len(plan), generator=self.gen).tolist()]
+        pending: list[torch.Tensor] = []
+        n = 0
+        order = list(dict.fromkeys(shard for shard, _, _ in plan))  # the shards in their order of first use
+        for shard, start, stop in plan:
+            if shard not in self.mapped:  # map (and verify) it and the next new shard at once, on two threads
+                ahead = [i for i in order[order.index(shard) :] if i not in self.mapped][:_MAP_AHEAD]
+                self._map_all(ahead)
+            kept = self._kept(shard, start, stop)
+            if n + len(kept) > capacity:  # full: hand out all but half of it, whole batches only
+                self.refs = torch.cat([self.refs, *pending])
+                pending = []
+                yield from self._hand_out((n - capacity // 2) // batch_size * batch_size, batch_size, shard)
+                n = len(self.refs)
+            if len(kept):
+                pending.append(kept + int(self.first[shard]))
+                n += len(kept)
+            held = n * (self.row_bytes + 8) + 2 * batch_size * self.row_bytes
+            self.store.peak_buffer_bytes = max(self.store.peak_buffer_bytes, held)
+        self.refs = torch.cat([self.refs, *pending])
+        yield from self._hand_out(n if not drop_last else n // batch_size * batch_size, batch_size, None)
+        self.mapped.clear()
+
+    def _map_all(self, shards: list[int]) -> None:
+        """Map (verifying on first use) several shards at once: the hash and the page-table fill release the GIL,
+        so two shards take about as long as one."""
+        if len(shards) < 2:
+            for index in shards:
+                self._shard(index)
+            return
+        with ThreadPoolExecutor(len(shards), thread_name_prefix="lmscope-map") as pool:
+            futures = [pool.submit(self.store._map, i, self.names) for i in shards]
+            maps = [f.result() for f in futures]  # the first failure is raised here, after all have finished
+        for index, mapped in zip(shards, maps, strict=True):
+            self.mapped[index] = mapped
+
+    def _shard(self, index: int) -> MappedShard:
+        mapped = self.mapped.pop(index, None) or self.store._map(index, self.names)
+        self.mapped[index] = mapped  # the dict's order is the order of use
+        return mapped
+
+    def _kept(self, shard: int, start: int, stop: int) -> torch.Tensor:
+        """The chunk's rows to keep (special tokens left out unless the store keeps them), as rows of the shard."""
+        special = self._shard(shard).tensors["special"][start:stop]
+        if self.store.exclude_special and bool(special.any()):
+            return (special == 0).nonzero().squeeze(1) + start
+        return torch.arange(start, stop)
+
+    def _hand_out(self, rows: int, batch_size: int, keep_mapped: int | None) -> Iterator[Batch]:
+        refs = self.refs
+        order = torch.randperm(len(refs), generator=self.gen) if self.shuffle else None
+        for s in range(0, rows, batch_size):
+            chosen = refs[order[s : min(s + batch_size, rows)]] if order is not None else refs[s : s + batch_size]
+            yield self._gather(chosen)
+        self.refs = refs[order[rows:]] if order is not None else refs[rows:]
+        if len(self.mapped) > _MAPS_KEPT:  # unmap the shards the window no longer refers to, oldest first
+            live = set((torch.bucketize(self.refs, self.first, right=True) - 1).unique().tolist())
+            for index in [i for i in self.mapped if i not in live and i != keep_mapped]:
+                if len(self.mapped) <= _MAPS_KEPT:
+                    break
+                del self.mapped[index]  # unmapped once its views are gone
+
+    def _gather(self, refs: torch.Tensor) -> Batch:
+        """The rows `refs` (global row numbers) of every hook, in that order."""
+        shard = torch.bucketize(refs, self.first, right=True) - 1
+        back = None
+        if self.shuffle:  # grouped by shard for the gather, then put back in the drawn order
+            by_shard = torch.argsort(shard, stable=True)
+            refs, shard = refs[by_shard], shard[by_shard]
+            back = torch.argsort(by_shard)
+        ids, counts = torch.unique_consecutive(shard, return_counts=True)
+        out: Batch = {}
+        for name in self.names:
+            src = {i: self._shard(i).tensors[name] for i in ids.tolist()}
+            first = next(iter(src.values()))
+            rows = torch.empty((len(refs), *first.shape[1:]), dtype=first.dtype)
+            a = 0
+            for i, c in zip(ids.tolist(), counts.tolist(), strict=True):
+                torch.index_select(src[i], 0, refs[a : a + c] - int(self.first[i]), out=rows[a : a + c])
+                a += c
+            if back is not None:
+                rows = rows.index_select(0, back)
+            if name == "tokens":
+                rows = rows.long()
+            out[name] = _convert(name, rows, self.device, self.dtype)
+        return out

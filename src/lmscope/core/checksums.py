@@ -19,8 +19,16 @@ def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
             while block := fh.read(chunk):
                 digest.update(block)
             return digest.hexdigest()
-        with mapped, memoryview(mapped) as whole:
-            for start in range(0, len(whole), 1 << 26):  # 64 MiB at a time; the GIL is released for each
-                with whole[start : start + (1 << 26)] as view:
-                    digest.update(view)
+        with mapped:
+            return buffer_sha256(mapped)
+
+
+def buffer_sha256(buffer: mmap.mmap | bytes | bytearray | memoryview) -> str:
+    """sha256 hex digest of a buffer (a memory map, say), hashed in 64 MiB views: no copy, and the GIL is released
+    for each."""
+    digest = hashlib.sha256()
+    with memoryview(buffer) as whole:
+        for start in range(0, len(whole), 1 << 26):
+            with whole[start : start + (1 << 26)] as view:
+                digest.update(view)
     return digest.hexdigest()
