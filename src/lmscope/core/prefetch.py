@@ -1,5 +1,9 @@
 """Run an iterator ahead of its consumer in a background thread, so reading and preparing the next items overlaps
-the work done on the current one (the trainer's step on a batch read from an activation store, say).
+the work done on the current one (the harvest tokenises the next contexts while the model runs on these, say).
+
+It pays where the consumer waits on something other than the CPU (a disk, a GPU) or leaves cores idle. Beside
+multi-threaded CPU kernels it does not: the thread takes a core from their team, and they stall until it gives it
+back (the activation store's batches are read in the trainer's own thread for that reason; docs/harvest.md).
 
 The items arrive in the iterator's own order, so a seeded pipeline yields exactly what it yields unthreaded. An
 exception raised by the iterator is raised in the consumer at the point where the failing item would have been.

@@ -14,6 +14,7 @@ from typing import Any
 import safetensors.torch
 import torch
 
+from lmscope.core.cache import cache_root
 from lmscope.core.checksums import file_sha256
 from lmscope.errors import ModelLoadError
 from lmscope.model.adapter import Model
@@ -84,11 +85,6 @@ def check_gguf(path: Path) -> None:
             f"{path.name} uses GGUF quantisation type(s) {', '.join(bad)}, which cannot be dequantised "
             f"(supported: {', '.join(sorted(supported))}); convert it to F16/Q8_0 or use the HF checkpoint"
         )
-
-
-def cache_root() -> Path:
-    """Where lmscope caches derived files ($LMSCOPE_CACHE, default ~/.cache/lmscope)."""
-    return Path(os.environ.get("LMSCOPE_CACHE", Path.home() / ".cache" / "lmscope"))
 
 
 _CACHE_MARKER = "lmscope-gguf-cache.json"

@@ -1,0 +1,290 @@
+"""Small C kernels for the CPU, compiled on first use by the machine's C compiler and called through ctypes.
+
+Some steps of training are selections and gathers that torch runs as several generic kernels, each a pass over
+memory; one C loop does them in one pass. The source is below; it is compiled once per machine into
+$LMSCOPE_CACHE/native (`-O3 -march=native`: the key includes the compiler, its flags and the CPU's model and
+flags, so a cache shared between machines never hands one of them code for another CPU), written atomically
+and loaded with ctypes. Calls release the GIL, so a few Python threads run it on disjoint rows in parallel.
+
+Nothing depends on it: with no C compiler, a failed compile, or `LMSCOPE_NATIVE=0`, `library()` is None and
+callers use their torch path, which gives the same results (tests check the two against each other).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from lmscope.core.cache import cache_root
+
+# The top k of each row of a float32 matrix, exactly (the set torch.topk returns; NaN is the largest value).
+#
+# AVX-512 path, per row: (1) the row is folded into Q vectors of running maxima (16 Q lanes, about 2 k, at most
+# 256), each lane the largest of a disjoint set of elements; t, the largest lane maximum with at least k lane maxima
+# >= it, is therefore at most the row's k-th largest value (counted with vector compares, no sort). (2) The elements
+# >= t, at least k of them and usually a few more, are compressed into a candidate buffer. (3) Each candidate's rank
+# by (value descending, position ascending) is counted with vector compares; those ranked below k are the result,
+# in descending order. A row holding a NaN (seen in pass 1), more than 256 candidates (many ties at t) or a k above
+# 256 takes the scalar path: a min-heap over the row, with NaN ordered above every number.
+_SOURCE = r"""
+#include <stdint.h>
+#include <string.h>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+static inline int gt(float a, float b) { return a > b || (a != a && b == b); }  /* a > b, NaN largest */
+
+static void sift(float *v, int64_t *ix, int64_t k, int64_t i) {
+    for (;;) {
+        int64_t l = 2 * i + 1, r = l + 1, m = i;
+        if (l < k && gt(v[m], v[l])) m = l;
+        if (r < k && gt(v[m], v[r])) m = r;
+        if (m == i) return;
+        float tv = v[i]; v[i] = v[m]; v[m] = tv;
+        int64_t ti = ix[i]; ix[i] = ix[m]; ix[m] = ti;
+        i = m;
+    }
+}
+
+/* the k largest of vals[0..n) (n >= k) into v, ix (ix from idx, or the position when idx is NULL) */
+static void heap_select(const float *vals, const int32_t *idx, int64_t n, int64_t k, float *v, int64_t *ix) {
+    for (int64_t j = 0; j < k; j++) { v[j] = vals[j]; ix[j] = idx ? idx[j] : j; }
+    for (int64_t j = k / 2 - 1; j >= 0; j--) sift(v, ix, k, j);
+    for (int64_t j = k; j < n; j++) {
+        if (gt(vals[j], v[0])) { v[0] = vals[j]; ix[0] = idx ? idx[j] : j; sift(v, ix, k, 0); }
+    }
+}
+
+#if defined(__AVX512F__)
+#define MAXV 16  /* vectors of 16 lanes: at most 256 lane maxima and 256 candidates */
+
+/* the largest of the 16 nv values in vec with at least k of them >= it */
+static float kth_bound(const __m512 *vec, int64_t nv, int64_t k) {
+    float lanes[16 * MAXV];
+    __m512i cnt[MAXV];
+    const __m512i one = _mm512_set1_epi32(1);
+    for (int64_t a = 0; a < nv; a++) { _mm512_storeu_ps(lanes + 16 * a, vec[a]); cnt[a] = _mm512_setzero_si512(); }
+    for (int64_t j = 0; j < 16 * nv; j++) {  /* cnt[lane] = #{j : lanes[j] >= lanes[lane]} */
+        __m512 b = _mm512_set1_ps(lanes[j]);
+        for (int64_t a = 0; a < nv; a++)
+            cnt[a] = _mm512_mask_add_epi32(cnt[a], _mm512_cmp_ps_mask(vec[a], b, _CMP_LE_OQ), cnt[a], one);
+    }
+    __m512 best = _mm512_set1_ps(-__builtin_inff());
+    for (int64_t a = 0; a < nv; a++) {
+        __mmask16 enough = _mm512_cmp_epi32_mask(cnt[a], _mm512_set1_epi32((int)k), _MM_CMPINT_NLT);
+        best = _mm512_mask_max_ps(best, enough, best, vec[a]);
+    }
+    return _mm512_reduce_max_ps(best);
+}
+
+/* the k largest of the c candidates (cv, ci), c <= 256, by (value desc, position asc), written in rank order */
+static void rank_select(const float *cv, const int32_t *ci, int64_t c, int64_t k, float *v, int64_t *ix) {
+    int64_t nv = (c + 15) / 16;
+    __m512 vec[MAXV];
+    __m512i cnt[MAXV], pos[MAXV];
+    const __m512i one = _mm512_set1_epi32(1);
+    const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    for (int64_t a = 0; a < nv; a++) {
+        vec[a] = _mm512_loadu_ps(cv + 16 * a);
+        cnt[a] = _mm512_setzero_si512();
+        pos[a] = _mm512_add_epi32(lane, _mm512_set1_epi32((int)(16 * a)));
+    }
+    for (int64_t j = 0; j < c; j++) {  /* candidate j ranks above lane i: a larger value, or equal and j < i */
+        __m512 b = _mm512_set1_ps(cv[j]);
+        __m512i bj = _mm512_set1_epi32((int)j);
+        for (int64_t a = 0; a < nv; a++) {
+            __mmask16 below = _mm512_cmp_ps_mask(vec[a], b, _CMP_LT_OQ);
+            __mmask16 tie = _mm512_cmp_ps_mask(vec[a], b, _CMP_EQ_OQ)
+                            & _mm512_cmp_epi32_mask(pos[a], bj, _MM_CMPINT_NLE);
+            cnt[a] = _mm512_mask_add_epi32(cnt[a], below | tie, cnt[a], one);
+        }
+    }
+    for (int64_t a = 0; a < nv; a++) {
+        __mmask16 valid = (16 * a + 16 <= c) ? (__mmask16)0xFFFF : (__mmask16)((1u << (c - 16 * a)) - 1);
+        __mmask16 take = _mm512_cmp_epi32_mask(cnt[a], _mm512_set1_epi32((int)k), _MM_CMPINT_LT) & valid;
+        _mm512_mask_i32scatter_ps(v, take, cnt[a], vec[a], 4);
+        __m512i where = _mm512_loadu_si512(ci + 16 * a);
+        _mm512_mask_i32scatter_epi64(ix, (__mmask8)take, _mm512_castsi512_si256(cnt[a]),
+                                     _mm512_cvtepi32_epi64(_mm512_castsi512_si256(where)), 8);
+        _mm512_mask_i32scatter_epi64(ix, (__mmask8)(take >> 8), _mm512_extracti64x4_epi64(cnt[a], 1),
+                                     _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(where, 1)), 8);
+    }
+}
+
+/* 1 when the row was done here; 0 when it must take the scalar path (a NaN, or too many candidates) */
+static int simd_row(const float *row, int64_t width, int64_t k, int64_t q, float *v, int64_t *ix,
+                    float *buf_v, int32_t *buf_i) {
+    __m512 acc[MAXV];
+    __mmask16 nan = 0;
+    int64_t full = width / 16 * 16, j;
+    for (int64_t a = 0; a < q; a++) {
+        acc[a] = _mm512_loadu_ps(row + 16 * a);
+        nan |= _mm512_cmp_ps_mask(acc[a], acc[a], _CMP_UNORD_Q);
+    }
+    for (j = 16 * q; j + 16 * q <= full; j += 16 * q) {
+        for (int64_t a = 0; a < q; a++) {
+            __m512 y = _mm512_loadu_ps(row + j + 16 * a);
+            nan |= _mm512_cmp_ps_mask(y, y, _CMP_UNORD_Q);
+            acc[a] = _mm512_max_ps(acc[a], y);
+        }
+    }
+    for (int64_t a = 0; j < full; j += 16, a++) {
+        __m512 y = _mm512_loadu_ps(row + j);
+        nan |= _mm512_cmp_ps_mask(y, y, _CMP_UNORD_Q);
+        acc[a] = _mm512_max_ps(acc[a], y);
+    }
+    for (; j < width; j++) nan |= (row[j] != row[j]);
+    if (nan) return 0;
+    float t = kth_bound(acc, q, k);
+    const __m512 tv = _mm512_set1_ps(t);
+    const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    int64_t c = 0;
+    for (j = 0; j < full; j += 16) {
+        __m512 y = _mm512_loadu_ps(row + j);
+        __mmask16 keep = _mm512_cmp_ps_mask(y, tv, _CMP_GE_OQ);
+        if (keep) {  /* buf has 16 floats of slack: whole-vector stores of the compressed lanes */
+            _mm512_storeu_ps(buf_v + c, _mm512_maskz_compress_ps(keep, y));
+            _mm512_storeu_si512(buf_i + c, _mm512_maskz_compress_epi32(keep,
+                                _mm512_add_epi32(lane, _mm512_set1_epi32((int32_t)j))));
+            c += __builtin_popcount((unsigned)keep);
+        }
+    }
+    for (; j < width; j++) {
+        if (row[j] >= t) { buf_v[c] = row[j]; buf_i[c] = (int32_t)j; c++; }
+    }
+    if (c > 16 * MAXV) {
+        heap_select(buf_v, buf_i, c, k, v, ix);
+        return 1;
+    }
+    rank_select(buf_v, buf_i, c, k, v, ix);
+    return 1;
+}
+#endif
+
+int lmscope_topk_simd(void) {
+#if defined(__AVX512F__)
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* rows [r0, r1) of x [*, width] -> out_v, out_i [*, k]; buf_v, buf_i: scratch of width + 16 floats / int32s */
+void lmscope_topk_rows(const float *x, int64_t r0, int64_t r1, int64_t width, int64_t k,
+                       float *out_v, int64_t *out_i, float *buf_v, int32_t *buf_i) {
+#if defined(__AVX512F__)
+    int64_t q = (2 * k + 15) / 16;
+    if (q > MAXV) q = MAXV;
+    int simd = k <= 16 * MAXV && width >= 32 * q;
+#endif
+    for (int64_t r = r0; r < r1; r++) {
+        const float *row = x + r * width;
+#if defined(__AVX512F__)
+        if (simd && simd_row(row, width, k, q, out_v + r * k, out_i + r * k, buf_v, buf_i)) continue;
+#endif
+        heap_select(row, NULL, width, k, out_v + r * k, out_i + r * k);
+    }
+    (void)buf_v; (void)buf_i;
+}
+"""
+
+_lock = threading.Lock()
+_loaded: dict[tuple[str | None, tuple[str, ...], str | None], ctypes.CDLL | None] = {}
+_pool: ThreadPoolExecutor | None = None
+_pool_size = 0
+
+
+def enabled() -> bool:
+    return os.environ.get("LMSCOPE_NATIVE", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def _cpu_key() -> str:
+    """The CPU's model and feature flags (Linux), or the platform's machine name."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+        lines = [ln for ln in info.splitlines() if ln.startswith(("model name", "flags"))][:2]
+        return "\n".join(lines) or platform.machine()
+    except OSError:
+        return platform.machine() + platform.processor()
+
+
+def compiler() -> str | None:
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    return cc
+
+
+def build(flags: tuple[str, ...] = ("-O3", "-march=native")) -> ctypes.CDLL | None:
+    """The kernels compiled with `flags` (cached per machine), or None when they cannot be built here."""
+    memo = (os.environ.get("CC"), flags, os.environ.get("LMSCOPE_CACHE"))  # what can change within a process
+    if memo in _loaded:
+        return _loaded[memo]
+    with _lock:
+        if memo not in _loaded:
+            cc = compiler()
+            if cc is None or not sys.platform.startswith(("linux", "darwin")):
+                _loaded[memo] = None
+            else:
+                key = hashlib.sha256("\0".join([_SOURCE, cc, *flags, _cpu_key()]).encode()).hexdigest()[:24]
+                _loaded[memo] = _compile_and_load(cc, flags, cache_root() / "native" / f"kernels-{key}.so")
+        return _loaded[memo]
+
+
+def _compile_and_load(cc: str, flags: tuple[str, ...], target: Path) -> ctypes.CDLL | None:
+    if not target.exists():
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+                src, out = Path(tmp) / "kernels.c", Path(tmp) / "kernels.so"
+                src.write_text(_SOURCE)
+                cmd = [cc, *flags, "-shared", "-fPIC", "-o", str(out), str(src)]
+                done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+                if done.returncode != 0 or not out.exists():
+                    return None
+                os.replace(out, target)  # atomic: a reader sees no half-written library
+        except (OSError, subprocess.SubprocessError):
+            return None
+    try:
+        lib = ctypes.CDLL(str(target))
+    except OSError:
+        return None
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    lib.lmscope_topk_rows.argtypes = [ptr, i64, i64, i64, i64, ptr, ptr, ptr, ptr]
+    lib.lmscope_topk_rows.restype = None
+    lib.lmscope_topk_simd.argtypes = []
+    lib.lmscope_topk_simd.restype = ctypes.c_int
+    return lib
+
+
+def library() -> ctypes.CDLL | None:
+    """The kernels for this machine, or None (no compiler, a failed build, or LMSCOPE_NATIVE=0)."""
+    if not enabled():
+        return None
+    return build()
+
+
+def run_parallel(calls: Sequence[Callable[[], object]]) -> None:
+    """Run the calls on a small pool of threads (ctypes releases the GIL), the first in this thread."""
+    global _pool, _pool_size
+    if len(calls) == 1:
+        calls[0]()
+        return
+    with _lock:
+        if _pool is None or _pool_size < len(calls) - 1:  # a pool too small for these calls is replaced
+            _pool_size = max(1, len(calls) - 1)
+            _pool = ThreadPoolExecutor(_pool_size, thread_name_prefix="lmscope-native")
+        pool = _pool
+    futures = [pool.submit(c) for c in calls[1:]]
+    calls[0]()
+    for f in futures:
+        f.result()
