@@ -131,3 +131,21 @@ def test_the_library_is_cached_per_machine_and_written_whole(monkeypatch: pytest
     monkeypatch.setattr(native, "_cpu_key", lambda: "another cpu")  # another CPU gets its own build
     assert native.build(("-O1",)) is not None
     assert len(list((tmp_path / "native").glob("kernels-*.so"))) == 2
+
+
+@needs_cc
+def test_the_counting_sort_of_the_backward_equals_the_stable_argsort(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lmscope.dictionaries.sparse_decode import _ByLatent
+
+    idx = torch.randint(0, 300, (500, 7), generator=torch.Generator().manual_seed(3))
+    idx[:50, 0] = 5  # a latent many tokens share
+    fast = _ByLatent(idx, 300)
+    monkeypatch.setenv("LMSCOPE_NATIVE", "0")
+    slow = _ByLatent(idx, 300)
+    for name in ("order", "crow", "tokens"):
+        assert torch.equal(getattr(fast, name), getattr(slow, name)), name
+    monkeypatch.setenv("LMSCOPE_NATIVE", "1")
+    bad = idx.clone()
+    bad[3, 2] = 300
+    with pytest.raises(ValueError, match=r"outside \[0, 300\)"):
+        _ByLatent(bad, 300)

@@ -27,6 +27,8 @@ from pathlib import Path
 
 from lmscope.core.cache import cache_root
 
+# lmscope_by_latent: the counting sort that orders a TopK step's (latent, token) pairs for its sparse backward.
+#
 # The top k of each row of a float32 matrix, exactly (the set torch.topk returns; NaN is the largest value).
 #
 # AVX-512 path, per row: (1) the row is folded into Q vectors of running maxima (16 Q lanes, about 2 k, at most
@@ -172,6 +174,27 @@ static int simd_row(const float *row, int64_t width, int64_t k, int64_t q, float
 }
 #endif
 
+/* The (latent, token) pairs of a k-per-token sparse matrix sorted by latent, stably (a counting sort): crow [m + 1]
+   the CSR row pointers, order [n k] the flat positions in latent order, tokens [n k] their tokens (position / k);
+   cursor: m int64s of scratch. Returns 0, or -1 (nothing usable written) when an index is outside [0, m). */
+int lmscope_by_latent(const int64_t *idx, int64_t nk, int64_t k, int64_t m, int64_t *crow, int64_t *order,
+                      int64_t *tokens, int64_t *cursor) {
+    memset(crow, 0, (size_t)(m + 1) * sizeof(int64_t));
+    for (int64_t i = 0; i < nk; i++) {
+        int64_t j = idx[i];
+        if (j < 0 || j >= m) return -1;
+        crow[j + 1]++;
+    }
+    for (int64_t j = 0; j < m; j++) crow[j + 1] += crow[j];
+    memcpy(cursor, crow, (size_t)m * sizeof(int64_t));
+    for (int64_t i = 0; i < nk; i++) {
+        int64_t at = cursor[idx[i]]++;
+        order[at] = i;
+        tokens[at] = i / k;
+    }
+    return 0;
+}
+
 int lmscope_topk_simd(void) {
 #if defined(__AVX512F__)
     return 1;
@@ -261,6 +284,8 @@ def _compile_and_load(cc: str, flags: tuple[str, ...], target: Path) -> ctypes.C
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.lmscope_topk_rows.argtypes = [ptr, i64, i64, i64, i64, ptr, ptr, ptr, ptr]
     lib.lmscope_topk_rows.restype = None
+    lib.lmscope_by_latent.argtypes = [ptr, i64, i64, i64, ptr, ptr, ptr, ptr]
+    lib.lmscope_by_latent.restype = ctypes.c_int
     lib.lmscope_topk_simd.argtypes = []
     lib.lmscope_topk_simd.restype = ctypes.c_int
     return lib
