@@ -1,4 +1,5 @@
-"""dictionaries/select.py: the two-pass top-k returns torch.topk's values (as a set), indices pointing at them."""
+"""dictionaries/select.py: its top-k (the C kernel, and the torch blocks) returns torch.topk's values (as a set),
+indices pointing at them."""
 
 from __future__ import annotations
 
@@ -7,9 +8,16 @@ import math
 import hypothesis.strategies as st
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 
 from lmscope.dictionaries.select import MIN_BLOCKS_PER_K, MIN_WIDTH, block_plan, block_size, top_k
+
+
+@pytest.fixture(autouse=True, params=["native", "torch"])
+def path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test runs on both paths: the C kernel of core/native.py (where it is built) and the torch blocks."""
+    monkeypatch.setenv("LMSCOPE_NATIVE", "1" if request.param == "native" else "0")
+    return str(request.param)
 
 
 def check_same_set(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -31,7 +39,7 @@ def test_real_widths_take_the_blocked_path_and_match_topk(width: int, k: int) ->
     check_same_set(torch.randn(64, width, generator=torch.Generator().manual_seed(width)), k)
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     rows=st.integers(1, 9),
     width=st.sampled_from([MIN_WIDTH, 1152, 2048, 4608, 1030]),

@@ -119,6 +119,11 @@ def native_top_k(lib: Any, rows: Tensor, k: int) -> tuple[Tensor, Tensor]:
     n, width = rows.shape
     vals = torch.empty(n, k, dtype=torch.float32)
     idx = torch.empty(n, k, dtype=torch.int64)
+    if lib.lmscope_openmp():  # on torch's own OpenMP threads (see core/native.py)
+        threads = max(1, min(torch.get_num_threads(), n // _ROWS_PER_THREAD))
+        if lib.lmscope_topk(rows.data_ptr(), n, width, k, vals.data_ptr(), idx.data_ptr(), threads) != 0:
+            raise MemoryError(f"the top-k kernel could not allocate its scratch ({width + 16} floats a thread)")
+        return vals, idx
     parts = max(1, min(torch.get_num_threads(), n // _ROWS_PER_THREAD))
     bounds = [n * i // parts for i in range(parts + 1)]
     # per thread: candidate values and positions, with room for a whole vector stored past the last candidate
