@@ -386,7 +386,6 @@ class _Window:
         self.rows = rows
         self.mapped: dict[int, MappedShard] = {}
         self.refs = torch.empty(0, dtype=torch.long)
-        self.hooks = [n for n in names if n != "tokens"]
 
     def batches(self, chunk_rows: int, capacity: int, batch_size: int, drop_last: bool) -> Iterator[Batch]:
         plan = [(i, a, min(a + chunk_rows, n)) for i, n in enumerate(self.rows) for a in range(0, n, chunk_rows)]
@@ -462,15 +461,17 @@ class _Window:
             refs, shard = refs[by_shard], shard[by_shard]
             back = torch.argsort(by_shard)
         ids, counts = torch.unique_consecutive(shard, return_counts=True)
+        segments = []  # (the shard's map, where its rows go in the batch, their rows in the shard), once per batch
+        a = 0
+        for i, c in zip(ids.tolist(), counts.tolist(), strict=True):
+            segments.append((self._shard(i), slice(a, a + c), refs[a : a + c] - int(self.first[i])))
+            a += c
         out: Batch = {}
         for name in self.names:
-            src = {i: self._shard(i).tensors[name] for i in ids.tolist()}
-            first = next(iter(src.values()))
+            first = segments[0][0].tensors[name]
             rows = torch.empty((len(refs), *first.shape[1:]), dtype=first.dtype)
-            a = 0
-            for i, c in zip(ids.tolist(), counts.tolist(), strict=True):
-                torch.index_select(src[i], 0, refs[a : a + c] - int(self.first[i]), out=rows[a : a + c])
-                a += c
+            for mapped, where, local in segments:
+                torch.index_select(mapped.tensors[name], 0, local, out=rows[where])
             if back is not None:
                 rows = rows.index_select(0, back)
             if name == "tokens":
