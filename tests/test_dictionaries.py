@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from lmscope.core import native
 from lmscope.dictionaries import DictConfig, Dictionary, DictionaryError, LossState, architectures, build
 from lmscope.dictionaries.formats import (
     FormatError,
@@ -199,6 +200,61 @@ def test_fused_topk_matches_the_dense_reference(
     torch.testing.assert_close(torch.relu(pre).gather(1, idx), vals)
     for name, a, b in zip(["x", "W_enc", "b_enc", "W_dec", "b_dec"], fused_grads, ref_grads, strict=True):
         torch.testing.assert_close(a, b, msg=name)
+
+
+@pytest.mark.parametrize("shape", ["autoencoder", "transcoder"])
+@pytest.mark.parametrize("native_on", ["1", "0"], ids=["c backward", "torch backward"])
+@pytest.mark.parametrize("frozen", [None, "w_dec", "w_enc"])
+def test_fused_topk_in_float32_matches_the_reference(
+    shape: str, native_on: str, frozen: str | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """float32 on a CPU takes core/native.py's one-pass backward (value, decoder, encoder and bias gradients) where it
+    is built; it equals the float64 reference on the same selected latents, with a decoder or an encoder frozen too."""
+    monkeypatch.setenv("LMSCOPE_NATIVE", native_on)
+    module = importlib.import_module("lmscope.dictionaries.sparse_decode")
+    taken: list[bool] = []
+    real = module._fused_backward
+
+    def recording(*args: object) -> object:
+        out = real(*args)
+        taken.append(out is not None)
+        return out
+
+    monkeypatch.setattr(module, "_fused_backward", recording)
+    g = torch.Generator().manual_seed(1)
+    n, m, k = 257, 600, 7
+    d_in, d_out = (48, 48) if shape == "autoencoder" else (40, 56)
+    center = shape == "autoencoder"
+    x = torch.randn(n, d_in, generator=g).requires_grad_()
+    params = [
+        torch.randn(d_in, m, generator=g) / 6,
+        torch.randn(m, generator=g) * 0.3,
+        torch.randn(m, d_out, generator=g),
+        torch.randn(d_out, generator=g),
+    ]
+    names = ["w_enc", "b_enc", "w_dec", "b_dec"]
+    params = [p.requires_grad_(name != frozen) for p, name in zip(params, names, strict=True)]
+    w_enc, b_enc, w_dec, b_dec = params
+    with torch.no_grad():
+        params[2][:3] = 0.0  # zero decoder rows and b_dec a width apart from the input's are fine
+    upstream = torch.randn(n, d_out, generator=g)
+    b_in = b_dec if center else torch.zeros(d_in)
+    recon, vals, idx = fused_topk(x, w_enc, b_enc, w_dec, b_dec, k, center)
+    wanted = [x, *(p for p in params if p.requires_grad)]
+    fused_grads = torch.autograd.grad((recon * upstream).sum(), wanted)
+    w64 = [t.detach().double().requires_grad_(t.requires_grad) for t in (x, *params)]
+    x64, we64, be64, wd64, bd64 = w64
+    pre = (x64 - (bd64 if center else b_in.double())) @ we64 + be64
+    z = torch.zeros_like(pre).scatter(1, idx, torch.relu(pre.gather(1, idx)))  # the latents the fused step chose
+    ref = z @ wd64 + bd64
+    ref_grads = torch.autograd.grad((ref * upstream.double()).sum(), [t for t in w64 if t.requires_grad])
+    torch.testing.assert_close(recon.double(), ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(vals.double(), torch.relu(pre.gather(1, idx)), rtol=1e-4, atol=1e-4)
+    chosen = torch.zeros_like(pre, dtype=torch.bool).scatter(1, idx, True)
+    assert bool((pre.masked_fill(chosen, -1e30).amax(1) <= pre.gather(1, idx).amin(1) + 1e-4).all())  # a top k
+    assert taken == ([True] if native_on == "1" and native.library() is not None else [False])
+    for a, b in zip(fused_grads, ref_grads, strict=True):
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-4)
 
 
 # ---------------------------------------------------------------------- formats

@@ -92,12 +92,15 @@ def test_streaming_equals_batch_property(
     assert acc.value() == pytest.approx(float(fvu(y, recon)), rel=1e-9, abs=1e-12)
 
 
-def test_fvu_from_the_losss_squared_error_equals_fvu() -> None:
-    """The trainer's per-step figure: the loss's squared error over the batch spread, without float64 copies."""
+@pytest.mark.parametrize("native_on", ["1", "0"], ids=["c kernel", "torch"])
+def test_fvu_from_the_losss_squared_error_equals_fvu(monkeypatch: pytest.MonkeyPatch, native_on: str) -> None:
+    """The trainer's per-step figure: the loss's squared error over the batch spread, without float64 copies
+    (through core/native.py's C loop where it is built, torch's ops otherwise)."""
     from lmscope.dictionaries.metrics import fvu_from_sse
 
+    monkeypatch.setenv("LMSCOPE_NATIVE", native_on)
     g = torch.Generator().manual_seed(3)
-    for offset in (0.0, 1e3):  # a large offset must not cancel the spread away here either
+    for offset in (0.0, 1e3, 1e5):  # a large offset must not cancel the spread away here either
         y = torch.randn(2048, 24, generator=g) * 2 + offset
         recon = y + 0.3 * torch.randn(2048, 24, generator=g)
         sse = (recon - y).pow(2).sum(-1).mean() * y.shape[0]  # how the trainer gets it: the MSE term x tokens

@@ -165,6 +165,21 @@ def test_the_window_hands_out_every_kept_row_once_with_few_maps_kept(tmp_path: P
     assert unshuffled.long().tolist() == sorted(expected.elements())
 
 
+@pytest.mark.parametrize("native_on", ["1", "0"], ids=["c gather", "torch gather"])
+def test_both_gathers_hand_out_the_same_batches(tmp_path: Path, monkeypatch, native_on: str) -> None:
+    """The C row gather (core/native.py) and the torch one give identical batches in identical order."""
+    d = _store(tmp_path)
+    monkeypatch.setenv("LMSCOPE_NATIVE", "0")
+    ref = list(ActivationStore.open(d).batches(batch_size=16, buffer_mb=0.004, seed=3, with_tokens=True))
+    monkeypatch.setenv("LMSCOPE_NATIVE", native_on)
+    got = list(ActivationStore.open(d).batches(batch_size=16, buffer_mb=0.004, seed=3, with_tokens=True))
+    assert len(got) == len(ref)
+    for a, b in zip(got, ref, strict=True):
+        assert a.keys() == b.keys()
+        for name in a:
+            assert a[name].dtype == b[name].dtype and torch.equal(a[name], b[name]), name
+
+
 def test_a_corrupt_shard_mapped_beside_a_good_one_is_refused(tmp_path: Path) -> None:
     d = _store(tmp_path)
     bad = d / "shard_00003.safetensors"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import math
 import platform
 from pathlib import Path
 
@@ -160,3 +161,77 @@ def test_the_counting_sort_of_the_backward_equals_the_stable_argsort(monkeypatch
     bad[3, 2] = 300
     with pytest.raises(ValueError, match=r"outside \[0, 300\)"):
         _ByLatent(bad, 300)
+
+
+@needs_cc
+@pytest.mark.parametrize(
+    "flags",
+    [("-O3", "-march=native", "-fopenmp"), ("-O3", "-march=native", "-fopenmp-simd"), ("-O2",)],
+    ids=["native-cpu-openmp", "native-cpu", "portable"],
+)
+def test_the_c_projection_equals_torchs_and_returns_the_squared_norm(flags: tuple[str, ...]) -> None:
+    if "-fopenmp" in flags and not native._loaded_gomp():
+        pytest.skip("torch here does not run on GNU OpenMP, so lmscope does not build the kernels with it")
+    lib = native.build(flags)
+    assert lib is not None
+    g0 = torch.Generator().manual_seed(4)
+    for rows, width in ((1, 1), (3, 7), (64, 576), (257, 100)):
+        w = torch.randn(rows, width, generator=g0) * 3
+        w[0] = 0.0  # a zero row: |w|^2 clamped, the gradient unchanged
+        g = torch.randn(rows, width, generator=g0)
+        ref = g.clone()
+        sq = torch.linalg.vector_norm(w, dim=1).square_().clamp_min_(1e-16)
+        ref.addcmul_(w, (ref * w).sum(1).div_(sq).unsqueeze(1), value=-1)
+        got = g.clone()
+        total = lib.lmscope_project_rows(got.data_ptr(), w.data_ptr(), rows, width, 2)
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+        assert math.isclose(total, float(ref.double().square().sum()), rel_tol=1e-5)
+        assert torch.equal(got[0], g[0])
+
+
+@needs_cc
+def test_remove_parallel_grad_takes_the_kernel_and_matches_the_torch_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lmscope.dictionaries import DictConfig, build
+
+    d = build(DictConfig(arch="topk", d_in=48, d_sae=96, k=4), seed=0)
+    grad = torch.randn(96, 48, generator=torch.Generator().manual_seed(5))
+    d.W_dec.grad = grad.clone()
+    sq = d.remove_parallel_grad()
+    fast = d.W_dec.grad.clone()
+    monkeypatch.setenv("LMSCOPE_NATIVE", "0")
+    d.W_dec.grad = grad.clone()
+    assert d.remove_parallel_grad() is None  # the torch path has no norm to hand on
+    torch.testing.assert_close(fast, d.W_dec.grad, rtol=1e-5, atol=1e-6)
+    assert sq is not None and math.isclose(sq, float(fast.double().square().sum()), rel_tol=1e-5)
+    assert (fast * d.W_dec).sum(1).abs().max() < 1e-5
+
+
+@needs_cc
+def test_the_c_row_gather_copies_each_row_from_its_shard() -> None:
+    lib = native.library()
+    assert lib is not None
+    g0 = torch.Generator().manual_seed(6)
+    shards = [torch.randn(n, 5, generator=g0) for n in (7, 1, 30)]
+    shards.append(torch.randint(0, 1000, (9, 3), generator=g0, dtype=torch.int32))  # any dtype: rows as bytes
+    bases = torch.tensor([s.data_ptr() for s in shards[:3]])
+    shard = torch.randint(0, 3, (200,), generator=g0)
+    local = torch.tensor([int(torch.randint(0, len(shards[i]), (1,), generator=g0)) for i in shard.tolist()])
+    out = torch.empty(200, 5)
+
+    def gather(shards_of: torch.Tensor, into: torch.Tensor) -> int:
+        return lib.lmscope_gather_rows(bases.data_ptr(), 3, shards_of.data_ptr(), local.data_ptr(), 200, 20,
+                                       into.data_ptr(), 2)  # fmt: skip
+
+    assert gather(shard, out) == 0
+    assert torch.equal(out, torch.stack([shards[i][r] for i, r in zip(shard.tolist(), local.tolist(), strict=True)]))
+    ints = torch.empty(4, 3, dtype=torch.int32)
+    one = torch.zeros(4, dtype=torch.long)
+    rows = torch.tensor([8, 0, 3, 8])
+    ibase = torch.tensor([shards[3].data_ptr()])
+    assert lib.lmscope_gather_rows(ibase.data_ptr(), 1, one.data_ptr(), rows.data_ptr(), 4, 12, ints.data_ptr(), 1) == 0
+    assert torch.equal(ints, shards[3][rows])
+    bad = shard.clone()
+    bad[17] = 3  # no such shard: refused before anything is copied
+    out2 = torch.full((200, 5), 9.0)
+    assert gather(bad, out2) == -1
+    assert bool((out2 == 9.0).all())

@@ -39,6 +39,7 @@ from lmscope.activations.format import (
 )
 from lmscope.activations.harvest import forward_batch
 from lmscope.activations.mapped import MappedShard
+from lmscope.core import native
 from lmscope.corpora import ContextBatch, ContextPacker, Corpus, PackingConfig, open_corpus
 from lmscope.model.adapter import Model
 
@@ -455,6 +456,12 @@ class _Window:
     def _gather(self, refs: torch.Tensor) -> Batch:
         """The rows `refs` (global row numbers) of every hook, in that order."""
         shard = torch.bucketize(refs, self.first, right=True) - 1
+        lib = native.library()
+        if lib is not None:  # one C copy per row, from each shard's map straight into the drawn order
+            ids = shard.unique().tolist()
+            maps = {i: self._shard(i) for i in ids}
+            local = refs - self.first[shard]
+            return {name: self._native_rows(lib, name, maps, shard, local) for name in self.names}
         back = None
         if self.shuffle:  # grouped by shard for the gather, then put back in the drawn order
             by_shard = torch.argsort(shard, stable=True)
@@ -474,7 +481,27 @@ class _Window:
                 torch.index_select(mapped.tensors[name], 0, local, out=rows[where])
             if back is not None:
                 rows = rows.index_select(0, back)
-            if name == "tokens":
-                rows = rows.long()
-            out[name] = _convert(name, rows, self.device, self.dtype)
+            out[name] = _convert(name, rows.long() if name == "tokens" else rows, self.device, self.dtype)
         return out
+
+    def _native_rows(
+        self, lib: Any, name: str, maps: dict[int, MappedShard], shard: torch.Tensor, local: torch.Tensor
+    ) -> torch.Tensor:
+        """`name`'s row local[i] of shard shard[i] for every i, through core/native.py's row gather."""
+        first = next(iter(maps.values())).tensors[name]
+        rows = torch.empty((len(local), *first.shape[1:]), dtype=first.dtype)
+        bases = torch.zeros(len(self.rows), dtype=torch.long)
+        for i, mapped in maps.items():
+            t = mapped.tensors[name]
+            if not t.is_contiguous() or t.shape[1:] != first.shape[1:] or t.dtype != first.dtype:
+                raise CorruptShardError(
+                    f"shard {i} of {self.store.directory} holds {name} as {tuple(t.shape)} {t.dtype}, unlike the "
+                    f"others ({tuple(first.shape[1:])} {first.dtype}); harvest the store again"
+                )
+            bases[i] = t.data_ptr()
+        row_bytes = rows[0].numel() * rows.element_size() if len(rows) else 0
+        threads = torch.get_num_threads() if len(rows) * row_bytes >= 1 << 20 else 1
+        ptrs = (shard.data_ptr(), local.data_ptr(), len(local), row_bytes, rows.data_ptr())
+        if lib.lmscope_gather_rows(bases.data_ptr(), len(bases), *ptrs, threads) != 0:
+            raise HarvestError(f"a batch of {self.store.directory} referred to a shard it does not have (a bug)")
+        return _convert(name, rows.long() if name == "tokens" else rows, self.device, self.dtype)

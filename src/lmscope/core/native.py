@@ -227,6 +227,175 @@ int lmscope_topk(const float *x, int64_t n, int64_t width, int64_t k, float *out
     return failed ? -1 : 0;
 }
 
+/* The projection of a unit-norm decoder's gradient: for each row r of g, w [n, width] (float32, contiguous),
+   g[r] -= (<g[r], w[r]> / max(|w[r]|^2, 1e-16)) w[r], in place. Returns the sum of squares of the projected g (in
+   double, each row's sum in float), which gradient clipping needs next: one pass over the rows instead of four. */
+double lmscope_project_rows(float *g, const float *w, int64_t n, int64_t width, int threads) {
+    double total = 0.0;
+#ifdef _OPENMP
+    #pragma omp parallel for num_threads(threads) reduction(+:total) schedule(static)
+#else
+    (void)threads;
+#endif
+    for (int64_t r = 0; r < n; r++) {
+        float *gr = g + r * width;
+        const float *wr = w + r * width;
+        float dot = 0.0f, ww = 0.0f, s = 0.0f;
+        #pragma omp simd reduction(+:dot, ww)
+        for (int64_t j = 0; j < width; j++) { dot += gr[j] * wr[j]; ww += wr[j] * wr[j]; }
+        const float c = dot / (ww > 1e-16f ? ww : 1e-16f);
+        #pragma omp simd reduction(+:s)
+        for (int64_t j = 0; j < width; j++) { gr[j] -= c * wr[j]; s += gr[j] * gr[j]; }
+        total += (double)s;
+    }
+    return total;
+}
+
+/* out[i] = the row `row[i]` of the array at address bases[shard[i]], for i in [0, n): rows of row_bytes bytes, any
+   dtype. One copy from memory-mapped shards straight into the batch's drawn order. Returns -1 when a shard number
+   is outside [0, n_bases) (nothing usable written), else 0. */
+int lmscope_gather_rows(const int64_t *bases, int64_t n_bases, const int64_t *shard, const int64_t *row, int64_t n,
+                        int64_t row_bytes, char *out, int threads) {
+    for (int64_t i = 0; i < n; i++) if (shard[i] < 0 || shard[i] >= n_bases) return -1;
+#ifdef _OPENMP
+    #pragma omp parallel for num_threads(threads) schedule(static)
+#else
+    (void)threads;
+#endif
+    for (int64_t i = 0; i < n; i++) {
+        const char *src = (const char *)(intptr_t)bases[shard[i]] + row[i] * row_bytes;
+        memcpy(out + i * row_bytes, src, (size_t)row_bytes);
+    }
+    return 0;
+}
+
+/* sum over rows and columns of (t - c)^2 for t [n, width] float32, c the column means rounded to float, corrected
+   to the exact mean: sum |t - mean|^2 = sum |t - c|^2 - n |mean - c|^2 (the means and the total in double, each
+   row's squares in float). Two passes over t and no temporary; -1.0 when scratch could not be allocated. */
+double lmscope_centred_sumsq(const float *t, int64_t n, int64_t width, int threads) {
+    double *mean = calloc((size_t)width, sizeof(double));
+    float *c = malloc((size_t)width * sizeof(float));
+    if (!mean || !c) { free(mean); free(c); return -1.0; }
+    int failed = 0;
+#ifdef _OPENMP
+    #pragma omp parallel num_threads(threads) reduction(|:failed)
+#else
+    (void)threads;
+#endif
+    {
+        double *part = calloc((size_t)width, sizeof(double));
+        if (!part) failed = 1;
+#ifdef _OPENMP
+        #pragma omp for schedule(static)
+#endif
+        for (int64_t r = 0; r < n; r++) {
+            if (!part) continue;
+            const float *row = t + r * width;
+            #pragma omp simd
+            for (int64_t j = 0; j < width; j++) part[j] += (double)row[j];
+        }
+        if (part) {
+#ifdef _OPENMP
+            #pragma omp critical
+#endif
+            for (int64_t j = 0; j < width; j++) mean[j] += part[j];
+        }
+        free(part);
+    }
+    if (failed) { free(mean); free(c); return -1.0; }
+    double shift = 0.0;
+    for (int64_t j = 0; j < width; j++) {
+        mean[j] /= (double)(n > 0 ? n : 1);
+        c[j] = (float)mean[j];
+        double e = mean[j] - (double)c[j];
+        shift += e * e;
+    }
+    double total = 0.0;
+#ifdef _OPENMP
+    #pragma omp parallel for num_threads(threads) reduction(+:total) schedule(static)
+#endif
+    for (int64_t r = 0; r < n; r++) {
+        const float *row = t + r * width;
+        float s = 0.0f;
+        #pragma omp simd reduction(+:s)
+        for (int64_t j = 0; j < width; j++) { float d = row[j] - c[j]; s += d * d; }
+        total += (double)s;
+    }
+    free(mean); free(c);
+    return total - (double)n * shift;
+}
+
+/* The sparse backward of a TopK step in one pass over its (latent, token) pairs in latent order (crow, order, tokens
+   from lmscope_by_latent over idx [n, k]; grad, w_dec and g_wd are d wide, x and g_we_t d_in). For each latent j
+   and each of its tokens t (at flat position p = t k + i):
+     g_vals[p] = <grad[t], w_dec[j]> where vals[p] > 0, else 0   (the value's gradient, through the ReLU)
+     g_wd[j]  += vals[p] grad[t]                                (the decoder's gradient; skipped when g_wd is NULL)
+     g_we_t[:, j] += g_vals[p] x[t]                             (the encoder's, written in W_enc's [d, m] layout)
+     g_pre_sum[j] += g_vals[p]                                  (the encoder bias's)
+   Each token's gradient row is read once for the first two, the input row once for the third; torch's three
+   sparse products read them three times. Latents go to threads in blocks of 16, so each block's encoder rows are
+   written as whole cache lines of the [d, m] layout. Returns -1 if scratch could not be allocated, else 0. */
+int lmscope_topk_backward(const int64_t *crow, const int64_t *order, const int64_t *tokens, int64_t m,
+                          const float *vals, const float *grad, const float *x, const float *w_dec, int64_t d,
+                          int64_t d_in, float *g_vals, float *g_wd, float *g_we_t, float *g_pre_sum, int threads) {
+    const int64_t blocks = (m + 15) / 16;
+    int failed = 0;
+#ifdef _OPENMP
+    #pragma omp parallel num_threads(threads) reduction(|:failed)
+#else
+    (void)threads;
+#endif
+    {
+        float *acc = g_we_t ? malloc((size_t)(16 * d_in) * sizeof(float)) : NULL;
+        if (g_we_t && !acc) failed = 1;
+#ifdef _OPENMP
+        #pragma omp for schedule(dynamic, 2)
+#endif
+        for (int64_t b = 0; b < blocks; b++) {
+            if (g_we_t && !acc) continue;
+            const int64_t j0 = 16 * b, j1 = j0 + 16 < m ? j0 + 16 : m;
+            for (int64_t j = j0; j < j1; j++) {
+                const float *w = w_dec + j * d;
+                float *awd = g_wd ? g_wd + j * d : NULL;
+                float *awe = acc ? acc + (j - j0) * d_in : NULL;
+                if (awd) memset(awd, 0, (size_t)d * sizeof(float));
+                if (awe) memset(awe, 0, (size_t)d_in * sizeof(float));
+                float gsum = 0.0f;
+                for (int64_t q = crow[j]; q < crow[j + 1]; q++) {
+                    const int64_t at = order[q];
+                    const float v = vals[at];
+                    const float *gr = grad + tokens[q] * d;
+                    float dot = 0.0f;
+                    if (awd && v != 0.0f) {
+                        #pragma omp simd reduction(+:dot)
+                        for (int64_t c = 0; c < d; c++) { dot += gr[c] * w[c]; awd[c] += v * gr[c]; }
+                    } else {
+                        #pragma omp simd reduction(+:dot)
+                        for (int64_t c = 0; c < d; c++) dot += gr[c] * w[c];
+                    }
+                    const float gv = v > 0.0f ? dot : 0.0f;
+                    g_vals[at] = gv;
+                    gsum += gv;
+                    if (awe && gv != 0.0f) {
+                        const float *xr = x + tokens[q] * d_in;
+                        #pragma omp simd
+                        for (int64_t c = 0; c < d_in; c++) awe[c] += gv * xr[c];
+                    }
+                }
+                g_pre_sum[j] = gsum;
+            }
+            if (acc) {
+                for (int64_t c = 0; c < d_in; c++) {
+                    float *dst = g_we_t + c * m;
+                    for (int64_t j = j0; j < j1; j++) dst[j] = acc[(j - j0) * d_in + c];
+                }
+            }
+        }
+        free(acc);
+    }
+    return failed ? -1 : 0;
+}
+
 int lmscope_openmp(void) {
 #ifdef _OPENMP
     return 1;
@@ -287,7 +456,7 @@ def compiler() -> str | None:
     return cc
 
 
-def build(flags: tuple[str, ...] = ("-O3", "-march=native")) -> ctypes.CDLL | None:
+def build(flags: tuple[str, ...] = ("-O3", "-march=native", "-fopenmp-simd")) -> ctypes.CDLL | None:
     """The kernels compiled with `flags` (cached per machine), or None when they cannot be built here."""
     memo = (os.environ.get("CC"), flags, os.environ.get("LMSCOPE_CACHE"))  # what can change within a process
     if memo in _loaded:
@@ -328,6 +497,14 @@ def _compile_and_load(cc: str, flags: tuple[str, ...], target: Path) -> ctypes.C
     lib.lmscope_by_latent.restype = ctypes.c_int
     lib.lmscope_topk.argtypes = [ptr, i64, i64, i64, ptr, ptr, ctypes.c_int]
     lib.lmscope_topk.restype = ctypes.c_int
+    lib.lmscope_project_rows.argtypes = [ptr, ptr, i64, i64, ctypes.c_int]
+    lib.lmscope_project_rows.restype = ctypes.c_double
+    lib.lmscope_gather_rows.argtypes = [ptr, i64, ptr, ptr, i64, i64, ptr, ctypes.c_int]
+    lib.lmscope_gather_rows.restype = ctypes.c_int
+    lib.lmscope_centred_sumsq.argtypes = [ptr, i64, i64, ctypes.c_int]
+    lib.lmscope_centred_sumsq.restype = ctypes.c_double
+    lib.lmscope_topk_backward.argtypes = [ptr, ptr, ptr, i64, *(ptr,) * 4, i64, i64, *(ptr,) * 4, ctypes.c_int]
+    lib.lmscope_topk_backward.restype = ctypes.c_int
     lib.lmscope_openmp.argtypes = []
     lib.lmscope_openmp.restype = ctypes.c_int
     lib.lmscope_topk_simd.argtypes = []
@@ -335,12 +512,24 @@ def _compile_and_load(cc: str, flags: tuple[str, ...], target: Path) -> ctypes.C
     return lib
 
 
+_gomp: list[bool] = []  # _loaded_gomp's answer, once torch (and with it its OpenMP runtime) has loaded
+
+
 def _loaded_gomp() -> bool:
-    """Whether the process has loaded GNU OpenMP (torch's Linux wheels bring their own libgomp.so.1)."""
+    """Whether the process has loaded GNU OpenMP (torch's Linux wheels bring their own libgomp.so.1).
+
+    Read from /proc/self/maps (half a millisecond: it lists every mapped library), then remembered once torch is
+    imported, as torch loads its OpenMP runtime with itself; every kernel call asks.
+    """
+    if _gomp:
+        return _gomp[0]
     try:
-        return "libgomp" in Path("/proc/self/maps").read_text()
+        found = "libgomp" in Path("/proc/self/maps").read_text()
     except OSError:
-        return False
+        found = False
+    if found or "torch" in sys.modules:
+        _gomp.append(found)
+    return found
 
 
 def library() -> ctypes.CDLL | None:

@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from lmscope.core import native
+
 EPS = 1e-12  # floor of the total variance: a constant target has FVU sse / EPS, not a division by zero
 
 
@@ -52,6 +54,12 @@ def fvu_from_sse(sse: Tensor | float, target: Tensor) -> Tensor:
     t = target.reshape(-1, target.shape[-1])
     t = t if t.dtype in (torch.float32, torch.float64) else t.float()
     acc = _accumulation_dtype(t.device)
+    if t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous() and t.numel() > 0:
+        lib = native.library()  # the same sums in two passes of one C loop, without the centred copy
+        if lib is not None:
+            m2c = lib.lmscope_centred_sumsq(t.data_ptr(), t.shape[0], t.shape[1], torch.get_num_threads())
+            if m2c != -1.0:
+                return torch.as_tensor(sse, dtype=acc) / max(m2c, EPS)
     n = t.shape[0]
     mean = t.sum(0).to(acc) / max(n, 1)
     centre = mean.to(t.dtype)

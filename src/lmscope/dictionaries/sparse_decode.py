@@ -186,11 +186,15 @@ class FusedTopK(torch.autograd.Function):
         x, w_enc, w_dec, vals, idx = ctx.saved_tensors
         grad = grad.contiguous()
         m = w_dec.shape[0]
-        need_x, need_we, need_be, need_wd, need_bd = ctx.needs_input_grad[:5]
-        g_x = g_we = g_be = g_wd = g_bd = None
+        need_we, need_wd = ctx.needs_input_grad[1], ctx.needs_input_grad[3]
+        g_we = g_wd = None
         # On a CPU both sparse products go through one latent-sorted CSR pattern (torch's CSR product is
         # multi-threaded, its COO product sorts its own copy and runs on one thread); elsewhere through COO products.
         by_latent = _ByLatent(idx, m) if grad.device.type == "cpu" and (need_wd or need_we) else None
+        fused = _fused_backward(by_latent, vals, grad, x, w_enc, w_dec, need_wd, need_we)
+        if fused is not None:  # one C pass for the value, decoder, encoder and encoder-bias gradients
+            g_vals, g_wd, g_we, g_pre_sum = fused
+            return _rest_of_backward(ctx, grad, w_enc, idx, g_vals, g_pre_sum, g_we, g_wd)
         if need_wd:
             g_wd = by_latent.mm(vals, grad) if by_latent is not None else torch.sparse.mm(_coo_t(idx, vals, m), grad)
         g_vals = value_grads(grad, w_dec, idx) * (vals > 0)  # zero where the ReLU clipped
@@ -202,15 +206,57 @@ class FusedTopK(torch.autograd.Function):
                 g_we = _transpose(by_latent.mm(g_vals, x))
             else:
                 g_we = torch.sparse.mm(_coo_t(idx, g_vals, m), x).T.contiguous()
-        if need_be:
-            g_be = g_pre_sum
-        if need_bd:
-            g_bd = grad.sum(0)
-            if ctx.center:
-                g_bd = g_bd - w_enc @ g_pre_sum
-        if need_x:
-            g_x = torch.sparse.mm(_coo_t(idx, g_vals, m).t(), w_enc.T)
-        return g_x, g_we, g_be, g_wd, g_bd, None, None
+        return _rest_of_backward(ctx, grad, w_enc, idx, g_vals, g_pre_sum, g_we, g_wd)
+
+
+def _rest_of_backward(
+    ctx: Any, grad: Tensor, w_enc: Tensor, idx: Tensor, g_vals: Tensor, g_pre_sum: Tensor, g_we: Tensor | None,
+    g_wd: Tensor | None,
+) -> tuple[Tensor | None, ...]:  # fmt: skip
+    """The gradients of the biases and of the input, from the value gradients; FusedTopK.backward's tuple."""
+    need_x, _we, need_be, _wd, need_bd = ctx.needs_input_grad[:5]
+    g_x = g_be = g_bd = None
+    if need_be:
+        g_be = g_pre_sum
+    if need_bd:
+        g_bd = grad.sum(0)
+        if ctx.center:
+            g_bd = g_bd - w_enc @ g_pre_sum
+    if need_x:
+        g_x = torch.sparse.mm(_coo_t(idx, g_vals, w_enc.shape[1]).t(), w_enc.T)
+    return g_x, g_we, g_be, g_wd, g_bd, None, None
+
+
+def _fused_backward(
+    by_latent: _ByLatent | None, vals: Tensor, grad: Tensor, x: Tensor, w_enc: Tensor, w_dec: Tensor,
+    need_wd: bool, need_we: bool,
+) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor] | None:  # fmt: skip
+    """(value gradients [N, k], decoder gradient, encoder gradient, encoder-bias gradient) from core/native.py's
+    one-pass kernel, where it is built and the tensors suit it (float32 CPU, contiguous); else None."""
+    if by_latent is None or not hasattr(by_latent, "crow") or by_latent.order.dtype != torch.int64:
+        return None
+    tensors = (vals, grad, x, w_enc, w_dec)
+    if any(t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous() for t in tensors):
+        return None
+    lib = native.library()
+    if lib is None:
+        return None
+    m, d = w_dec.shape
+    n, d_in = x.shape
+    if w_enc.shape != (d_in, m) or grad.shape != (n, d) or vals.shape[0] != n:
+        return None
+    g_vals = torch.empty_like(vals)
+    g_pre_sum = torch.empty(m, dtype=torch.float32)
+    g_wd = torch.empty(m, d, dtype=torch.float32) if need_wd else None
+    g_we = torch.empty(d_in, m, dtype=torch.float32) if need_we else None
+    out_ptrs = [t.data_ptr() if t is not None else None for t in (g_vals, g_wd, g_we, g_pre_sum)]
+    status = lib.lmscope_topk_backward(
+        by_latent.crow.data_ptr(), by_latent.order.data_ptr(), by_latent.tokens.data_ptr(), m, vals.data_ptr(),
+        grad.data_ptr(), x.data_ptr(), w_dec.data_ptr(), d, d_in, *out_ptrs, torch.get_num_threads(),
+    )  # fmt: skip
+    if status != 0:
+        raise MemoryError(f"the sparse backward could not allocate its scratch ({16 * d_in} floats a thread)")
+    return g_vals, g_wd, g_we, g_pre_sum
 
 
 def fused_topk(

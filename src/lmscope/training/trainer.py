@@ -41,6 +41,7 @@ from lmscope.training.checkpoint import (
     optimizer_state,
     save_checkpoint,
 )
+from lmscope.training.clipping import clipped_step
 from lmscope.training.dead import DeadTracker
 from lmscope.training.health import HealthMonitor
 from lmscope.training.init import init_b_dec, norm_scale
@@ -357,10 +358,9 @@ class Trainer:
         coeff = run.control.coeff if run.control is not None else None
         loss, recon, fired, l0, terms = run.module(xs, ys, self.step, max(1, self.total_steps), dead, coeff)
         loss.backward()
-        d.remove_parallel_grad()
-        if self.cfg.grad_clip:
-            nn.utils.clip_grad_norm_(d.parameters(), self.cfg.grad_clip)
-        run.opt.step()
+        dec_sq = d.remove_parallel_grad()  # the projected gradient's squared norm, where it came in that pass
+        known = {id(d.W_dec): dec_sq} if dec_sq is not None else None
+        clipped_step(run.opt, list(d.parameters()), self.cfg.grad_clip, known)
         run.opt.zero_grad(set_to_none=True)
         d.post_step()
         run.dead.update(ddp.all_reduce_sum(fired.detach().clone()), global_tokens)
