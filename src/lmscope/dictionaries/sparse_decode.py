@@ -233,7 +233,7 @@ def _fused_backward(
 ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor] | None:  # fmt: skip
     """(value gradients [N, k], decoder gradient, encoder gradient, encoder-bias gradient) from core/native.py's
     one-pass kernel, where it is built and the tensors suit it (float32 CPU, contiguous); else None."""
-    if by_latent is None or not hasattr(by_latent, "crow") or by_latent.order.dtype != torch.int64:
+    if by_latent is None:
         return None
     tensors = (vals, grad, x, w_enc, w_dec)
     if any(t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous() for t in tensors):
